@@ -1,0 +1,3 @@
+from tlfusion.cli import main
+
+raise SystemExit(main())
