@@ -1,0 +1,172 @@
+"""Decoding radiographs (PNG/JPEG 8/16-bit, RGBA, palette, DICOM) into model-ready grayscale arrays.
+
+Every image leaves here as float32 in [0, 255] with one channel; the backbone's own input layer widens it to
+three channels and applies the architecture's normalisation, so one decoded image serves every backbone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from tlfusion.errors import InputError
+
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"} | DICOM_SUFFIXES
+MAX_PIXELS = 400_000_000
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (the image part of feature-cache keys)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _to_unit_range(pixels: np.ndarray) -> np.ndarray:
+    """Scale any integer or float image to float32 [0, 255]; 8-bit stays as it is, deeper data is min-max scaled."""
+    if pixels.dtype == np.uint8:
+        return pixels.astype(np.float32)
+    pixels = pixels.astype(np.float32)
+    low, high = float(pixels.min()), float(pixels.max())
+    if high <= low:
+        return np.zeros_like(pixels)
+    return (pixels - low) * (255.0 / (high - low))
+
+
+def _to_gray(pixels: np.ndarray) -> np.ndarray:
+    """Collapse BGR / BGRA (alpha composited on black) to one channel."""
+    if pixels.ndim == 2:
+        return pixels
+    if pixels.shape[2] == 4:
+        alpha = pixels[:, :, 3:4].astype(np.float32) / np.iinfo(pixels.dtype).max
+        pixels = (pixels[:, :, :3].astype(np.float32) * alpha).astype(pixels.dtype)
+    if pixels.shape[2] == 1:
+        return pixels[:, :, 0]
+    return cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY)
+
+
+def _read_dicom(path: Path) -> np.ndarray:
+    """Pixel data with rescale slope/intercept and VOI LUT applied; MONOCHROME1 inverted."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    dataset = pydicom.dcmread(path)
+    pixels = apply_voi_lut(apply_modality_lut(dataset.pixel_array, dataset), dataset).astype(np.float32)
+    if pixels.ndim == 3 and getattr(dataset, "SamplesPerPixel", 1) == 1:
+        pixels = pixels[0]
+    pixels = _to_unit_range(pixels)
+    if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
+        pixels = 255.0 - pixels
+    return pixels
+
+
+def read_gray(path: str | Path) -> np.ndarray:
+    """Decode one image file to a 2-D float32 array in [0, 255]; an unreadable file raises InputError naming it."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in DICOM_SUFFIXES:
+            return _read_dicom(path)
+        raw = np.fromfile(path, dtype=np.uint8)
+        if raw.size == 0:
+            raise InputError(f"{path}: empty file")
+        pixels = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
+    except InputError:
+        raise
+    except Exception as error:  # decoders raise many types; all mean "this file is not an image we can read"
+        raise InputError(f"{path}: cannot decode image ({type(error).__name__}: {error})") from None
+    if pixels is None or pixels.size == 0:
+        raise InputError(f"{path}: cannot decode image (not an image, truncated or unsupported format)")
+    if pixels.size > MAX_PIXELS:
+        raise InputError(f"{path}: image too large ({pixels.shape[1]}x{pixels.shape[0]})")
+    return _to_unit_range(_to_gray(pixels))
+
+
+def apply_clahe(gray: np.ndarray, clip_limit: float = 2.0, tiles: int = 8) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation on a [0, 255] image."""
+    equaliser = cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=(tiles, tiles))
+    return equaliser.apply(np.clip(gray, 0, 255).astype(np.uint8)).astype(np.float32)
+
+
+def resize_pad(gray: np.ndarray, size: int) -> np.ndarray:
+    """Resize so the longer side is `size` (aspect kept), then pad with black to a centred square."""
+    height, width = gray.shape
+    scale = size / max(height, width)
+    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    resized = cv2.resize(gray, (new_w, new_h), interpolation=interpolation)
+    canvas = np.zeros((size, size), dtype=np.float32)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    canvas[top : top + new_h, left : left + new_w] = resized
+    return canvas
+
+
+def load_image(path: str | Path, size: int, clahe: bool = False) -> np.ndarray:
+    """Decode, optionally equalise, and square one image: float32 [size, size, 1] in [0, 255]."""
+    gray = read_gray(path)
+    if clahe:
+        gray = apply_clahe(gray)
+    return resize_pad(gray, size)[:, :, None]
+
+
+def load_batch(paths: Sequence[str | Path], size: int, clahe: bool = False) -> np.ndarray:
+    """Stack `load_image` over paths into [n, size, size, 1]."""
+    return (
+        np.stack([load_image(path, size, clahe) for path in paths])
+        if paths
+        else np.zeros((0, size, size, 1), np.float32)
+    )
+
+
+def image_dataset(
+    paths: Sequence[str],
+    size: int,
+    clahe: bool = False,
+    batch_size: int = 32,
+    labels: np.ndarray | None = None,
+):
+    """A `tf.data` pipeline that decodes in parallel, batches and prefetches (labels zipped in when given).
+
+    Files are expected to have been checked by `scan_images`; a decode error here is an internal error.
+    """
+    import tensorflow as tf
+
+    def decode(path):
+        return load_image(path.decode(), size, clahe)
+
+    def load(path):
+        image = tf.numpy_function(decode, [path], tf.float32, stateful=False)
+        image.set_shape((size, size, 1))
+        return image
+
+    dataset = tf.data.Dataset.from_tensor_slices(list(map(str, paths))).map(
+        load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
+    if labels is not None:
+        dataset = tf.data.Dataset.zip((dataset, tf.data.Dataset.from_tensor_slices(labels)))
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def scan_images(paths: Sequence[str], skip_bad: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
+    """Decode every image once: (sha256 per path, or "" for a skipped one; [(path, reason)] of bad files).
+
+    Without `skip_bad` the first unreadable file raises InputError naming it.
+    """
+    hashes: list[str] = []
+    bad: list[tuple[str, str]] = []
+    for path in paths:
+        try:
+            read_gray(path)
+            hashes.append(file_sha256(path))
+        except InputError as error:
+            if not skip_bad:
+                raise
+            bad.append((str(path), str(error)))
+            hashes.append("")
+    return hashes, bad

@@ -1,0 +1,240 @@
+"""Dataset readers: each turns a dataset layout on disk into one table.
+
+Every reader returns a `pandas.DataFrame` with the columns of `COLUMNS`: `path` (absolute), `label` (class name as
+a string; for multi-label sources `labels`, a tuple of findings, with `df.attrs["findings"]` the label space),
+`patient`, `study`, `split` ("" when the source defines none) and `region` ("" when unknown).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tlfusion.data.images import IMAGE_SUFFIXES
+from tlfusion.errors import InputError
+
+COLUMNS = ["path", "label", "patient", "study", "split", "region"]
+MURA_STUDY = re.compile(r"^(?P<study>study\d+)_(?P<label>positive|negative)$")
+MURA_LABELS = {"positive": "abnormal", "negative": "normal"}
+CHESTXRAY14_FINDINGS = (
+    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis", "Hernia",
+    "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax",
+)  # fmt: skip
+NO_FINDING = "No Finding"
+
+
+def resolve_inside(root: Path, relative: str, what: str) -> Path:
+    """`root / relative`, refusing a path that escapes `root` (e.g. `../../etc/passwd`)."""
+    resolved = (root / relative).resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise InputError(f"{what}: path {relative!r} escapes the data root {root}")
+    return resolved
+
+
+def _require_dir(root: str | Path, what: str) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{what}: data folder not found: {root}")
+    return root
+
+
+def _read_table(csv_path: Path) -> pd.DataFrame:
+    if not csv_path.is_file():
+        raise InputError(f"{csv_path}: file not found")
+    try:
+        return pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise InputError(f"{csv_path}: not a readable CSV ({error})") from None
+
+
+def _require_columns(table: pd.DataFrame, columns: Iterable[str | None], csv_path: Path) -> None:
+    missing = [column for column in columns if column and column not in table.columns]
+    if missing:
+        raise InputError(f"{csv_path}: missing column(s) {missing}; columns are {list(table.columns)}")
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _finish(rows: pd.DataFrame, what: str) -> pd.DataFrame:
+    if rows.empty:
+        raise InputError(f"{what}: no images found")
+    return rows.reset_index(drop=True)
+
+
+def read_mura(root: str | Path, regions: Sequence[str] | None = None) -> pd.DataFrame:
+    """The official MURA-v1.1 layout: `{train,valid}/XR_<REGION>/patientNNNNN/studyN_{positive,negative}/imageN.png`.
+
+    Labels are study-level ("abnormal"/"normal"), taken from the study folder name and cross-checked against
+    `*_labeled_studies.csv` where present. `regions` filters by region name (`humerus`, `XR_WRIST`, ...).
+    """
+    root = _require_dir(root, "mura")
+    wanted = {r.lower().removeprefix("xr_") for r in regions} if regions else None
+    study_labels = _mura_labeled_studies(root)
+    rows = []
+    for split in ("train", "valid"):
+        for region_dir in sorted((root / split).glob("XR_*")) if (root / split).is_dir() else []:
+            region = region_dir.name.lower().removeprefix("xr_")
+            if wanted is not None and region not in wanted:
+                continue
+            for study_dir in sorted(region_dir.glob("patient*/*")):
+                rows.extend(_mura_study_rows(study_dir, split, region, study_labels))
+    if not rows:
+        raise InputError(f"mura: no images under {root}/{{train,valid}}/XR_* (regions={list(regions or [])})")
+    return _finish(pd.DataFrame(rows, columns=COLUMNS), "mura")
+
+
+def _mura_labeled_studies(root: Path) -> dict[str, str]:
+    """Study folder (relative to root, e.g. `train/XR_WRIST/patient1/study1_positive`) -> label, from the CSVs."""
+    labels: dict[str, str] = {}
+    for csv_path in sorted(root.glob("*_labeled_studies.csv")):
+        table = pd.read_csv(csv_path, header=None, names=["study", "label"], dtype=str)
+        for study, label in zip(table["study"], table["label"], strict=True):
+            parts = Path(study).parts
+            start = next((i for i, p in enumerate(parts) if p in ("train", "valid")), None)
+            if start is None or label not in ("0", "1"):
+                raise InputError(f"{csv_path}: unexpected row {study!r},{label!r}")
+            labels[str(Path(*parts[start:]))] = "abnormal" if label == "1" else "normal"
+    return labels
+
+
+def _mura_study_rows(study_dir: Path, split: str, region: str, study_labels: dict[str, str]) -> list[list]:
+    match = MURA_STUDY.match(study_dir.name)
+    if not study_dir.is_dir():
+        return []
+    if match is None:
+        raise InputError(f"{study_dir}: MURA study folder without a _positive/_negative label")
+    label = MURA_LABELS[match["label"]]
+    key = str(Path(split, study_dir.parent.parent.name, study_dir.parent.name, study_dir.name))
+    if study_labels and study_labels.get(key, label) != label:
+        raise InputError(f"{study_dir}: folder says {label} but labeled_studies CSV says {study_labels[key]}")
+    patient = study_dir.parent.name
+    study = f"{region}/{patient}/{match['study']}"
+    return [[str(p.resolve()), label, patient, study, split, region] for p in _image_files(study_dir)]
+
+
+def read_folder(root: str | Path) -> pd.DataFrame:
+    """One sub-folder per class (images anywhere below it); each image is its own patient and study."""
+    root = _require_dir(root, "folder")
+    rows = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for image in _image_files(class_dir):
+            rows.append([str(image.resolve()), class_dir.name, image.stem, image.stem, "", ""])
+    return _finish(pd.DataFrame(rows, columns=COLUMNS), f"folder {root}")
+
+
+def read_csv(
+    csv: str | Path,
+    root: str | Path | None = None,
+    path_column: str = "path",
+    label_column: str = "label",
+    patient_column: str | None = None,
+    study_column: str | None = None,
+    split_column: str | None = None,
+    region_column: str | None = None,
+    filters: Mapping[str, str | Sequence[str]] | None = None,
+    label_map: Mapping[str, str] | None = None,
+) -> pd.DataFrame:
+    """A CSV with one row per image. Paths resolve against `root` (default: the CSV's folder).
+
+    `filters` keeps rows whose column equals a value (or is in a list); `label_map` renames labels and drops rows
+    whose label it does not list. Without a patient column each image is its own patient.
+    """
+    csv_path = Path(csv)
+    root = Path(root) if root is not None else csv_path.parent
+    table = _read_table(csv_path)
+    columns = [path_column, label_column, patient_column, study_column, split_column, region_column]
+    _require_columns(table, [*columns, *(filters or {})], csv_path)
+    table = _apply_filters(table, filters)
+    if label_map is not None:
+        table = table[table[label_column].isin(label_map)]
+    rows = pd.DataFrame(
+        {
+            "path": [str(resolve_inside(root, p, str(csv_path))) for p in table[path_column]],
+            "label": table[label_column].map(label_map) if label_map else table[label_column],
+        }
+    )
+    for column, source in (("patient", patient_column), ("study", study_column)):
+        rows[column] = table[source].to_numpy() if source else [Path(p).stem for p in rows["path"]]
+    for column, source in (("split", split_column), ("region", region_column)):
+        rows[column] = table[source].to_numpy() if source else ""
+    _require_files(rows["path"], csv_path)
+    return _finish(rows[COLUMNS], str(csv_path))
+
+
+def _apply_filters(table: pd.DataFrame, filters: Mapping[str, str | Sequence[str]] | None) -> pd.DataFrame:
+    for column, wanted in (filters or {}).items():
+        values = [wanted] if isinstance(wanted, str) else list(wanted)
+        table = table[table[column].isin([str(v) for v in values])]
+    return table
+
+
+def _require_files(paths: Iterable[str], csv_path: Path) -> None:
+    for path in paths:
+        if not Path(path).is_file():
+            raise InputError(f"{csv_path}: image listed but not found: {path}")
+
+
+def read_chestxray14(
+    csv: str | Path,
+    root: str | Path | None = None,
+    findings: Sequence[str] = CHESTXRAY14_FINDINGS,
+    split_lists: bool = True,
+) -> pd.DataFrame:
+    """`Data_Entry_2017.csv`-style multi-label findings (`Finding Labels` joined by `|`).
+
+    Images are found through a `path` column when present, else by `Image Index` anywhere under `root`
+    (the official release spreads them over `images_0NN/images/`). The official `train_val_list.txt` /
+    `test_list.txt` beside the CSV set `split` when `split_lists` is on and they exist.
+    """
+    csv_path = Path(csv)
+    root = Path(root) if root is not None else csv_path.parent
+    table = _read_table(csv_path)
+    _require_columns(table, ["Finding Labels", "Patient ID"], csv_path)
+    labels = [_parse_findings(text, findings, csv_path) for text in table["Finding Labels"]]
+    if "path" in table.columns:
+        paths = [str(resolve_inside(root, p, str(csv_path))) for p in table["path"]]
+    else:
+        _require_columns(table, ["Image Index"], csv_path)
+        index = {p.name: str(p.resolve()) for p in _image_files(root)}
+        missing = [name for name in table["Image Index"] if name not in index]
+        if missing:
+            raise InputError(f"{csv_path}: {len(missing)} images not found under {root}, e.g. {missing[0]}")
+        paths = [index[name] for name in table["Image Index"]]
+    rows = pd.DataFrame({"path": paths, "labels": labels, "patient": table["Patient ID"].to_numpy()})
+    rows["study"] = [Path(p).stem for p in paths]
+    rows["split"] = _official_split(csv_path.parent, [Path(p).name for p in paths]) if split_lists else ""
+    rows["region"] = "chest"
+    _require_files(rows["path"], csv_path)
+    rows = _finish(rows, str(csv_path))
+    rows.attrs["findings"] = list(findings)
+    return rows
+
+
+def _parse_findings(text: str, findings: Sequence[str], csv_path: Path) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split("|") if name.strip() and name.strip() != NO_FINDING)
+    unknown = [name for name in names if name not in findings]
+    if unknown:
+        raise InputError(f"{csv_path}: unknown finding(s) {unknown} in 'Finding Labels'; known: {list(findings)}")
+    return names
+
+
+def _official_split(folder: Path, names: list[str]) -> list[str]:
+    lists = {"train": folder / "train_val_list.txt", "test": folder / "test_list.txt"}
+    if not all(p.is_file() for p in lists.values()):
+        return [""] * len(names)
+    membership = {n.strip(): split for split, p in lists.items() for n in p.read_text().split() if n.strip()}
+    return [membership.get(name, "") for name in names]
+
+
+def label_matrix(table: pd.DataFrame, findings: Sequence[str]) -> np.ndarray:
+    """0/1 matrix [n_images, n_findings] from a multi-label table's `labels` column."""
+    return np.array([[name in labels for name in findings] for labels in table["labels"]], dtype=np.float32)
+
+
+READERS = {"mura": read_mura, "folder": read_folder, "csv": read_csv, "chestxray14": read_chestxray14}
