@@ -1,0 +1,218 @@
+"""Backbone registry: name -> keras.applications builder, its input normalisation, its feature and Grad-CAM layers.
+
+Every model tlfusion builds is flat (no nested sub-model) and has the same three landmarks:
+
+- input ``image``: grayscale, float32 in [0, 255], shape (size, size, 1);
+- layer ``features``: the pooled penultimate features (what fusion concatenates);
+- layer ``head``: logits (one unit for a binary task, otherwise one per class).
+
+The last 4-D layer before ``features`` is the Grad-CAM layer. Flatness means Grad-CAM needs no nested-model tricks.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+from keras import layers
+
+from tlfusion.errors import InputError
+
+FEATURES_LAYER = "features"
+HEAD_LAYER = "head"
+INPUT_NAME = "image"
+MODEL_PREFIX = "tlfusion_"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one architecture: its keras.applications constructor and input normalisation."""
+
+    builder: Any
+    normalisation: str  # "torch", "caffe", "tf" or "raw" (the application normalises internally)
+
+
+REGISTRY: dict[str, BackboneSpec] = {
+    "densenet121": BackboneSpec(keras.applications.DenseNet121, "torch"),
+    "resnet50": BackboneSpec(keras.applications.ResNet50, "caffe"),
+    "inceptionv3": BackboneSpec(keras.applications.InceptionV3, "tf"),
+    "xception": BackboneSpec(keras.applications.Xception, "tf"),
+    "efficientnetb0": BackboneSpec(keras.applications.EfficientNetB0, "raw"),
+    "mobilenetv2": BackboneSpec(keras.applications.MobileNetV2, "tf"),
+    "convnexttiny": BackboneSpec(keras.applications.ConvNeXtTiny, "raw"),
+}
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+@keras.saving.register_keras_serializable(package="tlfusion")
+class XrayInput(layers.Layer):
+    """Widen a [0, 255] grayscale image to three channels and apply an architecture's normalisation."""
+
+    def __init__(self, normalisation: str = "raw", **kwargs):
+        super().__init__(**kwargs)
+        if normalisation not in ("torch", "caffe", "tf", "raw"):
+            raise ValueError(f"unknown normalisation {normalisation!r}")
+        self.normalisation = normalisation
+
+    def call(self, images):
+        rgb = keras.ops.concatenate([images, images, images], axis=-1)
+        if self.normalisation == "torch":
+            return (rgb / 255.0 - keras.ops.array(_IMAGENET_MEAN)) / keras.ops.array(_IMAGENET_STD)
+        if self.normalisation == "caffe":
+            return rgb - keras.ops.array(_CAFFE_MEAN_BGR)
+        if self.normalisation == "tf":
+            return rgb / 127.5 - 1.0
+        return rgb
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], 3)
+
+    def get_config(self):
+        return {**super().get_config(), "normalisation": self.normalisation}
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """The registry entry for `name`; an unknown name raises InputError listing the known ones."""
+    try:
+        return REGISTRY[name.lower()]
+    except KeyError:
+        raise InputError(f"unknown backbone {name!r}; known: {sorted(REGISTRY)}") from None
+
+
+def build_backbone(
+    name: str,
+    image_size: int = 224,
+    weights: str | Path | None = None,
+    num_outputs: int = 1,
+    dropout: float = 0.2,
+    **options: Any,
+) -> keras.Model:
+    """A flat classification model: image -> XrayInput -> architecture -> `features` -> dropout -> `head` logits.
+
+    `weights` is None (random init), "imagenet" (downloaded by Keras; needs network), or a local `.keras` /
+    `.weights.h5` file saved by tlfusion for the same architecture (any image size, any head: the head is rebuilt
+    when its size differs). `options` go to the keras.applications constructor (e.g. `alpha=0.35`).
+    """
+    name = name.lower()
+    spec = get_spec(name)
+    image = keras.Input((image_size, image_size, 1), name=INPUT_NAME)
+    widened = XrayInput(spec.normalisation, name="xray_input")(image)
+    base = _application(spec, name, widened, weights, options)
+    features = layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(base.output)
+    dropped = layers.Dropout(dropout, name="head_dropout")(features)
+    logits = layers.Dense(num_outputs, name=HEAD_LAYER)(dropped)
+    model = keras.Model(image, logits, name=f"{MODEL_PREFIX}{name}")
+    if weights is not None and str(weights) != "imagenet":
+        transfer_weights(load_model_file(weights, expected=name, **options), model)
+    return model
+
+
+def _application(spec: BackboneSpec, name: str, tensor, weights, options: dict) -> keras.Model:
+    try:
+        return spec.builder(
+            include_top=False,
+            input_tensor=tensor,
+            weights="imagenet" if str(weights) == "imagenet" else None,
+            **options,
+        )
+    except TypeError as error:
+        raise InputError(f"backbone {name}: bad option(s) {sorted(options)} ({error})") from None
+    except Exception as error:
+        if str(weights) == "imagenet":
+            raise InputError(
+                f"backbone {name}: could not load ImageNet weights ({type(error).__name__}); they are downloaded "
+                "from the internet on first use: go online once, or pass a local weights file"
+            ) from None
+        raise
+
+
+def load_model_file(path: str | Path, expected: str | None = None, **options: Any) -> keras.Model:
+    """Load a tlfusion `.keras` model (safe mode) or `.weights.h5`, checking it is the `expected` architecture.
+
+    A `.weights.h5` file holds no architecture: it is loaded into `expected` built with `options`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: weights file not found")
+    if path.name.endswith(".weights.h5"):
+        if expected is None:
+            raise InputError(f"{path}: a .weights.h5 file needs the architecture name")
+        model = build_backbone(expected, num_outputs=_head_units(path), **options)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Keras warns per layer before raising on a mismatch
+                model.load_weights(path)
+        except Exception as error:
+            raise InputError(f"{path}: weights do not fit {expected} ({type(error).__name__})") from None
+        return model
+    if path.suffix != ".keras":
+        raise InputError(f"{path}: weights must be a .keras or .weights.h5 file")
+    try:
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as error:
+        raise InputError(f"{path}: not a loadable Keras model ({type(error).__name__}: {error})") from None
+    architecture = architecture_of(model)
+    if architecture is None:
+        raise InputError(f"{path}: not a tlfusion backbone (model name {model.name!r})")
+    if expected is not None and architecture != expected:
+        raise InputError(f"{path}: holds a {architecture} model, not {expected}")
+    return model
+
+
+def _head_units(path: Path) -> int:
+    """Number of head units stored in a `.weights.h5` file (so the model can be rebuilt to match)."""
+    import h5py
+
+    with h5py.File(path, "r") as store:
+        kernel = store.get("layers/dense/vars/0")  # Keras 3 stores layers by type; the head is the only Dense
+        if kernel is None:
+            raise InputError(f"{path}: no '{HEAD_LAYER}' layer in this weights file")
+        return int(kernel.shape[-1])
+
+
+def architecture_of(model: keras.Model) -> str | None:
+    """The registry name of a tlfusion model (from its name), or None for a foreign model."""
+    if not model.name.startswith(MODEL_PREFIX):
+        return None
+    name = model.name.removeprefix(MODEL_PREFIX)
+    return name if name in REGISTRY else None
+
+
+def transfer_weights(source: keras.Model, target: keras.Model) -> None:
+    """Copy weights layer by layer (by name); the head is copied only when its shape matches."""
+    source_layers = {layer.name: layer for layer in source.layers}
+    for layer in target.layers:
+        donor = source_layers.get(layer.name)
+        if donor is None or not layer.weights:
+            continue
+        shapes_match = [w.shape for w in donor.weights] == [w.shape for w in layer.weights]
+        if not shapes_match and layer.name == HEAD_LAYER:
+            continue
+        if not shapes_match:
+            raise InputError(f"weights for layer {layer.name!r} do not fit (different architecture options?)")
+        layer.set_weights(donor.get_weights())
+
+
+def feature_model(model: keras.Model) -> keras.Model:
+    """The sub-graph image -> pooled penultimate features."""
+    return keras.Model(model.input, model.get_layer(FEATURES_LAYER).output, name=f"{model.name}_features")
+
+
+def gradcam_layer_name(model: keras.Model) -> str:
+    """Name of the last 4-D layer: the one feeding the `features` pooling."""
+    pooled_input = model.get_layer(FEATURES_LAYER).input
+    for layer in reversed(model.layers):
+        if layer.output is pooled_input:
+            return layer.name
+    raise InputError(f"model {model.name!r} has no convolutional layer before '{FEATURES_LAYER}'")
+
+
+def image_size_of(model: keras.Model) -> int:
+    """The square input size a model was built for."""
+    return int(model.input.shape[1])
