@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -238,3 +239,57 @@ def label_matrix(table: pd.DataFrame, findings: Sequence[str]) -> np.ndarray:
 
 
 READERS = {"mura": read_mura, "folder": read_folder, "csv": read_csv, "chestxray14": read_chestxray14}
+
+
+def read_source(spec: Any) -> pd.DataFrame:
+    """Read one `config.DataSpec` (format + root + reader options) with the matching reader."""
+    root = Path(spec.root)
+    if spec.format == "mura":
+        return read_mura(root, regions=spec.regions)
+    if spec.format == "folder":
+        return read_folder(root)
+    if spec.format == "chestxray14":
+        findings = spec.findings or CHESTXRAY14_FINDINGS
+        return read_chestxray14(resolve_inside(root, spec.csv, "data.csv"), root, findings=findings)
+    return read_csv(
+        resolve_inside(root, spec.csv, "data.csv"),
+        root,
+        path_column=spec.path_column,
+        label_column=spec.label_column,
+        patient_column=spec.patient_column,
+        study_column=spec.study_column,
+        split_column=spec.split_column,
+        region_column=spec.region_column,
+        filters=spec.filters,
+        label_map=spec.label_map,
+    )
+
+
+def read_sources(specs: Sequence[Any]) -> pd.DataFrame:
+    """Concatenate several sources; patient and study ids are prefixed by source when more than one is read."""
+    tables = [read_source(spec) for spec in specs]
+    if len(tables) == 1:
+        return tables[0]
+    for number, table in enumerate(tables):
+        for column in ("patient", "study"):
+            table[column] = f"s{number}:" + table[column].astype(str)
+    combined = pd.concat(tables, ignore_index=True)
+    combined.attrs = tables[0].attrs
+    return combined
+
+
+def summarise(table: pd.DataFrame) -> dict[str, Any]:
+    """Counts per class, region and split, and patient/study counts: what `tlfusion data` prints."""
+    label_column = "label" if "label" in table.columns else "labels"
+    labels = table[label_column] if label_column == "label" else table[label_column].explode().fillna("No Finding")
+    return {
+        "images": len(table),
+        "patients": int(table["patient"].nunique()),
+        "studies": int(table["study"].nunique()),
+        "classes": labels.value_counts().sort_index().to_dict(),
+        "regions": table["region"].replace("", "(none)").value_counts().sort_index().to_dict(),
+        "splits": table["split"].replace("", "(none)").value_counts().sort_index().to_dict(),
+        "patients_per_class": table.explode(label_column).groupby(label_column)["patient"].nunique().to_dict()
+        if label_column == "label"
+        else {},
+    }

@@ -1,0 +1,202 @@
+"""The `tlfusion` command: parses, calls the modules, maps errors to exit codes (0 ok, 2 bad input, 1 internal)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tlfusion import __version__
+from tlfusion.errors import InputError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_EXPERIMENT = REPO_ROOT / "experiments" / "demo.yaml"
+
+
+def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("experiment", help="experiment YAML file")
+    parser.add_argument("--data-root", help="folder that relative data paths resolve against")
+    parser.add_argument("--out", help="run folder (default: runs/<experiment name>)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. --set finetune.epochs=3 (repeatable)")  # fmt: skip
+    parser.add_argument("--skip-bad", action="store_true", help="report and skip unreadable images")
+    parser.add_argument("--force", action="store_true", help="re-run every stage even when unchanged")
+
+
+def _load(args: argparse.Namespace):
+    from tlfusion.config import load_experiment
+
+    return load_experiment(args.experiment, args.overrides, args.data_root)
+
+
+def _run_folder(args: argparse.Namespace, name: str) -> Path:
+    return Path(args.out) if args.out else Path("runs") / name
+
+
+def cmd_run(args: argparse.Namespace, until: str | None = None) -> int:
+    from tlfusion.pipeline import Pipeline
+
+    experiment = _load(args)
+    pipeline = Pipeline(experiment, _run_folder(args, experiment.name), skip_bad=args.skip_bad, force=args.force)
+    pipeline.run(until=until)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    args.experiment, args.data_root, args.overrides = str(DEMO_EXPERIMENT), None, []
+    args.out = args.out or "runs/demo"
+    args.skip_bad = False
+    return cmd_run(args)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from tlfusion.data.sources import read_sources, summarise
+
+    experiment = _load(args)
+    summary = summarise(read_sources(experiment.data))
+    print(json.dumps({"experiment": experiment.name, **summary}, indent=2, default=str))
+    return 0
+
+
+def cmd_stage(stage: str) -> Callable[[argparse.Namespace], int]:
+    def run_until(args: argparse.Namespace) -> int:
+        return cmd_run(args, until=stage)
+
+    return run_until
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from tlfusion.training import pretrain_from_config
+
+    pretrain_from_config(args.config, args.out, resume=args.resume, overrides=args.overrides)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tlfusion.pipeline import predict_images
+
+    predict_images(args.bundle, args.images, args.out, skip_bad=args.skip_bad)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from tlfusion.pipeline import evaluate_bundle
+
+    evaluate_bundle(args.bundle, args.data, args.out, data_root=args.data_root, split=args.split)
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from tlfusion.pipeline import explain_bundle
+
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    explain_bundle(args.bundle, args.data, args.out, methods=methods, cases=args.cases, ids=args.ids,
+                   data_root=args.data_root, split=args.split, lime_samples=args.lime_samples)  # fmt: skip
+    return 0
+
+
+def cmd_fewshot(args: argparse.Namespace) -> int:
+    from tlfusion.pipeline import fewshot_command
+
+    fewshot_command(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tlfusion",
+        description="Feature-fusion transfer learning for X-ray classification from small labelled sets.",
+    )
+    parser.add_argument("--version", action="version", version=f"tlfusion {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="whole pipeline on the bundled data/ sample (a few minutes on CPU)")
+    demo.add_argument("--out", help="run folder (default: runs/demo)")
+    demo.add_argument("--force", action="store_true", help="re-run every stage even when unchanged")
+    demo.set_defaults(handler=cmd_demo)
+
+    run = commands.add_parser("run", help="run an experiment's stages (skipping those unchanged)")
+    _experiment_arguments(run)
+    run.set_defaults(handler=cmd_run)
+
+    data = commands.add_parser("data", help="read an experiment's data and print a summary")
+    _experiment_arguments(data)
+    data.set_defaults(handler=cmd_data)
+
+    pretrain = commands.add_parser("pretrain", help="supervised in-domain pretraining of a backbone")
+    pretrain.add_argument("config", help="pretraining YAML (e.g. experiments/pretrain_xray.yaml)")
+    pretrain.add_argument("--out", required=True, help="output folder for model.keras, model card, curves")
+    pretrain.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    pretrain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    pretrain.set_defaults(handler=cmd_pretrain)
+
+    for stage, text in (("finetune", "fine-tune the experiment's backbones"),
+                        ("extract", "extract (cached) features"),
+                        ("fit", "fit and select classifiers on the training split")):  # fmt: skip
+        parser_ = commands.add_parser(stage, help=f"{text} (runs earlier stages as needed)")
+        _experiment_arguments(parser_)
+        parser_.set_defaults(handler=cmd_stage(stage))
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a saved bundle on an experiment's data")
+    evaluate.add_argument("bundle", help="bundle folder")
+    evaluate.add_argument("--data", required=True, help="experiment YAML whose data to evaluate on")
+    evaluate.add_argument("--data-root")
+    evaluate.add_argument("--split", default="test", help="split to evaluate (train, val, test or all)")
+    evaluate.add_argument("--out", required=True, help="folder for metrics.json and the report")
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+    predict = commands.add_parser("predict", help="probabilities for images from a saved bundle, as CSV")
+    predict.add_argument("bundle", help="bundle folder")
+    predict.add_argument("images", nargs="+", help="image files or folders")
+    predict.add_argument("--out", help="CSV file (default: standard output)")
+    predict.add_argument("--skip-bad", action="store_true", help="report and skip unreadable images")
+    predict.set_defaults(handler=cmd_predict)
+
+    explain = commands.add_parser("explain", help="Grad-CAM / LIME images and an HTML review page")
+    explain.add_argument("bundle", help="bundle folder")
+    explain.add_argument("--data", required=True, help="experiment YAML whose images to explain")
+    explain.add_argument("--data-root")
+    explain.add_argument("--split", default="test")
+    explain.add_argument("--cases", type=int, default=8, help="number of cases (errors first)")
+    explain.add_argument("--ids", nargs="*", help="explain these image paths (or file names) instead")
+    explain.add_argument("--method", default="gradcam,lime", help="gradcam, lime or both (comma-separated)")
+    explain.add_argument("--lime-samples", type=int, default=1000)
+    explain.add_argument("--out", required=True)
+    explain.set_defaults(handler=cmd_explain)
+
+    fewshot = commands.add_parser("fewshot", help="n-way k-shot episodes with distance-based classifiers")
+    source = fewshot.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="experiment YAML (images; features extracted and cached)")
+    source.add_argument("--features", help="cached feature table (.npz with X, y, groups)")
+    fewshot.add_argument("--data-root")
+    fewshot.add_argument("--backbone", help="backbone name, .keras file or bundle folder (default: experiment's)")
+    fewshot.add_argument("--ways", type=int, default=2)
+    fewshot.add_argument("--shots", type=int, default=5)
+    fewshot.add_argument("--queries", type=int, default=15)
+    fewshot.add_argument("--episodes", type=int, default=600)
+    fewshot.add_argument("--classifier", default="prototype")
+    fewshot.add_argument("--seed", type=int, default=0)
+    fewshot.add_argument("--out", required=True)
+    fewshot.set_defaults(handler=cmd_fewshot)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except InputError as error:
+        print(f"tlfusion: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tlfusion: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print("tlfusion: internal error (please report it with the traceback above)", file=sys.stderr)
+        return 1

@@ -1,0 +1,221 @@
+"""Experiment schema (validated; unknown keys are errors), YAML loading and `--set key=value` overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tlfusion.errors import InputError
+
+
+class Strict(BaseModel):
+    """Base for every section: unknown keys are errors, values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+
+
+class DataSpec(Strict):
+    """One dataset on disk, read by one of `tlfusion.data.sources.READERS`."""
+
+    format: Literal["mura", "folder", "csv", "chestxray14"]
+    root: str
+    csv: str | None = None
+    path_column: str = "path"
+    label_column: str = "label"
+    patient_column: str | None = None
+    study_column: str | None = None
+    split_column: str | None = None
+    region_column: str | None = None
+    regions: list[str] | None = None
+    filters: dict[str, str | list[str]] = Field(default_factory=dict)
+    label_map: dict[str, str] | None = None
+    findings: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _csv_needed(self) -> DataSpec:
+        if self.format in ("csv", "chestxray14") and not self.csv:
+            raise ValueError(f"format {self.format!r} needs 'csv' (the labels file, relative to 'root')")
+        return self
+
+
+class SplitSpec(Strict):
+    """Patient-grouped train / val / test split."""
+
+    test_fraction: float | None = Field(0.2, gt=0, lt=1)
+    test_split: list[str] = Field(default_factory=list, description="source split values that form the test set")
+    val_fraction: float = Field(0.2, ge=0, lt=1)
+    group: Literal["patient", "study"] = "patient"
+
+
+class ImageSpec(Strict):
+    size: int = Field(224, ge=32, le=1024)
+    clahe: bool = False
+
+
+class BackboneEntry(Strict):
+    name: str
+    weights: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class FinetuneSpec(Strict):
+    enabled: bool = True
+    warmup_epochs: int = Field(2, ge=0)
+    epochs: int = Field(8, ge=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    unfrozen_learning_rate: float = Field(1e-4, gt=0)
+    batch_size: int = Field(32, ge=1)
+    patience: int = Field(3, ge=1)
+
+
+class FeaturesSpec(Strict):
+    standardize: bool = True
+    l2: bool = False
+    pca: int | float | None = None
+    engine: Literal["auto", "keras", "onnx"] = "auto"
+    batch_size: int = Field(32, ge=1)
+
+
+class ClassifySpec(Strict):
+    models: list[str] = Field(default_factory=lambda: ["lr", "svm", "rf", "knn", "xgb", "vote"])
+    cv: int = Field(5, ge=2)
+    scoring: Literal["kappa", "auroc", "f1", "accuracy"] = "kappa"
+    single_backbones: bool = True
+
+
+class EvaluateSpec(Strict):
+    study_aggregation: Literal["mean", "max"] | None = None
+    bootstrap: int = Field(1000, ge=0)
+
+
+class ExplainSpec(Strict):
+    enabled: bool = True
+    cases: int = Field(8, ge=0)
+    methods: list[Literal["gradcam", "lime"]] = Field(default_factory=lambda: ["gradcam", "lime"])
+    lime_samples: int = Field(1000, ge=10)
+
+
+class FewshotSpec(Strict):
+    ways: int = Field(2, ge=2)
+    shots: int = Field(5, ge=1)
+    queries: int = Field(15, ge=1)
+    episodes: int = Field(600, ge=1)
+    classifier: str = "prototype"
+    classes: list[str] | None = None
+    shots_curve: list[int] = Field(default_factory=lambda: [1, 5, 10, 20])
+
+
+class SemanticSpec(Strict):
+    label_vectors: str = "chestxray14_minilm"
+    losses: list[str] = Field(default_factory=lambda: ["bce", "dual_weighted", "focused_euclidean"])
+    unseen: list[str] = Field(default_factory=list)
+    dim: int = Field(128, ge=2)
+    epochs: int = Field(60, ge=1)
+
+
+class Experiment(Strict):
+    """One experiment YAML."""
+
+    name: str
+    task: Literal["binary", "fewshot", "multilabel"] = "binary"
+    seed: int = 0
+    data: list[DataSpec]
+    positive_class: str | None = None
+    split: SplitSpec = Field(default_factory=SplitSpec)
+    image: ImageSpec = Field(default_factory=ImageSpec)
+    backbones: list[BackboneEntry] = Field(min_length=1)
+    finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
+    features: FeaturesSpec = Field(default_factory=FeaturesSpec)
+    classifiers: ClassifySpec = Field(default_factory=ClassifySpec)
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    explain: ExplainSpec = Field(default_factory=ExplainSpec)
+    fewshot: FewshotSpec = Field(default_factory=FewshotSpec)
+    semantic: SemanticSpec = Field(default_factory=SemanticSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _data_as_list(cls, values: Any) -> Any:
+        if isinstance(values, dict) and isinstance(values.get("data"), dict):
+            values = {**values, "data": [values["data"]]}
+        return values
+
+    @model_validator(mode="after")
+    def _binary_needs_positive(self) -> Experiment:
+        if self.task == "binary" and not self.positive_class:
+            raise ValueError("a binary experiment needs 'positive_class' (the label that counts as positive)")
+        return self
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise InputError(f"--set {text!r}: expected key=value")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def apply_override(raw: dict, text: str) -> None:
+    """Set a dotted key (`finetune.epochs=3`, `backbones.0.name=mobilenetv2`) in the raw YAML mapping."""
+    keys, value = _parse_override(text)
+    node: Any = raw
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise InputError(f"--set {text!r}: {'.'.join(keys[: depth + 1])} is not an index of the list")
+            key = int(key)
+        elif not isinstance(node, dict):
+            raise InputError(f"--set {text!r}: {'.'.join(keys[:depth])} is not a section")
+        if last:
+            node[key] = value
+        else:
+            node = node.setdefault(key, {}) if isinstance(node, dict) else node[key]
+
+
+def _first_error(path: Path, error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"{path}: {where}: {message}{more}"
+
+
+def load_experiment(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), data_root: str | Path | None = None
+) -> Experiment:
+    """Read, override and validate an experiment; data roots and weights files become absolute paths.
+
+    Relative data roots resolve against `data_root` (default: the experiment file's folder); relative weights
+    files always resolve against the experiment file's folder.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: experiment file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise InputError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected a mapping of settings at the top level")
+    for text in overrides:
+        apply_override(raw, text)
+    try:
+        experiment = Experiment.model_validate(raw)
+    except ValidationError as error:
+        raise InputError(_first_error(path, error)) from None
+    return _resolve_paths(experiment, path.parent.resolve(), Path(data_root).resolve() if data_root else None)
+
+
+def _resolve_paths(experiment: Experiment, home: Path, data_root: Path | None) -> Experiment:
+    for spec in experiment.data:
+        spec.root = str(((data_root or home) / spec.root).resolve())
+        if not Path(spec.root).is_dir():
+            raise InputError(f"data.root: folder not found: {spec.root} (use --data-root to point at the data)")
+    for entry in experiment.backbones:
+        if entry.weights and entry.weights != "imagenet":
+            entry.weights = str((home / entry.weights).resolve())
+            if not Path(entry.weights).is_file():
+                raise InputError(f"backbones.{entry.name}.weights: file not found: {entry.weights}")
+    return experiment

@@ -1,0 +1,611 @@
+"""Runs an experiment's stages in order; each is skipped when its inputs (config + data + upstream) are unchanged.
+
+Binary task:     data -> finetune -> extract -> fit (+ bundle) -> evaluate -> explain -> report
+Few-shot task:   data -> extract -> fewshot
+Multi-label:     data -> extract -> semantic -> report
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tlfusion.config import Experiment
+from tlfusion.errors import InputError
+from tlfusion.fileio import write_atomic, write_json
+
+log = logging.getLogger("tlfusion")
+
+STAGES = {
+    "binary": ("data", "finetune", "extract", "fit", "evaluate", "explain", "report"),
+    "fewshot": ("data", "extract", "fewshot"),
+    "multilabel": ("data", "extract", "semantic", "report"),
+}
+STAGE_SECTIONS = {
+    "data": ("task", "seed", "data", "positive_class", "split"),
+    "finetune": ("image", "backbones", "finetune"),
+    "extract": ("features",),
+    "fit": ("classifiers",),
+    "evaluate": ("evaluate",),
+    "explain": ("explain",),
+    "fewshot": ("fewshot",),
+    "semantic": ("semantic",),
+    "report": (),
+}
+
+
+def setup_logging(run_dir: Path) -> None:
+    """Log to the console and to `run_dir/run.log`."""
+    from rich.logging import RichHandler
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.handlers.clear()
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    console = RichHandler(show_path=False, show_time=False, markup=False)
+    file = logging.FileHandler(run_dir / "run.log")
+    file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(console)
+    log.addHandler(file)
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Pipeline:
+    """One experiment's run folder and the stages that fill it."""
+
+    def __init__(self, experiment: Experiment, run_dir: str | Path, skip_bad: bool = False, force: bool = False):
+        self.experiment = experiment
+        self.run_dir = Path(run_dir)
+        self.skip_bad = skip_bad
+        self.force = force
+        self.state_path = self.run_dir / ".stages.json"
+        self.timings: dict[str, float] = {}
+        self._table: pd.DataFrame | None = None
+
+    # ----------------------------------------------------------------- running
+    def run(self, until: str | None = None) -> None:
+        setup_logging(self.run_dir)
+        stages = STAGES[self.experiment.task]
+        if until is not None and until not in stages:
+            raise InputError(f"stage {until!r} does not exist for a {self.experiment.task} experiment")
+        state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+        upstream = ""
+        for stage in stages:
+            key = self._stage_key(stage, upstream)
+            if stage == "data" or self.force or state.get(stage) != key:
+                started = time.perf_counter()
+                log.info("stage %s ...", stage)
+                getattr(self, f"stage_{stage}")()
+                self.timings[stage] = round(time.perf_counter() - started, 2)
+                log.info("stage %s done in %.1f s", stage, self.timings[stage])
+                state[stage] = key = self._stage_key(stage, upstream)
+                write_json(self.state_path, state)
+            else:
+                log.info("stage %s unchanged, skipped", stage)
+            upstream = key
+            if stage == until:
+                break
+        log.info("run folder: %s", self.run_dir.resolve())
+
+    def _stage_key(self, stage: str, upstream: str) -> str:
+        config = self.experiment.model_dump()
+        sections = {name: config[name] for name in STAGE_SECTIONS[stage]}
+        fingerprint = self.data_fingerprint() if stage == "data" and self._table is not None else ""
+        return _digest(stage, upstream, sections, fingerprint)
+
+    # ----------------------------------------------------------------- data
+    @property
+    def table(self) -> pd.DataFrame:
+        if self._table is None:
+            self._table = pd.read_csv(self.run_dir / "data" / "table.csv", dtype={"patient": str, "study": str})
+        return self._table
+
+    def data_fingerprint(self) -> str:
+        columns = [c for c in ("sha256", "label", "labels", "split") if c in self.table.columns]
+        return _digest(self.table[columns].astype(str).values.tolist())
+
+    def stage_data(self) -> None:
+        from tlfusion.data.sources import read_sources, summarise
+
+        experiment = self.experiment
+        table = read_sources(experiment.data)
+        table = self._scan(table)
+        if experiment.task == "binary":
+            table = with_binary_target(table, experiment.positive_class)
+        table = _assign(table, experiment)
+        if "labels" in table.columns:
+            table["labels"] = table["labels"].map("|".join)
+        write_atomic(self.run_dir / "data" / "table.csv", lambda temp: table.to_csv(temp, index=False))
+        summary = summarise(table if "label" in table.columns else table.assign(labels=table["labels"].str.split("|")))
+        write_json(self.run_dir / "data" / "summary.json", summary)
+        self._table = table
+        log.info("data: %d images, %d patients, splits %s", summary["images"], summary["patients"], summary["splits"])
+
+    def _scan(self, table: pd.DataFrame) -> pd.DataFrame:
+        hashes, bad = scan_with_cache(table["path"].tolist(), self.run_dir / "data" / "scan.json", self.skip_bad)
+        table = table.assign(sha256=hashes)
+        if bad:
+            write_json(self.run_dir / "data" / "skipped.json", [{"path": p, "reason": r} for p, r in bad])
+            log.warning("skipped %d unreadable image(s), listed in data/skipped.json", len(bad))
+        return table[table["sha256"] != ""].reset_index(drop=True)
+
+    # ----------------------------------------------------------------- finetune
+    @property
+    def backbone_keys(self) -> list[str]:
+        return backbone_keys(self.experiment)
+
+    def model_path(self, key: str) -> Path:
+        return self.run_dir / "backbones" / key / "model.keras"
+
+    def stage_finetune(self) -> None:
+        from tlfusion.backbones import build_backbone
+
+        experiment, table = self.experiment, self.table
+        trainval = table[table["split"].isin(["train", "val"])]
+        for key, entry in zip(self.backbone_keys, experiment.backbones, strict=True):
+            out_dir = self.model_path(key).parent
+            if not experiment.finetune.enabled:
+                model = build_backbone(entry.name, experiment.image.size, entry.weights, **entry.options)
+                write_atomic(self.model_path(key), model.save)
+                continue
+            from tlfusion.training import finetune
+
+            spec = experiment.finetune
+            log.info("fine-tuning %s (%s) on %d images", key, entry.weights or "random init", len(trainval))
+            finetune(
+                trainval, entry.name, out_dir, weights=entry.weights, positive_class=experiment.positive_class,
+                image_size=experiment.image.size, clahe=experiment.image.clahe, warmup_epochs=spec.warmup_epochs,
+                epochs=spec.epochs, learning_rate=spec.learning_rate,
+                unfrozen_learning_rate=spec.unfrozen_learning_rate, batch_size=spec.batch_size,
+                patience=spec.patience, seed=experiment.seed, options=entry.options,
+            )  # fmt: skip
+
+    # ----------------------------------------------------------------- extract
+    def feature_path(self, key: str) -> Path:
+        return self.run_dir / "features" / f"{key}.npy"
+
+    def stage_extract(self) -> None:
+        from tlfusion.features import extract_features
+
+        experiment = self.experiment
+        for key, entry in zip(self.backbone_keys, experiment.backbones, strict=True):
+            source = self.model_path(key) if self.model_path(key).is_file() else entry
+            model = source if isinstance(source, Path) else _plain_backbone(entry, experiment.image.size)
+            features = extract_features(
+                model, self.table["path"].tolist(), experiment.image.size, clahe=experiment.image.clahe,
+                batch_size=experiment.features.batch_size, cache_dir=self.run_dir / "cache",
+                engine=experiment.features.engine,
+            )  # fmt: skip
+            write_atomic(self.feature_path(key), lambda temp, f=features: np.save(temp.open("wb"), f))
+            log.info("features %s: %s", key, features.shape)
+
+    def load_features(self, keys: list[str]) -> tuple[np.ndarray, list[int]]:
+        blocks = [np.load(self.feature_path(key)) for key in keys]
+        return np.hstack(blocks), [block.shape[1] for block in blocks]
+
+    # ----------------------------------------------------------------- fit
+    def feature_sets(self) -> dict[str, list[str]]:
+        keys = self.backbone_keys
+        sets = {key: [key] for key in keys} if len(keys) == 1 or self.experiment.classifiers.single_backbones else {}
+        if len(keys) > 1:
+            sets["fusion"] = keys
+        return sets
+
+    def stage_fit(self) -> None:
+        from tlfusion.classifiers import select_model
+
+        experiment, table = self.experiment, self.table
+        spec = experiment.classifiers
+        is_fit = table["split"].isin(["train", "val"]).to_numpy()
+        y = table["y"].to_numpy()
+        groups = table["patient"].astype(str).to_numpy()
+        rows, cv_scores, thresholds, fitted = [], {}, {}, {}
+        for set_name, keys in self.feature_sets().items():
+            X, block_sizes = self.load_features(keys)
+            fusion = make_fusion(experiment, block_sizes).fit(X[is_fit])
+            Z = fusion.transform(X)
+            selection = select_model(Z[is_fit], y[is_fit], groups[is_fit], spec.models, cv=spec.cv,
+                                     random_state=experiment.seed, scoring=spec.scoring)  # fmt: skip
+            for clf_name in spec.models:
+                model_name = f"{set_name}/{clf_name}"
+                estimator = fit_classifier(clf_name, Z[is_fit], y[is_fit], experiment.seed)
+                cv_scores[model_name] = selection.scores[clf_name]
+                thresholds[model_name] = selection.thresholds[clf_name]
+                fitted[model_name] = (keys, fusion, estimator)
+                rows.append(_prediction_rows(table[is_fit], model_name, "cv", selection.oof_prob[clf_name]))
+                rows.append(
+                    _prediction_rows(table[~is_fit], model_name, "test", estimator.predict_proba(Z[~is_fit])[:, 1])
+                )
+        selected = max(cv_scores, key=lambda name: (cv_scores[name], name.startswith("fusion/")))
+        predictions = pd.concat(rows, ignore_index=True)
+        write_atomic(self.run_dir / "fit" / "predictions.csv", lambda temp: predictions.to_csv(temp, index=False))
+        write_json(self.run_dir / "fit" / "selection.json", {"selected": selected, "scoring": spec.scoring,
+                                                             "cv": spec.cv, "cv_scores": cv_scores,
+                                                             "thresholds": thresholds})  # fmt: skip
+        log.info("selected %s (CV %s %.3f on the training split)", selected, spec.scoring, cv_scores[selected])
+        self._save_bundle(selected, *fitted[selected], thresholds[selected])
+
+    def _save_bundle(self, selected: str, keys: list[str], fusion, estimator, threshold: float) -> None:
+        from tlfusion.backbones import load_model_file
+        from tlfusion.bundle import Bundle, save_bundle
+
+        experiment = self.experiment
+        negative = sorted(set(self.table["label"]) - {experiment.positive_class})
+        bundle = Bundle(
+            models={key: load_model_file(self.model_path(key)) for key in keys},
+            fusion=fusion,
+            classifier=estimator,
+            threshold=float(threshold),
+            class_names=[*negative, experiment.positive_class],
+            image_size=experiment.image.size,
+            clahe=experiment.image.clahe,
+            meta={
+                "experiment": experiment.name,
+                "model": selected,
+                "data_fingerprint": self.data_fingerprint(),
+                "config": experiment.model_dump(),
+            },  # fmt: skip
+        )
+        save_bundle(bundle, self.run_dir / "bundle")
+
+    # ----------------------------------------------------------------- evaluate
+    def stage_evaluate(self) -> None:
+        from tlfusion.data.sources import summarise
+
+        selection = json.loads((self.run_dir / "fit" / "selection.json").read_text())
+        predictions = pd.read_csv(self.run_dir / "fit" / "predictions.csv", dtype={"patient": str, "study": str})
+        results = evaluate_predictions(predictions, selection["thresholds"], self.experiment)
+        metrics = {
+            "experiment": self.experiment.name,
+            "task": "binary",
+            "positive_class": self.experiment.positive_class,
+            "selected": selection["selected"],
+            "selection": {k: selection[k] for k in ("scoring", "cv", "cv_scores")},
+            "results": results,
+            "data": summarise(self.table),
+            "timings": self.timings,
+        }
+        write_json(self.run_dir / "metrics.json", metrics)
+        for line in _summary(metrics):
+            log.info(line)
+
+    # ----------------------------------------------------------------- explain
+    def stage_explain(self) -> None:
+        spec = self.experiment.explain
+        if not spec.enabled or spec.cases == 0:
+            log.info("explanations disabled")
+            return
+        from tlfusion.bundle import load_bundle
+        from tlfusion.explain import explain_cases
+
+        predictions = pd.read_csv(self.run_dir / "fit" / "predictions.csv")
+        selection = json.loads((self.run_dir / "fit" / "selection.json").read_text())
+        test = predictions[(predictions["model"] == selection["selected"]) & (predictions["split"] == "test")]
+        cases = pick_cases(test, selection["thresholds"][selection["selected"]], spec.cases)
+        explain_cases(load_bundle(self.run_dir / "bundle"), cases["path"].tolist(), cases["y_true"].tolist(),
+                      self.run_dir / "explanations", methods=tuple(spec.methods), lime_samples=spec.lime_samples,
+                      seed=self.experiment.seed, clahe=self.experiment.image.clahe)  # fmt: skip
+
+    # ----------------------------------------------------------------- report
+    def stage_report(self) -> None:
+        from tlfusion.reports import write_reports
+
+        metrics = json.loads((self.run_dir / "metrics.json").read_text())
+        metrics["timings"] = {**metrics.get("timings", {}), **self.timings}
+        write_json(self.run_dir / "metrics.json", metrics)
+        predictions_path = self.run_dir / "fit" / "predictions.csv"
+        predictions = pd.read_csv(predictions_path) if predictions_path.is_file() else None
+        paths = write_reports(self.run_dir, metrics, predictions)
+        log.info("report: %s", paths.get("report.html", self.run_dir / "report.html"))
+
+    # ----------------------------------------------------------------- few-shot
+    def stage_fewshot(self) -> None:
+        from tlfusion.features import FeatureFusion
+        from tlfusion.fewshot import plot_shots_curve, run_fewshot, shots_curve
+
+        spec, table = self.experiment.fewshot, self.table
+        check_unseen(self.experiment, self.backbone_keys, table, self.run_dir)
+        X, block_sizes = self.load_features(self.backbone_keys)
+        if len(block_sizes) > 1:  # stateless per-block L2: nothing is fitted on the evaluated images
+            X = FeatureFusion(block_sizes=block_sizes, standardize=False, l2=True).fit_transform(X)
+        y, groups = table["label"].astype(str).to_numpy(), table["patient"].astype(str).to_numpy()
+        keep = np.isin(y, spec.classes) if spec.classes else np.ones(len(y), bool)
+        result = run_fewshot(X[keep], y[keep], groups[keep], spec.ways, spec.shots, spec.queries, spec.episodes,
+                             spec.classifier, seed=self.experiment.seed)  # fmt: skip
+        write_json(self.run_dir / "fewshot.json", result)
+        curve = shots_curve(X[keep], y[keep], groups[keep], shots_list=spec.shots_curve, ways=spec.ways,
+                            queries=spec.queries, episodes=spec.episodes, classifiers=[spec.classifier],
+                            seed=self.experiment.seed)  # fmt: skip
+        write_json(self.run_dir / "fewshot_curve.json", curve)
+        plot_shots_curve(curve, self.run_dir / "plots" / "fewshot_auroc_vs_shots.png")
+        log.info("few-shot %d-way %d-shot AUROC %.3f %s", spec.ways, spec.shots, result["auroc"]["mean"],
+                 result["auroc"]["ci95"])  # fmt: skip
+
+    # ----------------------------------------------------------------- multi-label
+    def stage_semantic(self) -> None:
+        from tlfusion.semantic import run_semantic
+
+        metrics = run_semantic(self.experiment, self.table, self.load_features(self.backbone_keys)[0])
+        metrics["timings"] = self.timings
+        write_json(self.run_dir / "metrics.json", metrics)
+
+
+# --------------------------------------------------------------------------- helpers used by the stages
+
+
+def backbone_keys(experiment: Experiment) -> list[str]:
+    """Unique, readable names for the experiment's backbones (`densenet121`, `densenet121_2`, ...)."""
+    keys: list[str] = []
+    for entry in experiment.backbones:
+        key, number = entry.name.lower(), 2
+        while key in keys:
+            key, number = f"{entry.name.lower()}_{number}", number + 1
+        keys.append(key)
+    return keys
+
+
+def _plain_backbone(entry, image_size: int):
+    from tlfusion.backbones import build_backbone
+
+    return build_backbone(entry.name, image_size, entry.weights, **entry.options)
+
+
+def scan_with_cache(paths: list[str], cache_path: Path, skip_bad: bool) -> tuple[list[str], list[tuple[str, str]]]:
+    """`images.scan_images` with a cache keyed by (path, size, mtime), so an unchanged data set re-scans in seconds."""
+    from tlfusion.data.images import scan_images
+
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+
+    def stamp(path: str) -> str:
+        info = Path(path).stat()
+        return f"{path}|{info.st_size}|{info.st_mtime_ns}"
+
+    stamps = [stamp(p) if Path(p).is_file() else "" for p in paths]
+    todo = [p for p, s in zip(paths, stamps, strict=True) if not s or s not in cache]
+    hashes, bad = scan_images(todo, skip_bad=skip_bad)
+    fresh = dict(zip(todo, hashes, strict=True))
+    cache.update({s: fresh[p] for p, s in zip(paths, stamps, strict=True) if s and fresh.get(p)})
+    write_json(cache_path, cache)
+    return [fresh[p] if p in fresh else cache[s] for p, s in zip(paths, stamps, strict=True)], bad
+
+
+def with_binary_target(table: pd.DataFrame, positive: str) -> pd.DataFrame:
+    """Add `y` (1 for the positive class); the data must have exactly two classes."""
+    classes = sorted(table["label"].astype(str).unique())
+    if positive not in classes:
+        raise InputError(f"positive_class: {positive!r} is not a label of the data (labels: {classes})")
+    if len(classes) != 2:
+        raise InputError(f"data: a binary experiment needs exactly two labels, found {classes} (use data.label_map)")
+    return table.assign(label=table["label"].astype(str), y=(table["label"].astype(str) == positive).astype(int))
+
+
+def _assign(table: pd.DataFrame, experiment: Experiment) -> pd.DataFrame:
+    from tlfusion.data.splits import assign_splits
+
+    spec = experiment.split
+    if "label" not in table.columns:  # multi-label: stratify on "any finding"
+        table = table.assign(label=table["labels"].map(lambda labels: "abnormal" if labels else "normal"))
+        split = assign_splits(table, spec.test_fraction, spec.val_fraction, spec.group, experiment.seed,
+                              tuple(spec.test_split))  # fmt: skip
+        return split.drop(columns="label")
+    return assign_splits(table, spec.test_fraction, spec.val_fraction, spec.group, experiment.seed,
+                         tuple(spec.test_split))  # fmt: skip
+
+
+def make_fusion(experiment: Experiment, block_sizes: list[int]):
+    from tlfusion.features import FeatureFusion
+
+    spec = experiment.features
+    return FeatureFusion(block_sizes=block_sizes, standardize=spec.standardize, l2=spec.l2, pca=spec.pca)
+
+
+def fit_classifier(name: str, X: np.ndarray, y: np.ndarray, seed: int):
+    from tlfusion.classifiers import make_classifier
+
+    return make_classifier(name, random_state=seed).fit(X, y)
+
+
+def _prediction_rows(rows: pd.DataFrame, model: str, split: str, prob: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({"model": model, "split": split, "path": rows["path"].to_numpy(),
+                         "patient": rows["patient"].astype(str).to_numpy(),
+                         "study": rows["study"].astype(str).to_numpy(), "y_true": rows["y"].to_numpy(),
+                         "prob": prob})  # fmt: skip
+
+
+def evaluate_predictions(predictions: pd.DataFrame, thresholds: dict[str, float], experiment: Experiment) -> list:
+    """metrics.json result rows: every model, CV (out-of-fold) and test split, image and (optionally) study level."""
+    from tlfusion.metrics import aggregate_by_study, binary_metrics, bootstrap_ci
+
+    spec = experiment.evaluate
+    results = []
+    for (model, split), rows in predictions.groupby(["model", "split"], sort=False):
+        threshold = thresholds[model]
+        levels = [("image", rows["y_true"].to_numpy(), rows["prob"].to_numpy(), rows["patient"].to_numpy())]
+        if spec.study_aggregation:
+            studies, y, p = aggregate_by_study(rows["study"].to_numpy(), rows["y_true"].to_numpy(),
+                                               rows["prob"].to_numpy(), how=spec.study_aggregation)  # fmt: skip
+            patient_of = dict(zip(rows["study"], rows["patient"], strict=True))
+            levels.append(("study", y, p, np.array([patient_of[s] for s in studies])))
+        for level, y, p, groups in levels:
+            row = {"model": model, "level": level, "split": split, **binary_metrics(y, p, threshold),
+                   "threshold": threshold}  # fmt: skip
+            row["ci"] = bootstrap_ci(y, p, groups, threshold, n_boot=spec.bootstrap, seed=experiment.seed) \
+                if spec.bootstrap and split == "test" else {}  # fmt: skip
+            results.append(row)
+    return results
+
+
+def pick_cases(test: pd.DataFrame, threshold: float, count: int) -> pd.DataFrame:
+    """Cases worth a reviewer's time: errors first (most confident first), then the most confident correct ones."""
+    test = test.assign(wrong=(test["prob"] >= threshold).astype(int) != test["y_true"],
+                       confidence=(test["prob"] - threshold).abs())  # fmt: skip
+    return test.sort_values(["wrong", "confidence"], ascending=False).head(count)
+
+
+def _summary(metrics: dict) -> list[str]:
+    from tlfusion.reports import summary_lines
+
+    return summary_lines(metrics)
+
+
+def check_unseen(experiment: Experiment, keys: list[str], table: pd.DataFrame, run_dir: Path) -> None:
+    """Refuse a few-shot evaluation on images a backbone was trained on (its `seen_images.txt`)."""
+    evaluated = set(table["sha256"])
+    for key, entry in zip(keys, experiment.backbones, strict=True):
+        if not entry.weights or entry.weights == "imagenet":
+            continue
+        seen_file = Path(entry.weights).parent / "seen_images.txt"
+        if not seen_file.is_file():
+            log.warning("%s: no seen_images.txt beside %s: cannot check that the evaluated images are unseen",
+                        key, entry.weights)  # fmt: skip
+            continue
+        overlap = evaluated & set(seen_file.read_text().split())
+        if overlap:
+            raise InputError(f"backbones.{key}: {len(overlap)} evaluated image(s) were in its training data "
+                             f"({seen_file}); use an extractor pretrained with this data set held out")  # fmt: skip
+
+
+# --------------------------------------------------------------------------- bundle commands
+
+
+def _experiment_rows(data: str, data_root: str | None, split: str) -> tuple[Experiment, pd.DataFrame]:
+    from tlfusion.config import load_experiment
+    from tlfusion.data.sources import read_sources
+
+    experiment = load_experiment(data, data_root=data_root)
+    table = read_sources(experiment.data)
+    if split != "all":
+        table = _assign(table, experiment)
+        table = table[table["split"] == split]
+    if table.empty:
+        raise InputError(f"{data}: no images in split {split!r}")
+    return experiment, table
+
+
+def predict_images(bundle_dir: str, inputs: list[str], out: str | None, skip_bad: bool = False) -> None:
+    """Write a CSV of path, probability, predicted class for image files / folders."""
+    import sys
+
+    from tlfusion.bundle import load_bundle
+    from tlfusion.data.images import IMAGE_SUFFIXES, scan_images
+
+    paths: list[str] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths += sorted(str(p) for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.is_file():
+            paths.append(str(item))
+        else:
+            raise InputError(f"{item}: no such file or folder")
+    hashes, bad = scan_images(paths, skip_bad=skip_bad)
+    for path, reason in bad:
+        print(f"tlfusion: skipped {path}: {reason}", file=sys.stderr)
+    paths = [p for p, h in zip(paths, hashes, strict=True) if h]
+    bundle = load_bundle(bundle_dir)
+    prob = bundle.predict_paths(paths)
+    frame = pd.DataFrame({"path": paths, f"prob_{bundle.class_names[1]}": prob,
+                          "predicted": np.where(prob >= bundle.threshold, bundle.class_names[1],
+                                                bundle.class_names[0])})  # fmt: skip
+    if out:
+        write_atomic(out, lambda temp: frame.to_csv(temp, index=False))
+    else:
+        frame.to_csv(sys.stdout, index=False)
+
+
+def evaluate_bundle(bundle_dir: str, data: str, out: str, data_root: str | None = None, split: str = "test") -> None:
+    """Metrics (with CIs) and a report for a saved bundle on an experiment's images."""
+    from tlfusion.bundle import check_class_names, load_bundle
+    from tlfusion.reports import write_reports
+
+    experiment, table = _experiment_rows(data, data_root, split)
+    bundle = load_bundle(bundle_dir)
+    check_class_names(bundle, sorted(table["label"].astype(str).unique()))
+    table = with_binary_target(table, bundle.class_names[1])
+    prob = bundle.predict_paths(table["path"].tolist())
+    name = bundle.meta.get("model", "bundle")
+    predictions = _prediction_rows(table, name, split, prob)
+    metrics = {
+        "experiment": experiment.name,
+        "task": "binary",
+        "positive_class": bundle.class_names[1],
+        "selected": name,
+        "results": evaluate_predictions(predictions, {name: bundle.threshold}, experiment),
+    }
+    write_json(Path(out) / "metrics.json", metrics)
+    write_reports(Path(out), metrics, predictions)
+    for line in _summary(metrics):
+        print(line)
+
+
+def explain_bundle(bundle_dir: str, data: str, out: str, methods: list[str], cases: int, ids: list[str] | None,
+                   data_root: str | None, split: str, lime_samples: int) -> None:  # fmt: skip
+    """Explanation images + review page for a bundle's predictions on an experiment's images."""
+    from tlfusion.bundle import load_bundle
+    from tlfusion.explain import explain_cases
+
+    unknown = sorted(set(methods) - {"gradcam", "lime"})
+    if unknown or not methods:
+        raise InputError(f"--method: unknown method(s) {unknown or methods}; use gradcam, lime or both")
+    experiment, table = _experiment_rows(data, data_root, split)
+    bundle = load_bundle(bundle_dir)
+    table = with_binary_target(table, bundle.class_names[1])
+    if ids:
+        wanted = table["path"].map(lambda p: p in ids or Path(p).name in ids)
+        missing = set(ids) - set(table["path"]) - set(table["path"].map(lambda p: Path(p).name))
+        if missing:
+            raise InputError(f"--ids: not in the {split} split: {sorted(missing)[:3]}")
+        chosen = table[wanted]
+    else:
+        prob = bundle.predict_paths(table["path"].tolist())
+        chosen = pick_cases(table.assign(prob=prob, y_true=table["y"]), bundle.threshold, cases)
+    explain_cases(bundle, chosen["path"].tolist(), chosen["y"].tolist(), Path(out), methods=tuple(methods),
+                  lime_samples=lime_samples, seed=experiment.seed, clahe=bundle.clahe)  # fmt: skip
+
+
+def fewshot_command(args: Any) -> None:
+    """`tlfusion fewshot`: episodes on a cached feature table or on an experiment's images."""
+    from tlfusion.fewshot import run_fewshot
+
+    if args.features:
+        X, y, groups = load_feature_table(args.features)
+    else:
+        X, y, groups = _experiment_features(args)
+    result = run_fewshot(X, y, groups, args.ways, args.shots, args.queries, args.episodes, args.classifier,
+                         seed=args.seed)  # fmt: skip
+    write_json(Path(args.out) / "fewshot.json", result)
+    print(json.dumps({k: result[k] for k in ("ways", "shots", "episodes", "classifier", "auroc", "accuracy")}))
+
+
+def load_feature_table(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A cached feature table: `.npz` with arrays X, y, groups (no pickled objects)."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: feature table not found")
+    try:
+        with np.load(path, allow_pickle=False) as table:
+            return table["X"], table["y"].astype(str), table["groups"].astype(str)
+    except (KeyError, ValueError, OSError) as error:
+        raise InputError(f"{path}: not a feature table with X, y, groups ({error})") from None
+
+
+def _experiment_features(args: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from tlfusion.config import load_experiment
+
+    overrides = ["task=fewshot"]
+    if args.backbone:
+        overrides.append(f"backbones=[{{name: {args.backbone}}}]")
+    experiment = load_experiment(args.data, overrides, args.data_root)
+    pipeline = Pipeline(experiment, Path(args.out))
+    pipeline.run(until="extract")
+    X, _ = pipeline.load_features(pipeline.backbone_keys)
+    table = pipeline.table
+    return X, table["label"].astype(str).to_numpy(), table["patient"].astype(str).to_numpy()
