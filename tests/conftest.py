@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny images and layout-faithful dataset trees written to tmp_path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def write_png(path: Path, pixels: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), pixels)
+    return path
+
+
+def xray_like(seed: int, size: int = 48, bright_blob: bool = False) -> np.ndarray:
+    """A smooth grayscale 'radiograph' (uint8); with `bright_blob`, a bright disc in the upper-left quarter."""
+    rng = np.random.default_rng(seed)
+    image = cv2.GaussianBlur(rng.integers(40, 120, (size, size)).astype(np.uint8), (7, 7), 0)
+    if bright_blob:
+        cv2.circle(image, (size // 4, size // 4), max(2, size // 8), 250, -1)
+    return image
+
+
+@pytest.fixture
+def folder_dataset(tmp_path: Path) -> Path:
+    """`root/<class>/imgN.png`, 12 images per class, the positive class with a bright blob."""
+    root = tmp_path / "folder"
+    for label, blob in (("normal", False), ("abnormal", True)):
+        for i in range(12):
+            write_png(root / label / f"img{i}.png", xray_like(i + (100 if blob else 0), bright_blob=blob))
+    return root
+
+
+@pytest.fixture
+def mura_tree(tmp_path: Path) -> Path:
+    """A MURA-v1.1-shaped tree (two regions, train/valid) with its labeled_studies CSVs."""
+    root = tmp_path / "MURA-v1.1"
+    rows: dict[str, list[str]] = {"train": [], "valid": []}
+    for split, first in (("train", 1), ("valid", 50)):
+        for region in ("XR_HUMERUS", "XR_WRIST"):
+            for patient in range(first, first + 6):
+                for study, label in ((1, "positive"), (2, "negative")):
+                    study_dir = root / split / region / f"patient{patient:05d}" / f"study{study}_{label}"
+                    for image in range(2):
+                        write_png(study_dir / f"image{image + 1}.png", xray_like(patient * 10 + image, 32,
+                                                                                  label == "positive"))  # fmt: skip
+                    rows[split].append(f"MURA-v1.1/{study_dir.relative_to(root)}/,{int(label == 'positive')}")
+    for split, lines in rows.items():
+        (root / f"{split}_labeled_studies.csv").write_text("\n".join(lines) + "\n")
+    return root
