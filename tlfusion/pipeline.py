@@ -320,6 +320,8 @@ class Pipeline:
             X = FeatureFusion(block_sizes=block_sizes, standardize=False, l2=True).fit_transform(X)
         y, groups = table["label"].astype(str).to_numpy(), table["patient"].astype(str).to_numpy()
         keep = np.isin(y, spec.classes) if spec.classes else np.ones(len(y), bool)
+        if (table["split"] == "test").any():  # a defined test split is the evaluated pool
+            keep &= (table["split"] == "test").to_numpy()
         result = run_fewshot(X[keep], y[keep], groups[keep], spec.ways, spec.shots, spec.queries, spec.episodes,
                              spec.classifier, seed=self.experiment.seed)  # fmt: skip
         write_json(self.run_dir / "fewshot.json", result)
