@@ -1,0 +1,1 @@
+"""Reproducible speed/accuracy benchmarks: `python -m benchmarks.NAME`, results as JSON in benchmarks/results/."""
