@@ -102,7 +102,7 @@ class FewshotSpec(Strict):
     ways: int = Field(2, ge=2)
     shots: int = Field(5, ge=1)
     queries: int = Field(15, ge=1)
-    episodes: int = Field(600, ge=1)
+    episodes: int = Field(600, ge=2)
     classifier: str = "prototype"
     classes: list[str] | None = None
     shots_curve: list[int] = Field(default_factory=lambda: [1, 5, 10, 20])
