@@ -1,0 +1,257 @@
+"""Registry of scikit-learn / XGBoost classifiers for fused features, and patient-grouped model selection.
+
+Every registry entry builds a plain sklearn estimator (or Pipeline) with ``predict_proba``, seeded by
+``random_state``. ``select_model`` compares candidates by grouped cross-validation on the training data only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.ensemble import RandomForestClassifier, VotingClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import ParameterGrid, StratifiedGroupKFold
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC
+from xgboost import XGBClassifier
+
+from tlfusion import metrics
+from tlfusion.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+N_JOBS = 2
+SCORINGS = ("kappa", "f1", "accuracy", "auroc")
+SMALL_PARAM_GRID = {
+    "lr": {"C": [0.005, 0.05, 0.5]},
+    "svm": {"C": [0.3, 1.0, 3.0]},
+    "xgb": {"max_depth": [2, 3, 5]},
+}
+"""A small search for ``select_model(param_grid=...)``: about 3x the default's fitting time for these models."""
+
+
+def build_lr(random_state: int = 0) -> Pipeline:
+    """Standardised L2 logistic regression; small C because fused features far outnumber samples."""
+    return _standardised(LogisticRegression(C=0.05, class_weight="balanced", max_iter=2000, random_state=random_state))
+
+
+def build_svm(random_state: int = 0) -> Pipeline:
+    """Standardised RBF SVM with Platt-scaled probabilities from 3-fold calibration."""
+    svc = SVC(C=1.0, kernel="rbf", gamma="scale", class_weight="balanced", random_state=random_state)
+    return _standardised(CalibratedClassifierCV(svc, method="sigmoid", cv=3))
+
+
+def build_rf(random_state: int = 0) -> RandomForestClassifier:
+    """Random forest of 200 balanced trees."""
+    return RandomForestClassifier(n_estimators=200, class_weight="balanced", n_jobs=N_JOBS, random_state=random_state)
+
+
+def build_knn(random_state: int = 0) -> Pipeline:
+    """Distance-weighted 5-nearest neighbours on standardised features (deterministic; seed unused)."""
+    return _standardised(KNeighborsClassifier(n_neighbors=5, weights="distance"))
+
+
+def build_xgb(random_state: int = 0) -> XGBClassifier:
+    """Gradient-boosted trees (hist, 64 bins), shallow and row/column subsampled for small training sets."""
+    return XGBClassifier(
+        n_estimators=200,
+        max_depth=3,
+        learning_rate=0.1,
+        subsample=0.8,
+        colsample_bytree=0.5,
+        tree_method="hist",
+        max_bin=64,
+        eval_metric="logloss",
+        n_jobs=N_JOBS,
+        random_state=random_state,
+    )
+
+
+def build_vote(random_state: int = 0) -> VotingClassifier:
+    """Soft vote (mean probability) of lr, svm, rf and xgb."""
+    members = {"lr": build_lr, "svm": build_svm, "rf": build_rf, "xgb": build_xgb}
+    return VotingClassifier([(name, build(random_state)) for name, build in members.items()], voting="soft")
+
+
+CLASSIFIERS: dict[str, Callable[[int], BaseEstimator]] = {
+    "lr": build_lr,
+    "svm": build_svm,
+    "rf": build_rf,
+    "knn": build_knn,
+    "xgb": build_xgb,
+    "vote": build_vote,
+}
+
+
+def make_classifier(name: str, random_state: int = 0, **params) -> BaseEstimator:
+    """Build registry entry ``name`` seeded by ``random_state``, with ``params`` set on it.
+
+    A parameter may be given by its full sklearn key (``clf__C``) or by its last part (``C``) when that names
+    exactly one parameter of the estimator.
+    """
+    if name not in CLASSIFIERS:
+        raise InputError(f"unknown classifier {name!r}; valid names: {', '.join(CLASSIFIERS)}")
+    estimator = CLASSIFIERS[name](random_state)
+    valid_keys = estimator.get_params(deep=True)
+    return estimator.set_params(**{_resolve_param(name, valid_keys, key): value for key, value in params.items()})
+
+
+@dataclass
+class Selection:
+    """Outcome of ``select_model``; every entry is keyed by classifier name."""
+
+    best: str
+    scores: dict[str, float]
+    """Mean cross-validated score (NaN if undefined in every fold)."""
+    oof_prob: dict[str, np.ndarray]
+    """Out-of-fold positive-class probabilities, aligned with the training rows."""
+    thresholds: dict[str, float]
+    """Threshold chosen on the out-of-fold probabilities."""
+    params: dict[str, dict]
+    """Parameters picked from ``param_grid`` (empty without a grid)."""
+    n_splits: int
+
+
+def select_model(
+    X,
+    y,
+    groups,
+    names: Sequence[str],
+    cv: int = 5,
+    random_state: int = 0,
+    scoring: str = "kappa",
+    threshold_criterion: str = "kappa",
+    param_grid: Mapping[str, Mapping[str, Sequence]] | None = None,
+) -> Selection:
+    """Pick the classifier with the best grouped cross-validated ``scoring`` on TRAINING data.
+
+    Folds come from ``StratifiedGroupKFold`` over ``groups`` (patient ids; ``None`` means one group per row),
+    reduced when a class has fewer groups than ``cv``. Each fold is scored at the threshold that
+    ``metrics.choose_threshold`` picks on the other folds' out-of-fold probabilities, so the score covers the
+    model and its threshold rule. ``param_grid`` (e.g. ``SMALL_PARAM_GRID``) maps a name to a small grid
+    searched by the same folds.
+    """
+    X, y, groups = _check_training_data(X, y, groups)
+    names = list(names)
+    if not names:
+        raise InputError("names: give at least one classifier to select from")
+    if scoring not in SCORINGS:
+        raise InputError(f"scoring must be one of {', '.join(SCORINGS)}; got {scoring!r}")
+    if threshold_criterion not in metrics.THRESHOLD_CRITERIA:
+        raise InputError(
+            f"threshold_criterion must be one of {', '.join(metrics.THRESHOLD_CRITERIA)}; got {threshold_criterion!r}"
+        )
+    param_grid = dict(param_grid or {})
+    unused = sorted(set(param_grid) - set(names))
+    if unused:
+        raise InputError(f"param_grid names classifiers not being selected: {', '.join(unused)}")
+
+    candidates = {name: _parameter_grid(name, param_grid.get(name, {})) for name in names}
+    folds = _grouped_folds(y, groups, cv, random_state)
+    scores, oof_prob, params = {}, {}, {}
+    for name in names:
+        for candidate in candidates[name]:
+            oof = _oof_prob(name, candidate, X, y, folds, random_state)
+            score = _cv_score(y, oof, folds, scoring, threshold_criterion)
+            if name not in scores or np.isnan(scores[name]) or score > scores[name]:
+                scores[name], oof_prob[name], params[name] = score, oof, candidate
+        logger.info("select_model: %s %s = %.4f %s", name, scoring, scores[name], params[name] or "")
+    defined = [name for name in names if np.isfinite(scores[name])]
+    if not defined:
+        raise InputError(f"no classifier has a defined {scoring} in any fold; the training set is too small")
+    return Selection(
+        best=max(defined, key=scores.__getitem__),
+        scores=scores,
+        oof_prob=oof_prob,
+        thresholds={name: metrics.choose_threshold(y, oof_prob[name], threshold_criterion) for name in names},
+        params=params,
+        n_splits=len(folds),
+    )
+
+
+def _standardised(estimator: BaseEstimator) -> Pipeline:
+    return Pipeline([("scale", StandardScaler()), ("clf", estimator)])
+
+
+def _resolve_param(name: str, valid_keys: Mapping, key: str) -> str:
+    if key in valid_keys:
+        return key
+    matches = [valid for valid in valid_keys if valid.endswith(f"__{key}")]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise InputError(f"parameter {key!r} of classifier {name!r} is ambiguous; use one of {', '.join(matches)}")
+    raise InputError(f"unknown parameter {key!r} for classifier {name!r}")
+
+
+def _parameter_grid(name: str, grid: Mapping[str, Sequence]) -> list[dict]:
+    """The grid's parameter combinations (``[{}]`` for no grid), each checked against classifier ``name``."""
+    try:
+        candidates = list(ParameterGrid(dict(grid)))
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"param_grid[{name!r}]: {exc}") from None
+    for candidate in candidates:
+        make_classifier(name, **candidate)
+    return candidates
+
+
+def _check_training_data(X, y, groups) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    try:
+        X = np.asarray(X, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"features must be numeric ({exc})") from None
+    if X.ndim != 2:
+        raise InputError(f"features must be 2-D (samples x features), got shape {X.shape}")
+    bad_rows = ~np.isfinite(X).all(axis=1)
+    if bad_rows.any():
+        raise InputError(f"features contain NaN or inf in {int(bad_rows.sum())} of {len(X)} rows")
+    y = metrics.check_labels(y, "y")
+    if len(y) != len(X):
+        raise InputError(f"y has {len(y)} labels but features have {len(X)} rows")
+    if y.min() == y.max():
+        raise InputError(f"y holds only class {y[0]}; training a classifier needs both 0 and 1")
+    _, group_of_row = metrics.group_index(np.arange(len(y)) if groups is None else groups, len(y))
+    return X, y, group_of_row
+
+
+def _grouped_folds(y: np.ndarray, groups: np.ndarray, cv: int, random_state: int) -> list:
+    if not isinstance(cv, (int, np.integer)) or cv < 2:
+        raise InputError(f"cv must be an integer of at least 2, got {cv!r}")
+    groups_per_class = min(len(np.unique(groups[y == label])) for label in (0, 1))
+    if groups_per_class < 2:
+        raise InputError("a class has fewer than 2 patient groups in the training data; cannot cross-validate")
+    n_splits = min(cv, groups_per_class)
+    if n_splits < cv:
+        logger.warning(
+            "select_model: cv reduced from %d to %d folds because a class has only %d patient groups",
+            cv,
+            n_splits,
+            groups_per_class,
+        )
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=random_state)
+    return list(splitter.split(np.zeros((len(y), 1)), y, groups))
+
+
+def _oof_prob(name: str, params: dict, X: np.ndarray, y: np.ndarray, folds: list, random_state: int):
+    oof = np.empty(len(y))
+    for train, test in folds:
+        model = make_classifier(name, random_state, **params).fit(X[train], y[train])
+        oof[test] = model.predict_proba(X[test])[:, 1]
+    return oof
+
+
+def _cv_score(y: np.ndarray, oof: np.ndarray, folds: list, scoring: str, threshold_criterion: str) -> float:
+    fold_scores = []
+    for train, test in folds:
+        threshold = metrics.choose_threshold(y[train], oof[train], threshold_criterion)
+        score = metrics.binary_metrics(y[test], oof[test], threshold)[scoring]
+        if score is not None:
+            fold_scores.append(score)
+    return float(np.mean(fold_scores)) if fold_scores else float("nan")
