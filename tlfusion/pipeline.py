@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from tlfusion.config import Experiment
+from tlfusion.data.sources import CHESTXRAY14_FINDINGS
 from tlfusion.errors import InputError
 from tlfusion.fileio import write_atomic, write_json
 
@@ -202,7 +203,7 @@ class Pipeline:
         return sets
 
     def stage_fit(self) -> None:
-        from tlfusion.classifiers import select_model
+        from tlfusion.classifiers import make_classifier, select_model
 
         experiment, table = self.experiment, self.table
         spec = experiment.classifiers
@@ -218,7 +219,8 @@ class Pipeline:
                                      random_state=experiment.seed, scoring=spec.scoring)  # fmt: skip
             for clf_name in spec.models:
                 model_name = f"{set_name}/{clf_name}"
-                estimator = fit_classifier(clf_name, Z[is_fit], y[is_fit], experiment.seed)
+                estimator = make_classifier(clf_name, experiment.seed, **selection.params[clf_name])
+                estimator.fit(Z[is_fit], y[is_fit])
                 cv_scores[model_name] = selection.scores[clf_name]
                 thresholds[model_name] = selection.thresholds[clf_name]
                 fitted[model_name] = (keys, fusion, estimator)
@@ -335,14 +337,79 @@ class Pipeline:
 
     # ----------------------------------------------------------------- multi-label
     def stage_semantic(self) -> None:
-        from tlfusion.semantic import run_semantic
-
-        metrics = run_semantic(self.experiment, self.table, self.load_features(self.backbone_keys)[0])
-        metrics["timings"] = self.timings
+        table = self.table
+        findings = self.experiment.data[0].findings or list(CHESTXRAY14_FINDINGS)
+        X, _ = self.load_features(self.backbone_keys)
+        Y = np.array([[name in str(labels).split("|") for name in findings] for labels in table["labels"].fillna("")],
+                     dtype=np.float32)  # fmt: skip
+        metrics = semantic_metrics(self.experiment, X, Y, table, findings)
+        metrics.update({"data": {"images": len(table), "patients": int(table["patient"].nunique())},
+                        "timings": self.timings})  # fmt: skip
         write_json(self.run_dir / "metrics.json", metrics)
+        for line in _summary(metrics):
+            log.info(line)
+
+
+def semantic_metrics(experiment: Experiment, X: np.ndarray, Y: np.ndarray, table: pd.DataFrame,
+                     findings: list[str]) -> dict:  # fmt: skip
+    """Per-finding test AUROC (+ patient-bootstrap CI of the mean) for each loss, and GZSL on the unseen split."""
+    from tlfusion.label_embeddings import load_label_vectors
+    from tlfusion.semantic import SemanticMetricClassifier, evaluate_gzsl, per_finding_auroc
+
+    spec = experiment.semantic
+    vectors = dict(zip(findings, load_label_vectors(spec.label_vectors, findings), strict=True))
+    unknown = sorted(set(spec.unseen) - set(findings))
+    if unknown:
+        raise InputError(f"semantic.unseen: unknown finding(s) {unknown}")
+    seen = [name for name in findings if name not in spec.unseen]
+    fit_rows, val_rows, test_rows = (table["split"].to_numpy() == part for part in ("train", "val", "test"))
+    patients = table["patient"].astype(str).to_numpy()
+    results, gzsl, val_scores = [], {}, {}
+    for loss in spec.losses:
+        model = SemanticMetricClassifier(loss=loss, dim=spec.dim, epochs=spec.epochs, random_state=experiment.seed)
+        model.fit(X[fit_rows], Y[fit_rows], vectors, seen=findings)
+        val_scores[loss] = _mean_auroc(Y[val_rows], model.decision_function(X[val_rows], vectors), findings)
+        scores = model.decision_function(X[test_rows], vectors)
+        auroc = per_finding_auroc(Y[test_rows], scores, findings)
+        ci = _bootstrap_mean_auroc(Y[test_rows], scores, patients[test_rows], findings,
+                                   experiment.evaluate.bootstrap, experiment.seed)  # fmt: skip
+        results += [{"model": loss, "finding": name, "split": "test", "auroc": value} for name, value in auroc.items()]
+        results.append({"model": loss, "finding": "mean", "split": "test", "n": int(test_rows.sum()),
+                        "auroc": _mean_auroc(Y[test_rows], scores, findings), "ci": {"auroc": ci}})  # fmt: skip
+        if spec.unseen:
+            zero_shot = SemanticMetricClassifier(loss=loss, dim=spec.dim, epochs=spec.epochs,
+                                                 random_state=experiment.seed)  # fmt: skip
+            seen_columns = [findings.index(name) for name in seen]
+            zero_shot.fit(X[fit_rows], Y[fit_rows][:, seen_columns], vectors, seen=seen)
+            gzsl[loss] = evaluate_gzsl(Y[test_rows], zero_shot.decision_function(X[test_rows], vectors), findings,
+                                       seen, spec.unseen)  # fmt: skip
+    best = max(val_scores, key=lambda loss: val_scores[loss] or 0)
+    return {"experiment": experiment.name, "task": "multilabel", "selected": best, "val_mean_auroc": val_scores,
+            "findings": findings,
+            "seen": seen, "unseen": list(spec.unseen), "results": results, "gzsl": gzsl}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- helpers used by the stages
+
+
+def _mean_auroc(Y: np.ndarray, scores: np.ndarray, findings: list[str]) -> float | None:
+    from tlfusion.metrics import multilabel_auroc
+
+    return multilabel_auroc(Y, scores, findings)["mean"]
+
+
+def _bootstrap_mean_auroc(Y, scores, patients, findings, n_boot: int, seed: int) -> list[float]:
+    """Percentile 95% CI of the mean per-finding AUROC, resampling patients."""
+    rng = np.random.default_rng(seed)
+    unique = np.unique(patients)
+    rows_of = {patient: np.flatnonzero(patients == patient) for patient in unique}
+    values = []
+    for _ in range(n_boot):
+        rows = np.concatenate([rows_of[p] for p in rng.choice(unique, len(unique))])
+        value = _mean_auroc(Y[rows], scores[rows], findings)
+        if value is not None:
+            values.append(value)
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if values else []
 
 
 def backbone_keys(experiment: Experiment) -> list[str]:
@@ -409,12 +476,6 @@ def make_fusion(experiment: Experiment, block_sizes: list[int]):
 
     spec = experiment.features
     return FeatureFusion(block_sizes=block_sizes, standardize=spec.standardize, l2=spec.l2, pca=spec.pca)
-
-
-def fit_classifier(name: str, X: np.ndarray, y: np.ndarray, seed: int):
-    from tlfusion.classifiers import make_classifier
-
-    return make_classifier(name, random_state=seed).fit(X, y)
 
 
 def _prediction_rows(rows: pd.DataFrame, model: str, split: str, prob: np.ndarray) -> pd.DataFrame:
