@@ -62,6 +62,8 @@ class BackboneEntry(Strict):
 
 
 class FinetuneSpec(Strict):
+    """`epochs` counts every epoch; the first `warmup_epochs` train only the head (backbone frozen)."""
+
     enabled: bool = True
     warmup_epochs: int = Field(2, ge=0)
     epochs: int = Field(8, ge=0)
