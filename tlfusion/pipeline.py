@@ -242,13 +242,12 @@ class Pipeline:
         from tlfusion.bundle import Bundle, save_bundle
 
         experiment = self.experiment
-        negative = sorted(set(self.table["label"]) - {experiment.positive_class})
         bundle = Bundle(
             models={key: load_model_file(self.model_path(key)) for key in keys},
             fusion=fusion,
             classifier=estimator,
             threshold=float(threshold),
-            class_names=[*negative, experiment.positive_class],
+            class_names=class_names(self.table["label"], experiment.positive_class),
             image_size=experiment.image.size,
             clahe=experiment.image.clahe,
             meta={
@@ -458,6 +457,11 @@ def with_binary_target(table: pd.DataFrame, positive: str) -> pd.DataFrame:
     return table.assign(label=table["label"].astype(str), y=(table["label"].astype(str) == positive).astype(int))
 
 
+def class_names(labels: pd.Series, positive: str) -> list[str]:
+    """[negative, positive] as a bundle stores them."""
+    return [*sorted(set(labels.astype(str)) - {positive}), positive]
+
+
 def _assign(table: pd.DataFrame, experiment: Experiment) -> pd.DataFrame:
     from tlfusion.data.splits import assign_splits
 
@@ -592,7 +596,7 @@ def evaluate_bundle(bundle_dir: str, data: str, out: str, data_root: str | None 
 
     experiment, table = _experiment_rows(data, data_root, split)
     bundle = load_bundle(bundle_dir)
-    check_class_names(bundle, sorted(table["label"].astype(str).unique()))
+    check_class_names(bundle, class_names(table["label"], bundle.class_names[1]))
     table = with_binary_target(table, bundle.class_names[1])
     prob = bundle.predict_paths(table["path"].tolist())
     name = bundle.meta.get("model", "bundle")

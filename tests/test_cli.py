@@ -1,0 +1,107 @@
+"""The `tlfusion` command end to end on a tiny folder dataset with a tiny real Keras backbone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tlfusion.cli import build_parser, main
+
+TINY_BACKBONE = {"name": "mobilenetv2", "options": {"alpha": 0.35}}
+
+
+def tiny_experiment(folder: Path, data_root: Path, **changes) -> Path:
+    raw = {
+        "name": "tiny",
+        "positive_class": "abnormal",
+        "data": {"format": "folder", "root": str(data_root)},
+        "split": {"test_fraction": 0.25, "val_fraction": 0.25},
+        "image": {"size": 32},
+        "backbones": [TINY_BACKBONE, TINY_BACKBONE],
+        "finetune": {"warmup_epochs": 1, "epochs": 1, "batch_size": 8},
+        "classifiers": {"models": ["lr", "xgb"], "cv": 3},
+        "evaluate": {"bootstrap": 50},
+        "explain": {"cases": 2, "lime_samples": 20},
+        **changes,
+    }
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_help_lists_the_contract_commands():
+    text = build_parser().format_help()
+    for command in ("demo", "run", "pretrain", "finetune", "extract", "fit", "evaluate", "predict", "explain",
+                    "fewshot", "data"):  # fmt: skip
+        assert command in text
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"classifiers": {"models": ["lr", "nope"]}}, "nope"), ({"finetune": {"epochz": 1}}, "finetune.epochz")],
+)
+def test_bad_configuration_exits_2_with_one_line(tmp_path, folder_dataset, capsys, change, message):
+    code = main(["run", str(tiny_experiment(tmp_path, folder_dataset, **change)), "--out", str(tmp_path / "run")])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and message in error and len(error.splitlines()) == 1
+
+
+def test_data_command_prints_a_summary(tmp_path, folder_dataset, capsys):
+    assert main(["data", str(tiny_experiment(tmp_path, folder_dataset))]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["classes"] == {"abnormal": 12, "normal": 12} and summary["images"] == 24
+
+
+def test_unreadable_image_exits_2_or_is_skipped(tmp_path, folder_dataset, capsys):
+    (folder_dataset / "normal" / "broken.png").write_bytes(b"not a png")
+    experiment = str(tiny_experiment(tmp_path, folder_dataset))
+    assert main(["extract", experiment, "--out", str(tmp_path / "a")]) == 2
+    assert "broken.png" in capsys.readouterr().err
+    assert main(["data", experiment]) == 0  # reading the table does not decode
+    assert (
+        main(["extract", experiment, "--out", str(tmp_path / "b"), "--skip-bad", "--set", "finetune.enabled=false"])
+        == 0
+    )
+    skipped = json.loads((tmp_path / "b" / "data" / "skipped.json").read_text())
+    assert skipped[0]["path"].endswith("broken.png")
+
+
+def test_run_end_to_end_then_rerun_skips_and_bundle_commands(tmp_path, folder_dataset, capsys):
+    experiment = str(tiny_experiment(tmp_path, folder_dataset))
+    run = tmp_path / "run"
+    assert main(["run", experiment, "--out", str(run)]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    names = {row["model"] for row in metrics["results"]}
+    assert names == {f"{s}/{c}" for s in ("mobilenetv2", "mobilenetv2_2", "fusion") for c in ("lr", "xgb")}
+    assert metrics["selected"] in names
+    test_rows = [r for r in metrics["results"] if r["split"] == "test"]
+    assert all(set(r) >= {"model", "level", "split", "n", "accuracy", "f1", "kappa", "auroc", "sensitivity",
+                          "specificity", "ci"} for r in test_rows)  # fmt: skip
+    for produced in ("report.md", "report.html", "run.log", "explanations/index.html", "bundle/manifest.json"):
+        assert (run / produced).is_file(), produced
+    assert list((run / "plots").glob("*.png"))
+
+    assert main(["run", experiment, "--out", str(run)]) == 0
+    log = (run / "run.log").read_text()
+    assert log.count("stage finetune unchanged, skipped") == 1 and log.count("stage fit unchanged, skipped") == 1
+
+    images = [str(p) for p in sorted((folder_dataset / "abnormal").glob("*.png"))[:3]]
+    out_csv = tmp_path / "pred.csv"
+    assert main(["predict", str(run / "bundle"), *images, "--out", str(out_csv)]) == 0
+    predictions = pd.read_csv(out_csv)
+    assert len(predictions) == 3 and predictions["prob_abnormal"].between(0, 1).all()
+
+    assert main(["evaluate", str(run / "bundle"), "--data", experiment, "--out", str(tmp_path / "eval")]) == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["results"]
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(run / "bundle", tampered)
+    (tampered / "bundle.json").write_text((tampered / "bundle.json").read_text() + " ")
+    capsys.readouterr()
+    assert main(["predict", str(tampered), images[0]]) == 2
+    assert "bundle.json" in capsys.readouterr().err
