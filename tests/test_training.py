@@ -1,0 +1,145 @@
+"""Pretraining, fine-tuning, checkpoints and resume on tiny synthetic radiographs (MobileNetV2 alpha 0.35, 32 px)."""
+
+import json
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import cv2
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from tlfusion import backbones, training
+from tlfusion.data.images import file_sha256
+from tlfusion.errors import InputError
+
+TINY = {"image_size": 32, "batch_size": 4, "options": {"alpha": 0.35}, "verbose": 0}
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory) -> pd.DataFrame:
+    """16 synthetic images, two classes (a bright bar or a dark disc), 12 for training and 4 for validation."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(16):
+        label = "fractured" if i % 2 else "normal"
+        image = rng.integers(0, 60, (40, 36), dtype=np.uint8)
+        if label == "fractured":
+            cv2.line(image, (4, 4), (30, 34), 255, 3)
+        else:
+            cv2.circle(image, (18, 20), 9, 160, -1)
+        path = folder / f"img{i:02d}.png"
+        cv2.imwrite(str(path), image)
+        rows.append([str(path), label, f"p{i}", f"s{i}", "val" if i >= 12 else "train", "leg"])
+    return pd.DataFrame(rows, columns=["path", "label", "patient", "study", "split", "region"])
+
+
+@pytest.fixture(scope="module")
+def pretrained(table, tmp_path_factory):
+    return training.pretrain(table, "mobilenetv2", tmp_path_factory.mktemp("pretrain"), epochs=1, **TINY)
+
+
+def test_pretrain_writes_a_reloadable_model_and_its_records(pretrained, table):
+    out = pretrained.model_path.parent
+    for name in ("model.keras", "checkpoint.keras", "state.json", "history.csv", "curves.png", "train.json"):
+        assert (out / name).is_file(), name
+    model = backbones.load_model_file(pretrained.model_path, expected="mobilenetv2")
+    assert model.get_layer("head").units == 2
+    assert model.input.shape[1] == 32
+    assert pretrained.best_epoch == 1 and len(pretrained.history) == 1
+    assert set(pretrained.val_metrics) == {"val_loss", "val_accuracy"}
+    summary = json.loads((out / "train.json").read_text())
+    assert summary["classes"] == ["fractured", "normal"]
+    assert summary["data"] == {"train": {"fractured": 6, "normal": 6}, "val": {"fractured": 2, "normal": 2}}
+    seen = [line.split()[0] for line in (out / "seen_images.txt").read_text().splitlines()]
+    assert seen == [file_sha256(path) for path in table["path"]]  # all 16 rows are train or val
+    assert len(pd.read_csv(out / "history.csv")) == 1
+
+
+def test_finetune_from_pretrained_warms_up_then_unfreezes_all_but_batchnorm(pretrained, table, tmp_path):
+    result = training.finetune(
+        table, "mobilenetv2", tmp_path, positive_class="fractured", weights=pretrained.model_path,
+        warmup_epochs=1, epochs=2, **TINY,
+    )  # fmt: skip
+    assert [row["phase"] for row in result.history] == ["warmup", "unfrozen"]
+    assert "val_auc" in result.val_metrics and 0.0 <= result.val_metrics["val_auc"] <= 1.0
+    model = backbones.load_model_file(result.model_path, expected="mobilenetv2")
+    assert model.get_layer("head").units == 1
+    checkpoint = keras.saving.load_model(tmp_path / "checkpoint.keras")
+    batchnorm = [layer for layer in checkpoint.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert batchnorm and not any(layer.trainable for layer in batchnorm)
+    assert checkpoint.get_layer("Conv1").trainable
+    before = keras.saving.load_model(pretrained.model_path).get_layer("Conv_1").get_weights()[0]
+    assert np.abs(before - checkpoint.get_layer("Conv_1").get_weights()[0]).max() > 1e-6  # unfrozen: trained
+
+
+def test_resume_continues_from_the_checkpoint(pretrained, table, tmp_path, monkeypatch):
+    training.pretrain(table, "mobilenetv2", tmp_path, epochs=1, **TINY)
+    first = json.loads((tmp_path / "state.json").read_text())
+    assert first["history"][0]["loss"] == pytest.approx(pretrained.history[0]["loss"], rel=1e-5)  # same seed
+    checkpoint = keras.saving.load_model(tmp_path / "checkpoint.keras")
+    steps_per_epoch = int(checkpoint.optimizer.iterations.numpy())
+    at_start = {}
+    record_start = lambda self, logs=None: at_start.setdefault("w", self.model.get_weights())  # noqa: E731
+    monkeypatch.setattr(training._EpochRecorder, "on_train_begin", record_start)
+
+    result = training.pretrain(table, "mobilenetv2", tmp_path, epochs=2, resume=True, **TINY)
+
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["epoch"] == 2 and [row["epoch"] for row in result.history] == [1, 2]
+    assert result.history[0] == first["history"][0]
+    for started, saved in zip(at_start["w"], checkpoint.get_weights(), strict=True):
+        np.testing.assert_array_equal(started, saved)  # epoch 2 began from the checkpoint, not from scratch
+    resumed = keras.saving.load_model(tmp_path / "checkpoint.keras")
+    assert int(resumed.optimizer.iterations.numpy()) == 2 * steps_per_epoch  # optimizer state carried over
+    assert not np.allclose(
+        resumed.get_layer("Conv_1").get_weights()[0], checkpoint.get_layer("Conv_1").get_weights()[0]
+    )
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda t: t.assign(split="val"), "no rows with split 'train'"),
+        (lambda t: t.assign(split="train"), "no rows with split 'val'"),
+        (lambda t: t.assign(label="normal"), "only one class"),
+        (lambda t: t.drop(columns="split"), "missing column"),
+    ],
+)
+def test_bad_tables_are_input_errors(table, tmp_path, change, message):
+    with pytest.raises(InputError, match=message):
+        training.pretrain(change(table), "mobilenetv2", tmp_path, **TINY)
+
+
+def test_bad_backbone_weights_and_positive_class_are_input_errors(pretrained, table, tmp_path):
+    with pytest.raises(InputError, match="unknown backbone"):
+        training.pretrain(table, "alexnet", tmp_path, **TINY)
+    with pytest.raises(InputError, match="positive_class"):
+        training.finetune(table, "mobilenetv2", tmp_path, positive_class="broken", **TINY)
+    val_one_class = table[(table["split"] == "train") | (table["label"] == "normal")]
+    with pytest.raises(InputError, match="val AUC"):
+        training.finetune(val_one_class, "mobilenetv2", tmp_path, positive_class="fractured", **TINY)
+    with pytest.raises(InputError, match="not efficientnetb0"):
+        training.finetune(
+            table, "efficientnetb0", tmp_path, positive_class="fractured", weights=pretrained.model_path,
+            image_size=32, verbose=0,
+        )  # fmt: skip
+
+
+def test_pretraining_table_combines_sources_and_drops_test_rows(tmp_path):
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(40):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), rng.integers(0, 255, (8, 8), dtype=np.uint8))
+        rows.append({"path": f"{i}.png", "fractured": str(i % 2), "primary_region": ["leg", "hand"][i % 4 // 2]})
+    pd.DataFrame(rows).to_csv(tmp_path / "dataset.csv", index=False)
+    source = {"name": "fa", "csv": "dataset.csv", "label_column": "fractured", "region_column": "primary_region",
+              "regions": ["leg"], "class_names": {"0": "normal", "1": "fractured"}}  # fmt: skip
+
+    combined = training.pretraining_table([source], tmp_path, {"seed": 0})
+
+    assert set(combined["label"]) == {"fa/leg/normal", "fa/leg/fractured"}
+    assert set(combined["split"]) == {"train", "val"} and len(combined) == 16  # 20 leg rows minus 4 test rows
