@@ -1,0 +1,145 @@
+"""Does in-domain pretraining help a small target set? Fine-tune MobileNetV2 on FracAtlas hand three ways.
+
+    python -m benchmarks.finetune_transfer [--quick]
+
+FracAtlas hand (never seen in pretraining, see saved_models/mobilenetv2_xray128/MODEL_CARD.md) is cut into five
+label-stratified parts (each image is its own group: FracAtlas has no patient ids): part 0 (20 %) trains, part 1
+(20 %) validates (best epoch and decision threshold), parts 2-4 (60 %) are the held-out test set, touched once
+per model. The same architecture is fine-tuned from random init, from our in-domain checkpoint and from ImageNet
+(recorded as unavailable when the weights cannot be downloaded). Writes benchmarks/results/finetune_transfer.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+import pandas as pd
+
+from benchmarks._common import machine_info, write_result
+from tlfusion.backbones import load_model_file
+from tlfusion.data.images import file_sha256, load_batch
+from tlfusion.data.sources import read_csv
+from tlfusion.data.splits import grouped_folds
+from tlfusion.errors import InputError
+from tlfusion.metrics import binary_metrics, bootstrap_ci, choose_threshold
+from tlfusion.training import finetune
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA_CSV = ROOT.parent / "shared" / "data" / "fracatlas" / "dataset.csv"
+PRETRAINED = ROOT / "saved_models" / "mobilenetv2_xray128" / "model.keras"
+RUNS = ROOT / "runs" / "finetune_transfer"
+ARCHITECTURE = "mobilenetv2"
+POSITIVE = "1"
+FULL = {"image_size": 128, "epochs": 20, "patience": 6, "batch_size": 16}
+QUICK = {"image_size": 64, "epochs": 3, "patience": 2, "batch_size": 16}
+# Each start gets its usual recipe: pretrained weights warm the new head up first and then train gently with
+# BatchNorm statistics frozen; random init has nothing to protect, so it trains everything at once, faster.
+RECIPES = {
+    "scratch": {"weights": None, "warmup_epochs": 0, "unfrozen_learning_rate": 1e-3},
+    "in_domain": {"weights": PRETRAINED, "warmup_epochs": 2, "unfrozen_learning_rate": 1e-4},
+    "imagenet": {"weights": "imagenet", "warmup_epochs": 2, "unfrozen_learning_rate": 1e-4},
+}
+
+
+def hand_table(seed: int = 0) -> pd.DataFrame:
+    """FracAtlas hand with split train (fold 0) / val (fold 1) / test (folds 2-4) of a stratified 5-fold cut."""
+    table = read_csv(DATA_CSV, label_column="fractured", region_column="primary_region",
+                     filters={"primary_region": "hand"})  # fmt: skip
+    folds = grouped_folds(table["label"].to_numpy(), table["patient"].to_numpy(), n_splits=5, seed=seed)
+    table["split"] = "test"
+    table.loc[folds[0][1], "split"] = "train"
+    table.loc[folds[1][1], "split"] = "val"
+    return table
+
+
+def evaluate(model_path: Path, table: pd.DataFrame, image_size: int) -> dict:
+    """Threshold chosen on validation (max kappa), then test metrics with image-bootstrap 95 % CIs."""
+    model = load_model_file(model_path, expected=ARCHITECTURE)
+    scores = {}
+    for split in ("val", "test"):
+        part = table[table["split"] == split]
+        logits = model.predict(load_batch(list(part["path"]), image_size), batch_size=32, verbose=0).ravel()
+        scores[split] = ((part["label"] == POSITIVE).to_numpy(int), 1 / (1 + np.exp(-logits.astype(float))))
+    threshold = choose_threshold(*scores["val"], criterion="kappa")
+    test = binary_metrics(*scores["test"], threshold=threshold)
+    intervals = bootstrap_ci(*scores["test"], None, threshold)
+    test["ci95"] = {key: intervals[key] for key in ("kappa", "auroc")}
+    return {"threshold_from_val": threshold, "val_auroc": binary_metrics(*scores["val"])["auroc"], "test": test}
+
+
+def run_one(name: str, table: pd.DataFrame, settings: dict, seed: int) -> dict:
+    recipe = RECIPES[name]
+    started = time.perf_counter()
+    try:
+        result = finetune(
+            table, ARCHITECTURE, RUNS / name, positive_class=POSITIVE, learning_rate=1e-3, seed=seed,
+            verbose=0, **recipe, **settings,
+        )  # fmt: skip
+    except InputError as error:
+        if name == "imagenet":
+            return {"status": "unavailable offline", "error": str(error)}
+        raise
+    return {
+        "status": "ok",
+        "recipe": {key: str(value) if isinstance(value, Path) else value for key, value in recipe.items()},
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "train_seconds": round(time.perf_counter() - started, 1),
+        **evaluate(result.model_path, table, settings["image_size"]),
+    }
+
+
+def leaked_images(table: pd.DataFrame) -> int:
+    """How many hand images the in-domain checkpoint saw in pretraining (must be 0)."""
+    seen = {line.split()[0] for line in (PRETRAINED.parent / "seen_images.txt").read_text().splitlines()}
+    return sum(file_sha256(path) in seen for path in table["path"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="64 px, 3 epochs: a smoke run, not a result")
+    args = parser.parse_args()
+    settings, seed = (QUICK if args.quick else FULL), 0
+    if not PRETRAINED.is_file():
+        raise SystemExit(f"{PRETRAINED} not found: run the pretraining in experiments/pretrain_xray.yaml first")
+    table = hand_table(seed)
+    started = time.perf_counter()
+    results = {name: run_one(name, table, settings, seed) for name in RECIPES}
+    payload = {
+        "benchmark": "finetune_transfer",
+        "quick": args.quick,
+        "machine": machine_info("tensorflow", "keras", "numpy", "scikit-learn"),
+        "settings": {
+            "architecture": ARCHITECTURE,
+            "seed": seed,
+            "head_learning_rate": 1e-3,
+            **settings,
+            "threshold": "max kappa on val",
+            "early_stopping": "val AUC",
+            "augment": True,
+        },  # fmt: skip
+        "data": {
+            "source": "FracAtlas hand (held out of pretraining)",
+            "positive_class": "fractured",
+            "counts": table.groupby(["split", "label"]).size().unstack(fill_value=0).to_dict(orient="index"),
+            "pretrained_checkpoint": {"path": str(PRETRAINED.relative_to(ROOT)), "sha256": file_sha256(PRETRAINED)},
+            "hand_images_seen_in_pretraining": leaked_images(table),
+        },
+        "results": results,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    path = write_result("finetune_transfer_quick" if args.quick else "finetune_transfer", payload)
+    for name, row in results.items():
+        test = row.get("test", {})
+        print(f"{name:10s} {row['status']:20s} kappa {test.get('kappa')} auroc {test.get('auroc')}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
