@@ -70,9 +70,9 @@ def cmd_stage(stage: str) -> Callable[[argparse.Namespace], int]:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from tlfusion.training import pretrain_from_config
+    from tlfusion.training import pretrain_and_ship
 
-    pretrain_from_config(args.config, args.out, resume=args.resume, overrides=args.overrides)
+    pretrain_and_ship(args.config, args.arch, args.out, args.run_dir, args.data_root, args.resume)
     return 0
 
 
@@ -129,9 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pretrain = commands.add_parser("pretrain", help="supervised in-domain pretraining of a backbone")
     pretrain.add_argument("config", help="pretraining YAML (e.g. experiments/pretrain_xray.yaml)")
-    pretrain.add_argument("--out", required=True, help="output folder for model.keras, model card, curves")
-    pretrain.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    pretrain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    pretrain.add_argument("--arch", required=True, help="backbone name, e.g. mobilenetv2")
+    pretrain.add_argument("--out", required=True, help="folder for the shipped model.keras, MODEL_CARD.md, curves")
+    pretrain.add_argument("--run-dir", help="working folder with checkpoints (default: runs/pretrain_<out name>)")
+    pretrain.add_argument("--data-root", help="folder the YAML's relative data paths resolve against")
+    pretrain.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     pretrain.set_defaults(handler=cmd_pretrain)
 
     for stage, text in (("finetune", "fine-tune the experiment's backbones"),
@@ -185,9 +187,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow with stderr muted: its C++ start-up lines would bury our one-line error messages."""
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(null)
+        os.close(saved)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = build_parser().parse_args(argv)
+    if args.command != "data":
+        _import_tensorflow_quietly()
     try:
         return args.handler(args)
     except InputError as error:

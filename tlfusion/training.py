@@ -700,27 +700,20 @@ FracAtlas has no patient ids (each image is its own group) and implants correlat
 """
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m tlfusion.training CONFIG.yaml --arch NAME --out DIR`: pretrain, then ship into DIR."""
-    import argparse
+def pretrain_and_ship(config: str, arch: str, out: str, run_dir: str | None = None, data_root: str | None = None,
+                      resume: bool = False) -> Path:  # fmt: skip
+    """Pretrain `arch` as `config` describes (checkpoints in `run_dir`), then ship model + card into `out`."""
+    run_dir = Path(run_dir or Path("runs") / f"pretrain_{Path(out).name}")
+    command = " ".join(["tlfusion pretrain", config, "--arch", arch, "--out", out])
+    pretrain_from_config(config, arch, run_dir, data_root, resume)
+    return ship_pretrained(run_dir, out, command)
 
-    parser = argparse.ArgumentParser(prog="python -m tlfusion.training", description=main.__doc__)
-    parser.add_argument("config", help="pretraining YAML, e.g. experiments/pretrain_xray.yaml")
-    parser.add_argument("--arch", required=True, help=f"backbone: {sorted(backbones.REGISTRY)}")
-    parser.add_argument("--out", required=True, help="folder for the shipped files, e.g. saved_models/NAME")
-    parser.add_argument("--run-dir", help="working folder with checkpoints (default: runs/pretrain_<out name>)")
-    parser.add_argument("--data-root", help="folder the YAML's relative data paths resolve against")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --run-dir")
-    args = parser.parse_args(argv)
-    run_dir = Path(args.run_dir or Path("runs") / f"pretrain_{Path(args.out).name}")
-    command = " ".join(["python -m tlfusion.training", args.config, "--arch", args.arch, "--out", args.out])
-    try:
-        pretrain_from_config(args.config, args.arch, run_dir, args.data_root, args.resume)
-        ship_pretrained(run_dir, args.out, command)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m tlfusion.training CONFIG.yaml --arch NAME --out DIR` (the same as `tlfusion pretrain`)."""
+    from tlfusion.cli import main as cli_main
+
+    return cli_main(["pretrain", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
