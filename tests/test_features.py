@@ -1,0 +1,203 @@
+"""Feature extraction (cache, ONNX Runtime vs Keras) and the FeatureFusion transformer."""
+
+import logging
+from collections import OrderedDict
+from pathlib import Path
+
+import cv2
+import keras
+import numpy as np
+import pytest
+from keras import layers
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from tlfusion import features
+from tlfusion.backbones import XrayInput, build_backbone
+from tlfusion.errors import InputError
+from tlfusion.features import FeatureCache, FeatureFusion, extract_features, fuse
+
+SIZE = 24
+
+
+def tiny_backbone(size: int = SIZE) -> keras.Model:
+    """A flat model with tlfusion's landmarks whose features are O(0.1-1), so a 1e-4 tolerance means something."""
+    image = keras.Input((size, size, 1), name="image")
+    x = XrayInput("tf", name="xray_input")(image)
+    x = layers.Conv2D(16, 3, strides=2, activation="relu", name="conv")(x)
+    x = layers.BatchNormalization(name="bn")(x)
+    x = layers.DepthwiseConv2D(3, activation="swish", name="depthwise")(x)
+    pooled = layers.GlobalAveragePooling2D(name="features")(x)
+    return keras.Model(image, layers.Dense(1, name="head")(pooled), name="tlfusion_tiny")
+
+
+def write_png(path, seed: int) -> str:
+    cv2.imwrite(str(path), np.random.default_rng(seed).integers(0, 256, (30, 40), dtype=np.uint8))
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def fresh_runners(monkeypatch):
+    """No converted/traced model carried over from another test."""
+    monkeypatch.setattr(features, "_RUNNERS", OrderedDict())
+
+
+@pytest.fixture
+def pngs(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    return [write_png(folder / f"{i}.png", seed=i) for i in range(5)]
+
+
+@pytest.fixture
+def sent_to_model(monkeypatch):
+    """How many images each extraction actually ran through the model."""
+    counts: list[int] = []
+    compute = features._compute
+
+    def counting(source, paths, *args):
+        counts.append(len(paths))
+        return compute(source, paths, *args)
+
+    monkeypatch.setattr(features, "_compute", counting)
+    return counts
+
+
+def test_second_call_reads_everything_from_the_cache(tmp_path, pngs, sent_to_model):
+    model = tiny_backbone()
+    first = extract_features(model, pngs, SIZE, cache_dir=tmp_path / "cache", engine="keras")
+    second = extract_features(model, pngs, SIZE, cache_dir=tmp_path / "cache", engine="keras")
+    assert first.shape == (5, 16) and first.dtype == np.float32
+    assert sent_to_model == [5]
+    np.testing.assert_array_equal(first, second)
+
+
+def test_only_new_or_changed_images_are_extracted(tmp_path, pngs, sent_to_model):
+    model = tiny_backbone()
+    before = extract_features(model, pngs, SIZE, cache_dir=tmp_path / "cache", engine="keras")
+    write_png(pngs[2], seed=99)
+    extra = write_png(tmp_path / "images" / "extra.png", seed=7)
+    after = extract_features(model, [*pngs, extra], SIZE, cache_dir=tmp_path / "cache", engine="keras")
+    assert sent_to_model == [5, 2]
+    np.testing.assert_array_equal(after[[0, 1, 3, 4]], before[[0, 1, 3, 4]])
+    assert not np.allclose(after[2], before[2])
+
+
+def test_identical_images_are_extracted_once(tmp_path, pngs, sent_to_model):
+    copy = tmp_path / "images" / "copy.png"
+    copy.write_bytes(Path(pngs[0]).read_bytes())
+    result = extract_features(tiny_backbone(), [*pngs, str(copy)], SIZE, cache_dir=tmp_path / "cache", engine="keras")
+    assert sent_to_model == [5]
+    np.testing.assert_array_equal(result[0], result[5])
+
+
+def test_preprocessing_is_part_of_the_cache_key(tmp_path, pngs, sent_to_model):
+    model = tiny_backbone()
+    plain = extract_features(model, pngs, SIZE, cache_dir=tmp_path / "cache", engine="keras")
+    equalised = extract_features(model, pngs, SIZE, clahe=True, cache_dir=tmp_path / "cache", engine="keras")
+    assert sent_to_model == [5, 5]
+    assert not np.allclose(plain, equalised)
+    folders = {FeatureCache.open(tmp_path / "c", "model", size, False).folder for size in (24, 32)}
+    assert len(folders) == 2
+
+
+def test_unreadable_cache_chunk_is_extracted_again(tmp_path, pngs, sent_to_model):
+    model = tiny_backbone()
+    extract_features(model, pngs, SIZE, cache_dir=tmp_path / "cache", engine="keras")
+    for chunk in (tmp_path / "cache").rglob("chunk-*.npy"):
+        chunk.write_bytes(b"truncated")
+    extract_features(model, pngs, SIZE, cache_dir=tmp_path / "cache", engine="keras")
+    assert sent_to_model == [5, 5]
+
+
+def test_model_file_is_not_loaded_when_everything_is_cached(tmp_path, pngs, monkeypatch):
+    model_file = tmp_path / "backbone.keras"
+    build_backbone("mobilenetv2", 32, alpha=0.35).save(model_file)
+    first = extract_features(model_file, pngs, 32, cache_dir=tmp_path / "cache", engine="keras")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("model loaded although every feature is cached")
+
+    monkeypatch.setattr(features, "load_model_file", refuse)
+    np.testing.assert_array_equal(extract_features(model_file, pngs, 32, cache_dir=tmp_path / "cache"), first)
+
+
+def test_onnx_runtime_matches_keras(tmp_path, pngs):
+    model = tiny_backbone()
+    by_keras = extract_features(model, pngs, SIZE, engine="keras")
+    by_onnx = extract_features(model, pngs, SIZE, engine="onnx", cache_dir=tmp_path / "cache")
+    assert by_keras.std() > 1e-2
+    np.testing.assert_allclose(by_onnx, by_keras, atol=1e-4, rtol=0)
+    assert len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 1
+
+
+def test_converted_graph_is_reused_from_the_cache_folder(tmp_path, pngs, monkeypatch):
+    model = tiny_backbone()
+    extract_features(model, pngs[:2], SIZE, engine="onnx", cache_dir=tmp_path / "cache")
+    monkeypatch.setattr(features, "_RUNNERS", OrderedDict())
+    monkeypatch.setattr(features, "export_onnx", lambda model: pytest.fail("converted twice"))
+    assert extract_features(model, pngs, SIZE, engine="onnx", cache_dir=tmp_path / "cache").shape == (5, 16)
+
+
+def test_auto_engine_falls_back_to_keras_and_says_why(pngs, monkeypatch, caplog):
+    def broken(model):
+        raise RuntimeError("converter exploded")
+
+    monkeypatch.setattr(features, "export_onnx", broken)
+    model = tiny_backbone()
+    with caplog.at_level(logging.WARNING, logger="tlfusion.features"):
+        result = extract_features(model, pngs, SIZE, engine="auto")
+    assert "converter exploded" in caplog.text
+    np.testing.assert_array_equal(result, extract_features(model, pngs, SIZE, engine="keras"))
+
+
+def test_bad_requests_raise_input_error(tmp_path, pngs):
+    model = tiny_backbone()
+    with pytest.raises(InputError, match="image size 32 differs from the model's 24"):
+        extract_features(model, pngs, 32, engine="keras")
+    with pytest.raises(InputError, match="missing.png"):
+        extract_features(model, [*pngs, str(tmp_path / "missing.png")], SIZE, cache_dir=tmp_path / "cache")
+    with pytest.raises(InputError, match="engine"):
+        extract_features(model, pngs, SIZE, engine="tensorrt")
+    with pytest.raises(InputError, match="model file not found"):
+        extract_features(tmp_path / "nope.keras", pngs, SIZE)
+
+
+def test_fuse_concatenates_blocks_and_reports_their_sizes():
+    X, sizes = fuse([np.ones((3, 2)), np.zeros((3, 4))])
+    assert X.shape == (3, 6) and X.dtype == np.float32 and sizes == [2, 4]
+    with pytest.raises(InputError, match="block 1 has 2 rows"):
+        fuse([np.ones((3, 2)), np.ones((2, 2))])
+
+
+@parametrize_with_checks(
+    [FeatureFusion(), FeatureFusion(l2=True), FeatureFusion(standardize=False, l2=True, pca=0.9), FeatureFusion(pca=1)]
+)
+def test_feature_fusion_is_a_scikit_learn_transformer(estimator, check):
+    check(estimator)
+
+
+def test_l2_gives_each_block_unit_norm():
+    X = np.random.default_rng(0).normal(size=(20, 7))
+    Z = FeatureFusion(block_sizes=[3, 4], l2=True).fit_transform(X)
+    np.testing.assert_allclose(np.linalg.norm(Z[:, :3], axis=1), 1, rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(Z[:, 3:], axis=1), 1, rtol=1e-6)
+
+
+def test_pca_by_count_or_variance_fraction():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(30, 2)) @ rng.normal(size=(2, 10)) + 1e-3 * rng.normal(size=(30, 10))
+    assert FeatureFusion(pca=4).fit_transform(X).shape == (30, 4)
+    by_variance = FeatureFusion(standardize=False, pca=0.99).fit(X)
+    assert by_variance.pca_.n_components_ == 2
+    assert list(by_variance.get_feature_names_out()) == ["pca0", "pca1"]
+
+
+def test_fusion_refuses_non_finite_rows_and_bad_settings():
+    X = np.ones((5, 4))
+    X[1, 0], X[3, 2] = np.nan, np.inf
+    with pytest.raises(InputError, match="NaN or inf in 2 of 5 rows"):
+        FeatureFusion().fit(X)
+    with pytest.raises(InputError, match="block_sizes sum to 5"):
+        FeatureFusion(block_sizes=[2, 3]).fit(np.ones((5, 4)))
+    with pytest.raises(InputError, match="pca"):
+        FeatureFusion(pca=1.5).fit(np.ones((5, 4)))

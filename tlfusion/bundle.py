@@ -1,0 +1,369 @@
+"""A saved fusion model is a folder: backbones, fusion and classifier in formats that run no code on load.
+
+::
+
+    bundle/
+      backbones/<name>.keras    fine-tuned flat backbones (loaded with safe_mode=True)
+      fusion.skops              the fitted FeatureFusion
+      classifier.skops          the fitted classifier, every XGBoost model in it replaced by a marker string
+      xgboost/<i>.json          constructor parameters of XGBoost model i
+      xgboost/<i>.ubj           its booster in XGBoost's own format (when fitted)
+      bundle.json               class names, threshold, image size, clahe, backbone order, meta
+      manifest.json             versions and the sha256 of every other file
+
+skops loads only the types in `TRUSTED_TYPES` beyond its own defaults. XGBoost models are kept out of skops
+(loading them through it would mean trusting the Booster's pickle state): they are cut out of the estimator tree
+wherever they sit (alone, inside a Pipeline, or a VotingClassifier member) and saved with XGBoost's own
+`save_model`; loading puts them back where the markers are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import skops.io
+from sklearn.base import BaseEstimator
+from skops.io.exceptions import UntrustedTypesFoundException
+from xgboost import XGBClassifier, XGBModel
+
+from tlfusion import __version__
+from tlfusion.backbones import FEATURES_LAYER, feature_model, image_size_of, load_model_file
+from tlfusion.data.images import file_sha256, image_dataset
+from tlfusion.errors import InputError
+from tlfusion.features import FeatureFusion, fuse
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "tlfusion-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+INFO = "bundle.json"
+PREDICT_BATCH = 64
+TRUSTED_TYPES = [
+    "sklearn.calibration._CalibratedClassifier",  # svm: CalibratedClassifierCV internals
+    "sklearn.calibration._SigmoidCalibration",
+    "sklearn.tree._tree.Tree",  # rf
+    "sklearn.metrics._dist_metrics.EuclideanDistance64",  # knn
+    "sklearn.neighbors._kd_tree.KDTree",
+    "sklearn.utils._bunch.Bunch",  # vote: VotingClassifier.named_estimators_
+    "tlfusion.features.FeatureFusion",
+]
+"""Types beyond skops' default trusted sklearn/numpy types that the classifier registry and fusion produce."""
+_XGB_MARKER = "tlfusion:xgboost-model:"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+@dataclass
+class Bundle:
+    """Everything needed to go from images to the probability of the positive class."""
+
+    models: dict[str, keras.Model]
+    fusion: FeatureFusion
+    classifier: Any
+    threshold: float
+    class_names: list[str]
+    image_size: int
+    clahe: bool = False
+    meta: dict = field(default_factory=dict)
+    _extractors: dict[str, keras.Model] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if not self.models:
+            raise InputError("bundle: needs at least one backbone")
+        for name, model in self.models.items():
+            if not _NAME.fullmatch(name):
+                raise InputError(f"bundle: backbone name {name!r} must be letters, digits, '_', '-' or '.'")
+            if FEATURES_LAYER not in {layer.name for layer in model.layers}:
+                raise InputError(f"bundle: backbone {name!r} has no '{FEATURES_LAYER}' layer")
+            if image_size_of(model) != self.image_size:
+                raise InputError(f"bundle: backbone {name!r} takes {image_size_of(model)} px, not {self.image_size}")
+        if len(self.class_names) != 2:
+            raise InputError(f"bundle: class_names must be [negative, positive]; got {self.class_names}")
+        if not 0.0 <= float(self.threshold) <= 1.0:
+            raise InputError(f"bundle: threshold must be in [0, 1]; got {self.threshold}")
+        if list(getattr(self.classifier, "classes_", [])) != [0, 1]:
+            raise InputError("bundle: the classifier must be fitted on labels 0 (negative) and 1 (positive)")
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """Fused, normalised features of images [n, s, s, 1] (float, [0, 255])."""
+        images = self._check_images(images)
+        X, _ = fuse([self._backbone_features(name, images) for name in self.models])
+        return self.fusion.transform(X)
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        """Probability of the positive class for each of images [n, s, s, 1]."""
+        return self.classifier.predict_proba(self.features(images))[:, 1]
+
+    def predict_paths(self, paths: Sequence[str | Path], batch_size: int = 32) -> np.ndarray:
+        """Probability of the positive class for each image file (decoded as the bundle's backbones expect)."""
+        if len(paths) == 0:
+            raise InputError("paths: no images to predict")
+        batches = image_dataset([str(path) for path in paths], self.image_size, self.clahe, batch_size)
+        return np.concatenate([self.predict_proba(batch) for batch in batches.as_numpy_iterator()])
+
+    def _check_images(self, images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images, dtype=np.float32)
+        if images.ndim != 4 or images.shape[-1] != 1:
+            raise InputError(f"images must be [n, size, size, 1]; got shape {images.shape}")
+        if images.shape[1:3] != (self.image_size, self.image_size):
+            size = images.shape[1] if images.shape[1] == images.shape[2] else f"{images.shape[1]}x{images.shape[2]}"
+            raise InputError(f"image size {size} differs from the bundle's {self.image_size}")
+        return images
+
+    def _backbone_features(self, name: str, images: np.ndarray) -> np.ndarray:
+        if name not in self._extractors:
+            self._extractors[name] = feature_model(self.models[name])
+        extractor = self._extractors[name]
+        return np.concatenate(
+            [extractor.predict_on_batch(images[i : i + PREDICT_BATCH]) for i in range(0, len(images), PREDICT_BATCH)]
+        )
+
+
+def check_class_names(bundle: Bundle, names: Sequence[str]) -> None:
+    """Raise InputError unless `names` ([negative, positive]) are the bundle's class names."""
+    if list(names) != list(bundle.class_names):
+        raise InputError(f"data classes {list(names)} differ from the bundle's {bundle.class_names}")
+
+
+def save_bundle(bundle: Bundle, folder: str | Path) -> Path:
+    """Write `bundle` to `folder` (replacing a bundle there) through a temporary folder renamed into place."""
+    target = Path(folder)
+    if target.exists() and not (target / MANIFEST).is_file() and (not target.is_dir() or any(target.iterdir())):
+        raise InputError(f"{target}: exists and is not a tlfusion bundle; refusing to overwrite it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        staging.chmod(0o755)
+        _write_contents(bundle, staging)
+        _move_into_place(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _write_contents(bundle: Bundle, folder: Path) -> None:
+    (folder / "backbones").mkdir()
+    for name, model in bundle.models.items():
+        model.save(folder / "backbones" / f"{name}.keras")
+    classifier, xgb_models = _cut_out_xgboost(bundle.classifier)
+    _dump_skops(bundle.fusion, folder / "fusion.skops", "fusion")
+    _dump_skops(classifier, folder / "classifier.skops", "classifier")
+    for i, model in enumerate(xgb_models):
+        _save_xgboost(model, folder / "xgboost", i)
+    info = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "backbones": list(bundle.models),
+        "class_names": [str(name) for name in bundle.class_names],
+        "threshold": float(bundle.threshold),
+        "image_size": int(bundle.image_size),
+        "clahe": bool(bundle.clahe),
+        "xgboost_models": len(xgb_models),
+        "meta": bundle.meta,
+    }
+    _write_json(folder / INFO, info, "bundle meta")
+    files = sorted(path for path in folder.rglob("*") if path.is_file())
+    manifest = {
+        "versions": _versions(),
+        "files": {path.relative_to(folder).as_posix(): file_sha256(path) for path in files},
+    }
+    _write_json(folder / MANIFEST, manifest, "manifest")
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    """Rename `staging` to `target`; an existing `target` is moved aside first and removed after."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    old = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
+    os.replace(target, old)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_bundle(folder: str | Path) -> Bundle:
+    """Load a bundle after checking every file against its manifest (missing, altered or extra -> InputError)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: bundle folder not found")
+    if not (folder / MANIFEST).is_file():
+        raise InputError(f"{folder}: not a tlfusion bundle (no {MANIFEST})")
+    manifest = _read_json(folder / MANIFEST)
+    _verify_files(folder, manifest.get("files", {}))
+    _warn_on_other_versions(folder, manifest.get("versions", {}))
+    info = _read_json(folder / INFO)
+    if info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{folder / INFO}: not a {FORMAT} version {FORMAT_VERSION}")
+    try:
+        models = {name: load_model_file(folder / "backbones" / f"{name}.keras") for name in info["backbones"]}
+        xgb_models = [_load_xgboost(folder / "xgboost", i) for i in range(info["xgboost_models"])]
+        return Bundle(
+            models=models,
+            fusion=_load_skops(folder / "fusion.skops"),
+            classifier=_put_back_xgboost(_load_skops(folder / "classifier.skops"), xgb_models),
+            threshold=info["threshold"],
+            class_names=info["class_names"],
+            image_size=info["image_size"],
+            clahe=info["clahe"],
+            meta=info["meta"],
+        )
+    except KeyError as error:
+        raise InputError(f"{folder / INFO}: missing key {error}") from None
+
+
+def _verify_files(folder: Path, listed: dict[str, str]) -> None:
+    root = folder.resolve()
+    for name, digest in listed.items():
+        path = folder / name
+        if not path.resolve().is_relative_to(root) or path.is_symlink():
+            raise InputError(f"{path}: manifest entry points outside the bundle")
+        if not path.is_file():
+            raise InputError(f"{path}: file listed in the manifest is missing")
+        if file_sha256(path) != digest:
+            raise InputError(f"{path}: file was altered (sha256 differs from the manifest)")
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if (path.is_symlink() or not path.is_dir()) and name != MANIFEST and name not in listed:
+            raise InputError(f"{path}: file not listed in the manifest")
+
+
+def _warn_on_other_versions(folder: Path, saved: dict[str, str]) -> None:
+    for package, version in _versions().items():
+        if package in saved and saved[package] != version:
+            logger.warning("%s: saved with %s %s, loading with %s", folder, package, saved[package], version)
+
+
+def _versions() -> dict[str, str]:
+    import sklearn
+    import tensorflow
+    import xgboost
+
+    return {
+        "tlfusion": __version__,
+        "python": platform.python_version(),
+        "keras": keras.__version__,
+        "tensorflow": tensorflow.__version__,
+        "sklearn": sklearn.__version__,
+        "xgboost": xgboost.__version__,
+        "skops": skops.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def _dump_skops(estimator: Any, path: Path, what: str) -> None:
+    data = skops.io.dumps(estimator)
+    refused = sorted(set(skops.io.get_untrusted_types(data=data)) - set(TRUSTED_TYPES))
+    if refused:
+        raise InputError(f"{what}: holds types a bundle does not carry: {', '.join(refused)}")
+    path.write_bytes(data)
+
+
+def _load_skops(path: Path) -> Any:
+    try:
+        return skops.io.load(path, trusted=TRUSTED_TYPES)
+    except UntrustedTypesFoundException as error:
+        raise InputError(f"{path}: holds types outside tlfusion's allow-list ({error})") from None
+
+
+def _save_xgboost(model: XGBModel, folder: Path, index: int) -> None:
+    if type(model) is not XGBClassifier:
+        raise InputError(f"classifier: {type(model).__name__} is not an XGBClassifier; a bundle cannot carry it")
+    folder.mkdir(exist_ok=True)
+    fitted = model.__sklearn_is_fitted__()
+    _write_json(folder / f"{index}.json", {"params": model.get_params(), "fitted": fitted}, "XGBoost parameters")
+    if fitted:
+        model.save_model(folder / f"{index}.ubj")
+
+
+def _load_xgboost(folder: Path, index: int) -> XGBClassifier:
+    spec = _read_json(folder / f"{index}.json")
+    model = XGBClassifier(**spec["params"])
+    if spec["fitted"]:
+        model.load_model(folder / f"{index}.ubj")
+    return model
+
+
+def _cut_out_xgboost(estimator: Any) -> tuple[Any, list[XGBModel]]:
+    """A copy of the estimator tree with each XGBoost model replaced by a marker string, and those models."""
+    models: list[XGBModel] = []
+
+    def cut(leaf):
+        if not isinstance(leaf, XGBModel):
+            return leaf
+        models.append(leaf)
+        return f"{_XGB_MARKER}{len(models) - 1}"
+
+    return _map_tree(estimator, cut, {}), models
+
+
+def _put_back_xgboost(estimator: Any, models: list[XGBClassifier]) -> Any:
+    def put_back(leaf):
+        if isinstance(leaf, str) and leaf.startswith(_XGB_MARKER):
+            return models[int(leaf.removeprefix(_XGB_MARKER))]
+        return leaf
+
+    return _map_tree(estimator, put_back, {})
+
+
+def _map_tree(node: Any, replace: Callable[[Any], Any], memo: dict[int, Any]) -> Any:
+    """Copy an estimator tree (sklearn objects, lists, tuples, dicts) with nodes swapped by `replace`.
+
+    Objects shared inside the tree (VotingClassifier's `estimators_` and `named_estimators_`) stay shared.
+    """
+    if id(node) in memo:
+        return memo[id(node)]
+    replaced = replace(node)
+    if replaced is not node:
+        result = replaced
+    elif isinstance(node, (list, tuple)):
+        result = type(node)(_map_tree(item, replace, memo) for item in node)
+    elif isinstance(node, dict):
+        result = type(node)()
+        result.update({key: _map_tree(value, replace, memo) for key, value in node.items()})
+    elif _is_sklearn_object(node):
+        result = object.__new__(type(node))
+        memo[id(node)] = result
+        result.__dict__.update({key: _map_tree(value, replace, memo) for key, value in vars(node).items()})
+    else:
+        result = node
+    memo[id(node)] = result
+    return result
+
+
+def _is_sklearn_object(node: Any) -> bool:
+    return hasattr(node, "__dict__") and (
+        isinstance(node, BaseEstimator) or type(node).__module__.startswith("sklearn.")
+    )
+
+
+def _write_json(path: Path, content: dict, what: str) -> None:
+    try:
+        text = json.dumps(content, indent=1, sort_keys=True)
+    except (TypeError, ValueError) as error:
+        raise InputError(f"{what}: not JSON-serialisable ({error})") from None
+    path.write_text(text + "\n")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: unreadable JSON ({error})") from None

@@ -1,0 +1,429 @@
+"""Penultimate-feature extraction with an on-disk cache, and `FeatureFusion`, the transformer over fused features.
+
+`extract_features` decodes images with the parallel `tf.data` pipeline and runs the backbone's feature sub-model
+with ONNX Runtime (converted once with tf2onnx) or Keras. Features are cached on disk under a key made of the model
+(file sha256 or weights hash) and the preprocessing (image size, CLAHE); inside it every image is keyed by the
+sha256 of its file, so a re-run extracts only images it has not seen::
+
+    cache_dir/
+      onnx/<model key>.onnx            converted feature sub-model (checked against Keras when written)
+      <cache key>/key.json             what the key stands for (model, image size, clahe, format)
+      <cache key>/chunk-<id>.npy       float32 [k, d] features of one extraction
+      <cache key>/chunk-<id>.txt       the k image sha256s, one a line; written last, so it commits the chunk
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from numbers import Integral, Real
+from pathlib import Path
+
+import keras
+import numpy as np
+from sklearn.base import BaseEstimator, OneToOneFeatureMixin, TransformerMixin
+from sklearn.decomposition import PCA
+from sklearn.preprocessing import StandardScaler, normalize
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from tlfusion.backbones import INPUT_NAME, feature_model, load_model_file
+from tlfusion.data.images import file_sha256, image_dataset
+from tlfusion.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("auto", "keras", "onnx")
+CACHE_FORMAT = 1
+"""Bump when decoding or preprocessing changes what a cached feature means: old entries are then never read."""
+ONNX_TOLERANCE = 1e-4
+"""ONNX Runtime features must match Keras within this (absolute and relative) when the graph is converted."""
+PROGRESS_MIN_IMAGES = 128
+_MAX_RUNNERS = 4
+
+BatchRunner = Callable[[np.ndarray], np.ndarray]
+_RUNNERS: OrderedDict[tuple[str, str], tuple[BatchRunner, int]] = OrderedDict()
+"""Recently used (model key, engine) -> (batch runner, input size): a process converts or traces a model once."""
+
+
+def extract_features(
+    model: keras.Model | str | Path,
+    paths: Sequence[str | Path],
+    image_size: int,
+    clahe: bool = False,
+    batch_size: int = 32,
+    cache_dir: str | Path | None = None,
+    engine: str = "auto",
+    progress: bool = True,
+) -> np.ndarray:
+    """Pooled penultimate features [n, d] (float32) of the images at `paths`, in order.
+
+    `model` is a tlfusion backbone or its `.keras` file. With `cache_dir`, features already cached for the same
+    model, preprocessing and image content are read back and only the other images are extracted (each distinct
+    image content once). `engine` "auto" runs ONNX Runtime when the conversion succeeds and Keras otherwise
+    (the reason is logged); "onnx" and "keras" force one.
+    """
+    if engine not in ENGINES:
+        raise InputError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
+    if not isinstance(batch_size, Integral) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer; got {batch_size!r}")
+    paths = [str(path) for path in paths]
+    if not paths:
+        raise InputError("paths: no images to extract features from")
+    source = ModelSource(model)
+    if cache_dir is None:
+        return _compute(source, paths, image_size, clahe, batch_size, engine, None, progress)
+
+    cache_dir = Path(cache_dir)
+    hashes = [_image_sha256(path) for path in paths]
+    cache = FeatureCache.open(cache_dir, source.key, image_size, clahe)
+    known = cache.lookup(hashes)
+    missing = {digest: path for digest, path in zip(hashes, paths, strict=True) if digest not in known}
+    if missing:
+        new = _compute(
+            source, list(missing.values()), image_size, clahe, batch_size, engine, cache_dir / "onnx", progress
+        )
+        cache.append(list(missing), new)
+        known.update(zip(missing, new, strict=True))
+    logger.info("features: %d images, %d extracted, the rest from %s", len(paths), len(missing), cache.folder)
+    return np.stack([known[digest] for digest in hashes]).astype(np.float32, copy=False)
+
+
+class ModelSource:
+    """A backbone given as a model or a `.keras` file: its cache key now, the Keras model only when needed."""
+
+    def __init__(self, model: keras.Model | str | Path):
+        if isinstance(model, keras.Model):
+            self._model: keras.Model | None = model
+            self.key = weights_sha256(model)
+        else:
+            self._path = Path(model)
+            if not self._path.is_file():
+                raise InputError(f"{self._path}: model file not found")
+            self._model = None
+            self.key = file_sha256(self._path)
+
+    @property
+    def model(self) -> keras.Model:
+        if self._model is None:
+            self._model = load_model_file(self._path)
+        return self._model
+
+
+def weights_sha256(model: keras.Model) -> str:
+    """Hex sha256 of a model's name, input shape and every weight (path, shape, dtype, values)."""
+    digest = hashlib.sha256(f"{model.name}|{tuple(model.input.shape)}".encode())
+    for weight in model.weights:
+        value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
+        digest.update(f"|{weight.path}|{value.shape}|{value.dtype}|".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def _image_sha256(path: str) -> str:
+    try:
+        return file_sha256(path)
+    except OSError as error:
+        raise InputError(f"{path}: cannot read image file ({error.strerror or error})") from None
+
+
+def _compute(
+    source: ModelSource,
+    paths: list[str],
+    image_size: int,
+    clahe: bool,
+    batch_size: int,
+    engine: str,
+    onnx_dir: Path | None,
+    progress: bool,
+) -> np.ndarray:
+    """Run the model over `paths` (every image here is sent to the model)."""
+    run_batch, input_size = _runner(source, engine, onnx_dir)
+    if input_size != image_size:
+        raise InputError(f"image size {image_size} differs from the model's {input_size}")
+    outputs = []
+    with _progress_bar(len(paths), progress) as advance:
+        for batch in image_dataset(paths, image_size, clahe, batch_size).as_numpy_iterator():
+            outputs.append(run_batch(batch))
+            advance(len(batch))
+    return np.concatenate(outputs).astype(np.float32, copy=False)
+
+
+def _runner(source: ModelSource, engine: str, onnx_dir: Path | None) -> tuple[BatchRunner, int]:
+    key = (source.key, engine)
+    if key not in _RUNNERS:
+        _RUNNERS[key] = _new_runner(source, engine, onnx_dir)
+        while len(_RUNNERS) > _MAX_RUNNERS:
+            _RUNNERS.popitem(last=False)
+    _RUNNERS.move_to_end(key)
+    return _RUNNERS[key]
+
+
+def _new_runner(source: ModelSource, engine: str, onnx_dir: Path | None) -> tuple[BatchRunner, int]:
+    if engine != "keras":
+        try:
+            session = onnx_session(source, onnx_dir)
+        except Exception as error:
+            if engine == "onnx":
+                raise
+            logger.warning(
+                "features: ONNX Runtime not used (%s: %s); extracting with Keras", type(error).__name__, error
+            )
+        else:
+            input_name = session.get_inputs()[0].name
+            return (lambda batch: session.run(None, {input_name: batch})[0]), int(session.get_inputs()[0].shape[1])
+    extractor = feature_model(source.model)
+    return (lambda batch: np.asarray(extractor.predict_on_batch(batch))), int(source.model.input.shape[1])
+
+
+def onnx_session(source: ModelSource, onnx_dir: Path | None = None):
+    """An ONNX Runtime session for the feature sub-model, read from `onnx_dir` or converted (and written there).
+
+    A freshly converted graph is checked against Keras on random images; a mismatch raises RuntimeError.
+    """
+    path = None if onnx_dir is None else onnx_dir / f"{source.key}.onnx"
+    if path is not None and path.is_file():
+        return _new_session(path.read_bytes())
+    graph = export_onnx(source.model)
+    session = _new_session(graph)
+    _check_onnx_matches_keras(session, source.model)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, graph)
+    return session
+
+
+def export_onnx(model: keras.Model) -> bytes:
+    """The feature sub-model as a serialised ONNX graph (one input, batch size free) via tf2onnx."""
+    import tensorflow as tf
+    import tf2onnx
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    extractor = feature_model(model)
+    spec = tf.TensorSpec((None, *model.input.shape[1:]), tf.float32, name=INPUT_NAME)
+    function = tf.function(lambda images: extractor(images, training=False)).get_concrete_function(spec)
+    # tf2onnx.convert.from_function turns captured constants (e.g. EfficientNet's Normalization mean) into extra
+    # graph inputs; freezing the function first makes them constants.
+    frozen = convert_variables_to_constants_v2(function)
+    graph, _ = tf2onnx.convert.from_graph_def(
+        frozen.graph.as_graph_def(),
+        input_names=[tensor.name for tensor in frozen.inputs],
+        output_names=[tensor.name for tensor in frozen.outputs],
+        opset=17,
+    )
+    return graph.SerializeToString()
+
+
+def _new_session(graph: bytes):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = _cpu_count()
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.set_denormal_as_zero", "1")  # as TensorFlow does on CPU
+    return onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+
+def _check_onnx_matches_keras(session, model: keras.Model) -> None:
+    images = np.random.default_rng(0).uniform(0, 255, (2, *model.input.shape[1:])).astype(np.float32)
+    expected = np.asarray(feature_model(model).predict_on_batch(images))
+    actual = session.run(None, {session.get_inputs()[0].name: images})[0]
+    if not np.allclose(actual, expected, rtol=ONNX_TOLERANCE, atol=ONNX_TOLERANCE):
+        raise RuntimeError(f"ONNX features differ from Keras by up to {np.abs(actual - expected).max():.2g}")
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextmanager
+def _progress_bar(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar for long extractions; yields `advance(n_images)`."""
+    if not enabled or total < PROGRESS_MIN_IMAGES:
+        yield lambda n: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("extracting features"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task("features", total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+class FeatureCache:
+    """Cached features of one (model, preprocessing) key: append-only chunks, each committed by its hash list."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    @classmethod
+    def open(cls, cache_dir: Path, model_key: str, image_size: int, clahe: bool) -> FeatureCache:
+        """The cache folder for a model and preprocessing (created with its key.json on first use)."""
+        key = {"model": model_key, "image_size": int(image_size), "clahe": bool(clahe), "format": CACHE_FORMAT}
+        name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        folder = cache_dir / name
+        if not (folder / "key.json").is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            _write_atomic(folder / "key.json", json.dumps(key, indent=1).encode())
+        return cls(folder)
+
+    def lookup(self, hashes: Sequence[str]) -> dict[str, np.ndarray]:
+        """Cached feature rows of those `hashes` that are in the cache."""
+        wanted = set(hashes)
+        found: dict[str, np.ndarray] = {}
+        for index in sorted(self.folder.glob("chunk-*.txt")):
+            chunk_hashes = index.read_text().split()
+            if wanted.isdisjoint(chunk_hashes):
+                continue
+            try:
+                rows = np.load(index.with_suffix(".npy"), mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError):
+                rows = None
+            if rows is None or rows.ndim != 2 or len(rows) != len(chunk_hashes):
+                logger.warning("features: ignoring unreadable cache chunk %s", index)
+                continue
+            found.update((digest, np.array(rows[i])) for i, digest in enumerate(chunk_hashes) if digest in wanted)
+        return found
+
+    def append(self, hashes: Sequence[str], features: np.ndarray) -> None:
+        """Add one chunk: its features first, then the hash list that makes it visible."""
+        chunk = self.folder / f"chunk-{uuid.uuid4().hex}"
+        _write_atomic(chunk.with_suffix(".npy"), _npy_bytes(np.asarray(features, dtype=np.float32)))
+        _write_atomic(chunk.with_suffix(".txt"), "".join(f"{digest}\n" for digest in hashes).encode())
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, then rename it over `path`."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def fuse(blocks: Sequence[np.ndarray]) -> tuple[np.ndarray, list[int]]:
+    """Concatenate per-backbone feature blocks [n, d_i] into X [n, sum d_i] (float32) and the block sizes."""
+    if len(blocks) == 0:
+        raise InputError("fuse: no feature blocks given")
+    arrays = [np.asarray(block, dtype=np.float32) for block in blocks]
+    for i, array in enumerate(arrays):
+        if array.ndim != 2:
+            raise InputError(f"feature block {i} must be 2-D (images x features), got shape {array.shape}")
+        if len(array) != len(arrays[0]):
+            raise InputError(f"feature block {i} has {len(array)} rows but block 0 has {len(arrays[0])}")
+    return np.hstack(arrays), [array.shape[1] for array in arrays]
+
+
+class FeatureFusion(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
+    """Normalise concatenated per-backbone features, then optionally reduce them with PCA.
+
+    Parameters
+    ----------
+    block_sizes : list of int or None
+        Width of each backbone's block, in column order (as returned by `fuse`); None is one block.
+    standardize : bool
+        Z-score every feature with the training mean and standard deviation.
+    l2 : bool
+        Scale each block of each row to unit L2 norm (after standardising), so every backbone weighs the same
+        whatever its width.
+    pca : int, float or None
+        Keep this many principal components (int >= 1) or enough to explain this variance fraction (0 < float < 1).
+
+    Attributes
+    ----------
+    block_sizes_ : list of int
+    scaler_ : StandardScaler or None
+    pca_ : PCA or None
+    n_features_in_ : int
+    """
+
+    def __init__(
+        self,
+        block_sizes: Sequence[int] | None = None,
+        standardize: bool = True,
+        l2: bool = False,
+        pca: int | float | None = None,
+    ):
+        self.block_sizes = block_sizes
+        self.standardize = standardize
+        self.l2 = l2
+        self.pca = pca
+
+    def fit(self, X, y=None):
+        """Learn the scaling (and PCA) from training features X [n, d]."""
+        X = self._validate(X, reset=True)
+        self.block_sizes_ = self._check_block_sizes(X.shape[1])
+        self.scaler_ = StandardScaler().fit(X) if self.standardize else None
+        self.pca_ = None
+        if self.pca is not None:
+            self.pca_ = PCA(self._check_pca(X.shape), svd_solver="full").fit(self._normalise(X))
+        return self
+
+    def transform(self, X):
+        """Normalised (and PCA-reduced) features."""
+        check_is_fitted(self)
+        X = self._normalise(self._validate(X, reset=False))
+        return X if self.pca_ is None else self.pca_.transform(X)
+
+    def get_feature_names_out(self, input_features=None):
+        """Input names without PCA; "pca0", "pca1", ... with it."""
+        check_is_fitted(self)
+        if self.pca_ is not None:
+            return self.pca_.get_feature_names_out()
+        return super().get_feature_names_out(input_features)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
+
+    def _validate(self, X, reset: bool) -> np.ndarray:
+        X = validate_data(self, X, reset=reset, dtype=[np.float64, np.float32], ensure_all_finite=False)
+        bad_rows = ~np.isfinite(X).all(axis=1)
+        if bad_rows.any():
+            raise InputError(f"features contain NaN or inf in {int(bad_rows.sum())} of {len(X)} rows")
+        return X
+
+    def _normalise(self, X: np.ndarray) -> np.ndarray:
+        if self.scaler_ is not None:
+            X = self.scaler_.transform(X)
+        if self.l2:
+            edges = np.cumsum(self.block_sizes_)[:-1]
+            X = np.hstack([normalize(block) for block in np.split(X, edges, axis=1)])
+        return X
+
+    def _check_block_sizes(self, n_features: int) -> list[int]:
+        if self.block_sizes is None:
+            return [n_features]
+        sizes = list(self.block_sizes)
+        if not sizes or any(not isinstance(size, Integral) or size < 1 for size in sizes):
+            raise InputError(f"block_sizes must be positive integers; got {sizes}")
+        if sum(sizes) != n_features:
+            raise InputError(f"block_sizes sum to {sum(sizes)} but the features have {n_features} columns")
+        return [int(size) for size in sizes]
+
+    def _check_pca(self, shape: tuple[int, int]) -> int | float:
+        pca = self.pca
+        if isinstance(pca, Integral) and not isinstance(pca, bool):
+            if not 1 <= pca <= min(shape):
+                raise InputError(f"pca={pca} components need at least that many rows and features; got {shape}")
+            return int(pca)
+        if isinstance(pca, Real) and not isinstance(pca, bool) and 0 < pca < 1:
+            return float(pca)
+        raise InputError(f"pca must be None, an integer >= 1 or a variance fraction in (0, 1); got {pca!r}")
