@@ -43,7 +43,12 @@ def test_help_lists_the_contract_commands():
 
 @pytest.mark.parametrize(
     ("change", "message"),
-    [({"classifiers": {"models": ["lr", "nope"]}}, "nope"), ({"finetune": {"epochz": 1}}, "finetune.epochz")],
+    [
+        ({"classifiers": {"models": ["lr", "nope"]}}, "nope"),
+        ({"finetune": {"epochz": 1}}, "finetune.epochz"),
+        ({"backbones": [{"name": "resnet9000"}]}, "resnet9000"),
+        ({"positive_class": "fractured"}, "positive_class"),
+    ],
 )
 def test_bad_configuration_exits_2_with_one_line(tmp_path, folder_dataset, capsys, change, message):
     code = main(["run", str(tiny_experiment(tmp_path, folder_dataset, **change)), "--out", str(tmp_path / "run")])

@@ -6,9 +6,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tlfusion.errors import InputError
+
+
+def _known(names: list[str], registry, what: str) -> list[str]:
+    unknown = [name for name in names if name not in registry]
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; known: {sorted(registry)}")
+    return names
 
 
 class Strict(BaseModel):
@@ -60,6 +67,13 @@ class BackboneEntry(Strict):
     weights: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from tlfusion.backbones import REGISTRY
+
+        return _known([name.lower()], REGISTRY, "backbone")[0]
+
 
 class FinetuneSpec(Strict):
     """`epochs` counts every epoch; the first `warmup_epochs` train only the head (backbone frozen)."""
@@ -87,6 +101,13 @@ class ClassifySpec(Strict):
     scoring: Literal["kappa", "auroc", "f1", "accuracy"] = "kappa"
     single_backbones: bool = True
 
+    @field_validator("models")
+    @classmethod
+    def _registered(cls, models: list[str]) -> list[str]:
+        from tlfusion.classifiers import CLASSIFIERS
+
+        return _known(models, CLASSIFIERS, "classifier")
+
 
 class EvaluateSpec(Strict):
     study_aggregation: Literal["mean", "max"] | None = None
@@ -109,6 +130,13 @@ class FewshotSpec(Strict):
     classes: list[str] | None = None
     shots_curve: list[int] = Field(default_factory=lambda: [1, 5, 10, 20])
 
+    @field_validator("classifier")
+    @classmethod
+    def _registered(cls, classifier: str) -> str:
+        from tlfusion.fewshot import FEWSHOT_CLASSIFIERS
+
+        return _known([classifier], FEWSHOT_CLASSIFIERS, "few-shot classifier")[0]
+
 
 class SemanticSpec(Strict):
     label_vectors: str = "chestxray14_minilm"
@@ -116,6 +144,13 @@ class SemanticSpec(Strict):
     unseen: list[str] = Field(default_factory=list)
     dim: int = Field(128, ge=2)
     epochs: int = Field(60, ge=1)
+
+    @field_validator("losses")
+    @classmethod
+    def _registered(cls, losses: list[str]) -> list[str]:
+        from tlfusion.semantic import LOSSES
+
+        return _known(losses, LOSSES, "loss")
 
 
 class Experiment(Strict):
