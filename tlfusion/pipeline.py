@@ -49,7 +49,6 @@ def setup_logging(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     log.handlers.clear()
     log.setLevel(logging.INFO)
-    log.propagate = False
     console = RichHandler(show_path=False, show_time=False, markup=False)
     file = logging.FileHandler(run_dir / "run.log")
     file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
