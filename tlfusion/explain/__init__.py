@@ -73,11 +73,12 @@ def explain_cases(
     lime_samples: int = 1000,
     seed: int = 0,
     clahe: bool = False,
-    threshold: float = 0.5,
+    threshold: float | None = None,
 ) -> Path:
     """Explain the positive class for each image and write the review gallery; returns `out_dir/index.html`.
 
-    `labels` (0/1 or class names; None when unknown) mark each case correct or not at `threshold`.
+    `labels` (0/1 or class names; None when unknown) mark each case correct or not at `threshold` (default: the
+    bundle's own `threshold`, else 0.5).
     Grad-CAM maps come per backbone (plus their mean when there are several); LIME explains the whole bundle.
     """
     unknown = sorted(set(methods) - set(METHODS))
@@ -100,4 +101,5 @@ def explain_cases(
         case_cams = {name: maps[index] for name, maps in cams.items()}
         files = _case_images(bundle, case_id, path, images[index], case_cams, out_dir, clahe, lime_per_case, seed)
         cases.append(Case(case_id, str(path), float(probabilities[index]), label_indices[index], files))
+    threshold = getattr(bundle, "threshold", 0.5) if threshold is None else threshold
     return write_gallery(cases, out_dir, bundle.class_names, threshold)

@@ -1,0 +1,166 @@
+"""Explanation speed: Grad-CAM seconds per image (DenseNet121, batched) and LIME seconds per image on a fusion.
+
+    python -m benchmarks.explain_speed [--quick]
+
+Writes benchmarks/results/explain_speed.json. Backbones have random weights (timing does not depend on them);
+images are synthetic 224 px radiograph-like noise. Grad-CAM: median over repeats after one warm-up call (which
+traces the compiled step). LIME: DenseNet121 + EfficientNetB0 features, concatenated, standardised, logistic
+regression; median seconds per image, and the part of it spent outside the fusion's predictions (segmentation,
+masking, weighted ridge: LIME's own overhead).
+Targets on 2 CPU cores: Grad-CAM <= 0.2 s/image, LIME (1000 samples) <= 60 s/image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from benchmarks._common import machine_info, write_result
+from tlfusion.backbones import build_backbone, feature_model
+from tlfusion.explain.gradcam import GradCAM
+from tlfusion.explain.lime import explain_lime
+
+IMAGE_SIZE = 224
+PREDICT_BATCH = 64
+TARGETS = {"gradcam_s_per_image": 0.2, "lime_s_per_image": 60.0}
+
+
+class FusionBundle:
+    """The bundle interface over random-weight backbones: features -> concatenation -> scaled logistic regression."""
+
+    def __init__(self, names: list[str], fit_images: np.ndarray, fit_labels: np.ndarray):
+        self.models = {name: build_backbone(name, IMAGE_SIZE) for name in names}
+        self.image_size = IMAGE_SIZE
+        self.class_names = ["negative", "positive"]
+        self._extractors = [feature_model(model) for model in self.models.values()]
+        self.classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+        self.classifier.fit(self._features(fit_images), fit_labels)
+        self.predict_seconds = 0.0  # time spent in predict_proba, so LIME's own overhead can be told apart
+
+    def _features(self, images: np.ndarray) -> np.ndarray:
+        blocks = [
+            np.concatenate(
+                [
+                    extractor.predict_on_batch(images[i : i + PREDICT_BATCH])
+                    for i in range(0, len(images), PREDICT_BATCH)
+                ]
+            )
+            for extractor in self._extractors
+        ]
+        return np.concatenate(blocks, axis=1)
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        probabilities = self.classifier.predict_proba(self._features(images))[:, 1]
+        self.predict_seconds += time.perf_counter() - start
+        return probabilities
+
+
+def synthetic_images(count: int, seed: int = 0) -> np.ndarray:
+    """Smooth noise with a bright elongated 'bone' per image: [count, 224, 224, 1] float32 in [0, 255]."""
+    rng = np.random.default_rng(seed)
+    rows, columns = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE]
+    images = np.empty((count, IMAGE_SIZE, IMAGE_SIZE, 1), np.float32)
+    for image in images:
+        centre = rng.uniform(60, 164)
+        bone = np.exp(-(((columns - centre) / rng.uniform(10, 25)) ** 2)) * 150
+        image[..., 0] = np.clip(40 + bone + rng.normal(0, 12, (IMAGE_SIZE, IMAGE_SIZE)), 0, 255)
+    return images
+
+
+def seconds(task) -> float:
+    """Wall-clock seconds of one call."""
+    start = time.perf_counter()
+    task()
+    return time.perf_counter() - start
+
+
+def bench_gradcam(images: np.ndarray, batch_size: int, repeats: int) -> dict:
+    keras.utils.set_random_seed(0)
+    explainer = GradCAM(build_backbone("densenet121", IMAGE_SIZE))
+    warm_up = seconds(lambda: explainer(images[:batch_size], batch_size=batch_size))
+    median = statistics.median(seconds(lambda: explainer(images, batch_size=batch_size)) for _ in range(repeats))
+    return {
+        "backbone": "densenet121",
+        "layer": explainer.layer_name,
+        "images": len(images),
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "warm_up_s": warm_up,
+        "s_per_image": median / len(images),
+    }
+
+
+def bench_lime(images: np.ndarray, samples: int, batch_size: int) -> dict:
+    keras.utils.set_random_seed(0)
+    fit_images = synthetic_images(16, seed=1)
+    bundle = FusionBundle(["densenet121", "efficientnetb0"], fit_images, np.arange(16) % 2)
+    bundle.predict_proba(np.repeat(images[:1], PREDICT_BATCH, axis=0))  # warm-up: traces the full-chunk step
+    per_image, predicting = [], []
+    for image in images:
+        bundle.predict_seconds = 0.0
+        per_image.append(seconds(lambda image=image: explain_lime(bundle, image, samples, batch_size=batch_size)))
+        predicting.append(bundle.predict_seconds)
+    return {
+        "backbones": list(bundle.models),
+        "classifier": "StandardScaler + LogisticRegression",
+        "images": len(images),
+        "num_samples": samples,
+        "batch_size": batch_size,
+        "s_per_image": statistics.median(per_image),
+        "s_per_image_all": per_image,
+        "fusion_predict_s_per_sample": statistics.median(predicting) / samples,
+        "lime_overhead_s_per_image": statistics.median(np.subtract(per_image, predicting).tolist()),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer images and LIME samples (not the target setting)")
+    quick = parser.parse_args(argv).quick
+    settings = {
+        "image_size": IMAGE_SIZE,
+        "gradcam_images": 16 if quick else 64,
+        "gradcam_batch_size": 16,
+        "gradcam_repeats": 2 if quick else 3,
+        "lime_images": 1 if quick else 3,
+        "lime_samples": 200 if quick else 1000,
+        "lime_batch_size": 128,
+        "statistic": "median",
+        "threads": "TensorFlow defaults (all cores)",
+        "quick": quick,
+    }
+    machine = machine_info("tensorflow-cpu", "tensorflow", "keras", "lime", "scikit-image", "scikit-learn", "numpy")
+    images = synthetic_images(settings["gradcam_images"])
+    gradcam = bench_gradcam(images, settings["gradcam_batch_size"], settings["gradcam_repeats"])
+    print(f"Grad-CAM densenet121: {gradcam['s_per_image']:.3f} s/image (target <= 0.2)")
+    lime = bench_lime(images[: settings["lime_images"]], settings["lime_samples"], settings["lime_batch_size"])
+    print(
+        f"LIME densenet121+efficientnetb0, {lime['num_samples']} samples: {lime['s_per_image']:.1f} s/image "
+        f"(target <= 60 at 1000 samples), of which LIME's own work (not the fusion's predictions) "
+        f"{lime['lime_overhead_s_per_image']:.1f} s"
+    )
+    result = {
+        "benchmark": "explain_speed",
+        "machine": {**machine, "load_average_1min_after": os.getloadavg()[0]},
+        "settings": settings,
+        "targets": TARGETS,
+        "gradcam": gradcam,
+        "lime": lime,
+    }
+    print(f"wrote {write_result('explain_speed', result)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
