@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from tlfusion.fileio import write_json
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -31,10 +32,5 @@ def machine_info(*packages: str) -> dict:
 
 
 def write_result(name: str, payload: dict) -> Path:
-    """Write ``payload`` to ``benchmarks/results/NAME.json`` atomically (temporary file, then os.replace)."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
-    temp = path.with_suffix(".json.tmp")
-    temp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(temp, path)
-    return path
+    """Write ``payload`` to ``benchmarks/results/NAME.json`` atomically."""
+    return write_json(RESULTS_DIR / f"{name}.json", payload)

@@ -19,7 +19,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -37,6 +36,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from tlfusion.backbones import INPUT_NAME, feature_model, load_model_file
 from tlfusion.data.images import file_sha256, image_dataset
 from tlfusion.errors import InputError
+from tlfusion.fileio import write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def onnx_session(source: ModelSource, onnx_dir: Path | None = None):
     _check_onnx_matches_keras(session, source.model)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, graph)
+        write_bytes(path, graph)
     return session
 
 
@@ -271,7 +271,7 @@ class FeatureCache:
         folder = cache_dir / name
         if not (folder / "key.json").is_file():
             folder.mkdir(parents=True, exist_ok=True)
-            _write_atomic(folder / "key.json", json.dumps(key, indent=1).encode())
+            write_bytes(folder / "key.json", json.dumps(key, indent=1).encode())
         return cls(folder)
 
     def lookup(self, hashes: Sequence[str]) -> dict[str, np.ndarray]:
@@ -295,26 +295,14 @@ class FeatureCache:
     def append(self, hashes: Sequence[str], features: np.ndarray) -> None:
         """Add one chunk: its features first, then the hash list that makes it visible."""
         chunk = self.folder / f"chunk-{uuid.uuid4().hex}"
-        _write_atomic(chunk.with_suffix(".npy"), _npy_bytes(np.asarray(features, dtype=np.float32)))
-        _write_atomic(chunk.with_suffix(".txt"), "".join(f"{digest}\n" for digest in hashes).encode())
+        write_bytes(chunk.with_suffix(".npy"), _npy_bytes(np.asarray(features, dtype=np.float32)))
+        write_bytes(chunk.with_suffix(".txt"), "".join(f"{digest}\n" for digest in hashes).encode())
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it over `path`."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def fuse(blocks: Sequence[np.ndarray]) -> tuple[np.ndarray, list[int]]:

@@ -8,7 +8,6 @@ images per class (one per patient); support and query patients never overlap, so
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -22,6 +21,7 @@ from sklearn.preprocessing import Normalizer
 from threadpoolctl import ThreadpoolController
 
 from tlfusion.errors import InputError
+from tlfusion.fileio import write_atomic
 
 _METRICS = ("euclidean", "cosine")
 _KNN_WEIGHTS = ("uniform", "distance")
@@ -456,14 +456,4 @@ def plot_shots_curve(rows: Sequence[dict], path: str | os.PathLike) -> Path:
     axes.set(xlabel="shots per class", ylabel="AUROC (mean ± 95% CI)", title=f"{'/'.join(map(str, ways))}-way few-shot")
     axes.set_xticks(sorted({row["shots"] for row in rows}))
     axes.legend()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(suffix=".png", prefix=f".{path.stem}-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            figure.savefig(stream, format="png", dpi=120)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda temp: figure.savefig(temp, format="png", dpi=120))

@@ -17,7 +17,8 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(temp_path)`, then move the temp file onto `path`; a failure leaves `path` untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    suffixes = "".join(path.suffixes[-2:])  # keep ".weights.h5" / ".keras": Keras checks the file name
+    handle, temp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp" + suffixes, dir=path.parent)
     os.close(handle)
     try:
         write(Path(temp))
@@ -27,6 +28,10 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
         Path(temp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    return write_atomic(path, lambda temp: temp.write_bytes(data))
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -14,7 +14,6 @@ import io
 import math
 import os
 import re
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tlfusion.errors import InputError
+from tlfusion.fileio import write_bytes
 from tlfusion.metrics import METRICS, binary_metrics
 
 if TYPE_CHECKING:
@@ -99,8 +99,8 @@ def write_reports(run_dir: str | os.PathLike, metrics: Mapping, predictions: pd.
     title = f"tlfusion report: {metrics.get('experiment', run_dir.name)}"
     sections = _sections(metrics, plots)
     written = {plot.file: run_dir / plot.file for plot in plots}
-    written["report.md"] = _write_atomic(run_dir / "report.md", _render_markdown(title, sections).encode())
-    written["report.html"] = _write_atomic(run_dir / "report.html", _render_html(title, sections).encode())
+    written["report.md"] = write_bytes(run_dir / "report.md", _render_markdown(title, sections).encode())
+    written["report.html"] = write_bytes(run_dir / "report.html", _render_html(title, sections).encode())
     return written
 
 
@@ -260,7 +260,7 @@ def _write_plots(run_dir: Path, metrics: Mapping, predictions: pd.DataFrame | No
 
     def save(figure, name: str, caption: str) -> None:
         file = f"plots/{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"
-        _write_atomic(run_dir / file, _png_bytes(figure))
+        write_bytes(run_dir / file, _png_bytes(figure))
         plots.append(_Plot(file, caption))
 
     headline = _headline(metrics)
@@ -771,17 +771,3 @@ def _render_html(title: str, sections: Sequence[_Section]) -> str:
         + "\n".join(body)
         + f"\n<script>{_SORT_SCRIPT}</script></body></html>\n"
     )
-
-
-def _write_atomic(path: Path, data: bytes) -> Path:
-    """Write ``data`` to a temporary sibling of ``path`` (created with the usual permissions) then rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(temp, "xb") as stream:
-            stream.write(data)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return path

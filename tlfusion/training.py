@@ -31,6 +31,7 @@ import pandas as pd
 from tlfusion import backbones
 from tlfusion.data.images import file_sha256, image_dataset
 from tlfusion.errors import InputError
+from tlfusion.fileio import write_atomic
 
 CHECKPOINT = "checkpoint.keras"
 STATE = "state.json"
@@ -301,13 +302,6 @@ def _load_state(out_dir: Path, task: _Task) -> dict | None:
     return state
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Call `write(temp_path)`, then move the result over `path` (a kill never leaves a half-written file)."""
-    temp = path.with_name(f".tmp.{path.name}")
-    write(temp)
-    os.replace(temp, path)
-
-
 class _EpochRecorder(keras.callbacks.Callback):
     """After every epoch: history, best weights, checkpoint and state on disk; early stopping on the monitor."""
 
@@ -328,15 +322,15 @@ class _EpochRecorder(keras.callbacks.Callback):
         value = logs.get(self.task.monitor, float("nan"))
         if _improved(value, state["best"], self.task.mode):
             state.update(best=value, best_epoch=epoch + 1, wait=0)
-            _write_atomic(self.out_dir / BEST_WEIGHTS, self.model.save_weights)
+            write_atomic(self.out_dir / BEST_WEIGHTS, self.model.save_weights)
         elif self.phase.early_stopping:
             state["wait"] += 1
             if state["wait"] >= self.patience:
                 state["stopped"] = True
                 self.model.stop_training = True
         state["wall_seconds"] = self.wall_before + time.perf_counter() - self.started
-        _write_atomic(self.out_dir / CHECKPOINT, self.model.save)
-        _write_atomic(self.out_dir / STATE, lambda temp: Path(temp).write_text(json.dumps(state, indent=1)))
+        write_atomic(self.out_dir / CHECKPOINT, self.model.save)
+        write_atomic(self.out_dir / STATE, lambda temp: Path(temp).write_text(json.dumps(state, indent=1)))
 
 
 def _improved(value: float, best: float | None, mode: str) -> bool:
@@ -428,7 +422,7 @@ def _write_seen_images(path: Path, paths: pd.Series) -> None:
     paths = [str(p) for p in paths]
     root = os.path.commonpath([os.path.dirname(p) for p in paths])
     lines = [f"{file_sha256(p)}  {os.path.relpath(p, root)}\n" for p in paths]
-    _write_atomic(path, lambda temp: Path(temp).write_text("".join(lines)))
+    write_atomic(path, lambda temp: Path(temp).write_text("".join(lines)))
 
 
 # --- outputs ----------------------------------------------------------------------------------------------------
@@ -440,7 +434,7 @@ def _export_best(task: _Task, out_dir: Path, options: dict) -> Path:
         raise InputError(f"{out_dir}: no epoch produced a finite {task.monitor}; nothing to export")
     model = backbones.build_backbone(task.backbone, task.image_size, None, task.num_outputs, **options)
     model.load_weights(out_dir / BEST_WEIGHTS)
-    _write_atomic(out_dir / MODEL, model.save)
+    write_atomic(out_dir / MODEL, model.save)
     return out_dir / MODEL
 
 
@@ -480,7 +474,7 @@ def _write_reports(
         "seen_images": {"file": SEEN_IMAGES, "count": len(train) + len(val)},
         "environment": environment(),
     }
-    _write_atomic(out_dir / "train.json", lambda temp: Path(temp).write_text(json.dumps(summary, indent=2)))
+    write_atomic(out_dir / "train.json", lambda temp: Path(temp).write_text(json.dumps(summary, indent=2)))
 
 
 def plot_curves(history: pd.DataFrame, path: Path, metric: str) -> None:
@@ -611,7 +605,7 @@ def pretrain_from_config(
 
 def _update_json(path: Path, fields: Mapping[str, Any]) -> None:
     content = {**json.loads(path.read_text()), **fields}
-    _write_atomic(path, lambda temp: Path(temp).write_text(json.dumps(content, indent=2)))
+    write_atomic(path, lambda temp: Path(temp).write_text(json.dumps(content, indent=2)))
 
 
 def ship_pretrained(run_dir: str | Path, ship_dir: str | Path, command: str) -> Path:
@@ -633,7 +627,7 @@ def ship_pretrained(run_dir: str | Path, ship_dir: str | Path, command: str) -> 
         if path.is_file():
             manifest["files"][f"{ship_dir.name}/{name}"] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
     manifest["files"] = dict(sorted(manifest["files"].items()))
-    _write_atomic(manifest_path, lambda temp: Path(temp).write_text(json.dumps(manifest, indent=2) + "\n"))
+    write_atomic(manifest_path, lambda temp: Path(temp).write_text(json.dumps(manifest, indent=2) + "\n"))
     return ship_dir
 
 
