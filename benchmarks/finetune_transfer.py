@@ -49,8 +49,9 @@ RECIPES = {
 
 def hand_table(seed: int = 0) -> pd.DataFrame:
     """FracAtlas hand with split train (fold 0) / val (fold 1) / test (folds 2-4) of a stratified 5-fold cut."""
-    table = read_csv(DATA_CSV, label_column="fractured", region_column="primary_region",
-                     filters={"primary_region": "hand"})  # fmt: skip
+    table = read_csv(
+        DATA_CSV, label_column="fractured", region_column="primary_region", filters={"primary_region": "hand"}
+    )
     folds = grouped_folds(table["label"].to_numpy(), table["patient"].to_numpy(), n_splits=5, seed=seed)
     table["split"] = "test"
     table.loc[folds[0][1], "split"] = "train"
@@ -78,9 +79,16 @@ def run_one(name: str, table: pd.DataFrame, settings: dict, seed: int) -> dict:
     started = time.perf_counter()
     try:
         result = finetune(
-            table, ARCHITECTURE, RUNS / name, positive_class=POSITIVE, learning_rate=1e-3, seed=seed,
-            verbose=0, **recipe, **settings,
-        )  # fmt: skip
+            table,
+            ARCHITECTURE,
+            RUNS / name,
+            positive_class=POSITIVE,
+            learning_rate=1e-3,
+            seed=seed,
+            verbose=0,
+            **recipe,
+            **settings,
+        )
     except InputError as error:
         if name == "imagenet":
             return {"status": "unavailable offline", "error": str(error)}
@@ -123,7 +131,7 @@ def main() -> None:
             "threshold": "max kappa on val",
             "early_stopping": "val AUC",
             "augment": True,
-        },  # fmt: skip
+        },
         "data": {
             "source": "FracAtlas hand (held out of pretraining)",
             "positive_class": "fractured",

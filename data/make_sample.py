@@ -23,8 +23,12 @@ def main(shared: Path = Path("../shared/data"), out: Path = Path("data/sample"))
     kermany = read_csv(shared / "kermany_pneumonia/labels.csv", patient_column="patient_key")
     kermany = assign_splits(kermany, test_fraction=0.2, val_fraction=0.2, seed=0)
     kermany = kermany[kermany["split"] == "test"].drop_duplicates("patient")
-    hand = read_csv(shared / "fracatlas/dataset.csv", label_column="fractured", region_column="primary_region",
-                    filters={"primary_region": "hand"})  # fmt: skip
+    hand = read_csv(
+        shared / "fracatlas/dataset.csv",
+        label_column="fractured",
+        region_column="primary_region",
+        filters={"primary_region": "hand"},
+    )
     hand["label"] = hand["label"].map({"0": "non_fractured", "1": "fractured"})
     rows = []
     for source, table in (("kermany", kermany), ("fracatlas_hand", hand)):
@@ -33,8 +37,9 @@ def main(shared: Path = Path("../shared/data"), out: Path = Path("data/sample"))
                 target = out / source / label / Path(row["path"]).name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(row["path"], target)
-                rows.append({"path": str(target.relative_to(out)), "label": label, "patient": row["patient"],
-                             "source": source})  # fmt: skip
+                rows.append(
+                    {"path": str(target.relative_to(out)), "label": label, "patient": row["patient"], "source": source}
+                )
     pd.DataFrame(rows).to_csv(out / "labels.csv", index=False)
 
 

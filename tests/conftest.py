@@ -51,8 +51,10 @@ def mura_tree(tmp_path: Path) -> Path:
                 for study, label in ((1, "positive"), (2, "negative")):
                     study_dir = root / split / region / f"patient{patient:05d}" / f"study{study}_{label}"
                     for image in range(2):
-                        write_png(study_dir / f"image{image + 1}.png", xray_like(patient * 10 + image, 32,
-                                                                                  label == "positive"))  # fmt: skip
+                        write_png(
+                            study_dir / f"image{image + 1}.png",
+                            xray_like(patient * 10 + image, 32, label == "positive"),
+                        )
                     rows[split].append(f"MURA-v1.1/{study_dir.relative_to(root)}/,{int(label == 'positive')}")
     for split, lines in rows.items():
         (root / f"{split}_labeled_studies.csv").write_text("\n".join(lines) + "\n")

@@ -36,8 +36,19 @@ def tiny_experiment(folder: Path, data_root: Path, **changes) -> Path:
 
 def test_help_lists_the_contract_commands():
     text = build_parser().format_help()
-    for command in ("demo", "run", "pretrain", "finetune", "extract", "fit", "evaluate", "predict", "explain",
-                    "fewshot", "data"):  # fmt: skip
+    for command in (
+        "demo",
+        "run",
+        "pretrain",
+        "finetune",
+        "extract",
+        "fit",
+        "evaluate",
+        "predict",
+        "explain",
+        "fewshot",
+        "data",
+    ):
         assert command in text
 
 
@@ -85,8 +96,11 @@ def test_run_end_to_end_then_rerun_skips_and_bundle_commands(tmp_path, folder_da
     assert names == {f"{s}/{c}" for s in ("mobilenetv2", "mobilenetv2_2", "fusion") for c in ("lr", "xgb")}
     assert metrics["selected"] in names
     test_rows = [r for r in metrics["results"] if r["split"] == "test"]
-    assert all(set(r) >= {"model", "level", "split", "n", "accuracy", "f1", "kappa", "auroc", "sensitivity",
-                          "specificity", "ci"} for r in test_rows)  # fmt: skip
+    assert all(
+        set(r)
+        >= {"model", "level", "split", "n", "accuracy", "f1", "kappa", "auroc", "sensitivity", "specificity", "ci"}
+        for r in test_rows
+    )
     for produced in ("report.md", "report.html", "run.log", "explanations/index.html", "bundle/manifest.json"):
         assert (run / produced).is_file(), produced
     assert list((run / "plots").glob("*.png"))

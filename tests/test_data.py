@@ -167,17 +167,31 @@ def _csv_dataset(tmp_path: Path, rows: list[dict]) -> Path:
 
 
 def test_csv_reader_groups_filters_and_maps(tmp_path):
-    rows = [{"file": f"img/{i}.png", "finding": ["COVID-19", "No finding", "unknown"][i % 3], "pid": f"p{i // 2}",
-             "site": "a" if i < 6 else "b"} for i in range(9)]  # fmt: skip
+    rows = [
+        {
+            "file": f"img/{i}.png",
+            "finding": ["COVID-19", "No finding", "unknown"][i % 3],
+            "pid": f"p{i // 2}",
+            "site": "a" if i < 6 else "b",
+        }
+        for i in range(9)
+    ]
     csv = _csv_dataset(tmp_path, rows)
-    table = sources.read_csv(csv, path_column="file", label_column="finding", patient_column="pid",
-                             filters={"site": "a"}, label_map={"COVID-19": "covid", "No finding": "normal"})  # fmt: skip
+    table = sources.read_csv(
+        csv,
+        path_column="file",
+        label_column="finding",
+        patient_column="pid",
+        filters={"site": "a"},
+        label_map={"COVID-19": "covid", "No finding": "normal"},
+    )
     assert set(table["label"]) == {"covid", "normal"} and len(table) == 4
     assert table["patient"].tolist() == ["p0", "p0", "p1", "p2"]
 
 
-@pytest.mark.parametrize(("path_column", "label_column", "missing"), [("path", "finding", "path"),
-                                                                      ("file", "label", "label")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("path_column", "label_column", "missing"), [("path", "finding", "path"), ("file", "label", "label")]
+)
 def test_csv_missing_column_is_named(tmp_path, path_column, label_column, missing):
     csv = _csv_dataset(tmp_path, [{"file": "a.png", "finding": "x"}])
     with pytest.raises(InputError, match=f"missing column.*'{missing}'"):
@@ -221,8 +235,18 @@ def test_chestxray14_unknown_finding_is_refused(tmp_path):
 
 
 def _table(n_patients: int = 40, images_per_patient: int = 3) -> pd.DataFrame:
-    rows = [{"path": f"{p}_{i}.png", "label": "pos" if p % 2 else "neg", "patient": f"p{p}", "study": f"p{p}",
-             "split": "", "region": ""} for p in range(n_patients) for i in range(images_per_patient)]  # fmt: skip
+    rows = [
+        {
+            "path": f"{p}_{i}.png",
+            "label": "pos" if p % 2 else "neg",
+            "patient": f"p{p}",
+            "study": f"p{p}",
+            "split": "",
+            "region": "",
+        }
+        for p in range(n_patients)
+        for i in range(images_per_patient)
+    ]
     return pd.DataFrame(rows)
 
 
@@ -261,8 +285,9 @@ def test_one_class_labels_are_refused():
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not present")
 def test_shared_datasets_read_and_summarise():
     kermany = sources.read_csv(SHARED_DATA / "kermany_pneumonia/labels.csv", patient_column="patient_key")
-    fracatlas = sources.read_csv(SHARED_DATA / "fracatlas/dataset.csv", label_column="fractured",
-                                 region_column="primary_region")  # fmt: skip
+    fracatlas = sources.read_csv(
+        SHARED_DATA / "fracatlas/dataset.csv", label_column="fractured", region_column="primary_region"
+    )
     nih = sources.read_chestxray14(SHARED_DATA / "nih1000/labels.csv")
     assert sources.summarise(kermany)["classes"] == {"NORMAL": 403, "PNEUMONIA": 450}
     assert sources.summarise(fracatlas)["regions"]["hand"] == 779

@@ -338,10 +338,18 @@ def test_gallery_renders_in_headless_chromium(task, tmp_path):
     probe = index.with_name("probe.html")
     probe.write_text(index.read_text().replace("</body>", PROBE))
     flags = [
-        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-        "--window-size=1400,1000", "--virtual-time-budget=5000",
-    ]  # fmt: skip
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1400,1000",
+        "--virtual-time-budget=5000",
+    ]
     dom = subprocess.run([*flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
     found = re.search(r'<div id="probe">drawn (\d+) of (\d+) order ([\d.,]+)</div>', dom)
     assert found, dom[-500:]

@@ -61,9 +61,15 @@ def test_pretrain_writes_a_reloadable_model_and_its_records(pretrained, table):
 
 def test_finetune_from_pretrained_warms_up_then_unfreezes_all_but_batchnorm(pretrained, table, tmp_path):
     result = training.finetune(
-        table, "mobilenetv2", tmp_path, positive_class="fractured", weights=pretrained.model_path,
-        warmup_epochs=1, epochs=2, **TINY,
-    )  # fmt: skip
+        table,
+        "mobilenetv2",
+        tmp_path,
+        positive_class="fractured",
+        weights=pretrained.model_path,
+        warmup_epochs=1,
+        epochs=2,
+        **TINY,
+    )
     assert [row["phase"] for row in result.history] == ["warmup", "unfrozen"]
     assert "val_auc" in result.val_metrics and 0.0 <= result.val_metrics["val_auc"] <= 1.0
     model = backbones.load_model_file(result.model_path, expected="mobilenetv2")
@@ -124,9 +130,14 @@ def test_bad_backbone_weights_and_positive_class_are_input_errors(pretrained, ta
         training.finetune(val_one_class, "mobilenetv2", tmp_path, positive_class="fractured", **TINY)
     with pytest.raises(InputError, match="not efficientnetb0"):
         training.finetune(
-            table, "efficientnetb0", tmp_path, positive_class="fractured", weights=pretrained.model_path,
-            image_size=32, verbose=0,
-        )  # fmt: skip
+            table,
+            "efficientnetb0",
+            tmp_path,
+            positive_class="fractured",
+            weights=pretrained.model_path,
+            image_size=32,
+            verbose=0,
+        )
 
 
 def test_pretraining_table_combines_sources_and_drops_test_rows(tmp_path):
@@ -136,8 +147,14 @@ def test_pretraining_table_combines_sources_and_drops_test_rows(tmp_path):
         cv2.imwrite(str(tmp_path / f"{i}.png"), rng.integers(0, 255, (8, 8), dtype=np.uint8))
         rows.append({"path": f"{i}.png", "fractured": str(i % 2), "primary_region": ["leg", "hand"][i % 4 // 2]})
     pd.DataFrame(rows).to_csv(tmp_path / "dataset.csv", index=False)
-    source = {"name": "fa", "csv": "dataset.csv", "label_column": "fractured", "region_column": "primary_region",
-              "regions": ["leg"], "class_names": {"0": "normal", "1": "fractured"}}  # fmt: skip
+    source = {
+        "name": "fa",
+        "csv": "dataset.csv",
+        "label_column": "fractured",
+        "region_column": "primary_region",
+        "regions": ["leg"],
+        "class_names": {"0": "normal", "1": "fractured"},
+    }
 
     combined = training.pretraining_table([source], tmp_path, {"seed": 0})
 

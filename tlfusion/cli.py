@@ -21,8 +21,14 @@ def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", help="experiment YAML file")
     parser.add_argument("--data-root", help="folder that relative data paths resolve against")
     parser.add_argument("--out", help="run folder (default: runs/<experiment name>)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a setting, e.g. --set finetune.epochs=3 (repeatable)")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set finetune.epochs=3 (repeatable)",
+    )
     parser.add_argument("--skip-bad", action="store_true", help="report and skip unreadable images")
     parser.add_argument("--force", action="store_true", help="re-run every stage even when unchanged")
 
@@ -94,8 +100,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from tlfusion.pipeline import explain_bundle
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
-    explain_bundle(args.bundle, args.data, args.out, methods=methods, cases=args.cases, ids=args.ids,
-                   data_root=args.data_root, split=args.split, lime_samples=args.lime_samples)  # fmt: skip
+    explain_bundle(
+        args.bundle,
+        args.data,
+        args.out,
+        methods=methods,
+        cases=args.cases,
+        ids=args.ids,
+        data_root=args.data_root,
+        split=args.split,
+        lime_samples=args.lime_samples,
+    )
     return 0
 
 
@@ -136,9 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     pretrain.set_defaults(handler=cmd_pretrain)
 
-    for stage, text in (("finetune", "fine-tune the experiment's backbones"),
-                        ("extract", "extract (cached) features"),
-                        ("fit", "fit and select classifiers on the training split")):  # fmt: skip
+    for stage, text in (
+        ("finetune", "fine-tune the experiment's backbones"),
+        ("extract", "extract (cached) features"),
+        ("fit", "fit and select classifiers on the training split"),
+    ):
         parser_ = commands.add_parser(stage, help=f"{text} (runs earlier stages as needed)")
         _experiment_arguments(parser_)
         parser_.set_defaults(handler=cmd_stage(stage))

@@ -163,12 +163,22 @@ class Pipeline:
             spec = experiment.finetune
             log.info("fine-tuning %s (%s) on %d images", key, entry.weights or "random init", len(trainval))
             finetune(
-                trainval, entry.name, out_dir, weights=entry.weights, positive_class=experiment.positive_class,
-                image_size=experiment.image.size, clahe=experiment.image.clahe, warmup_epochs=spec.warmup_epochs,
-                epochs=spec.epochs, learning_rate=spec.learning_rate,
-                unfrozen_learning_rate=spec.unfrozen_learning_rate, batch_size=spec.batch_size,
-                patience=spec.patience, seed=experiment.seed, options=entry.options,
-            )  # fmt: skip
+                trainval,
+                entry.name,
+                out_dir,
+                weights=entry.weights,
+                positive_class=experiment.positive_class,
+                image_size=experiment.image.size,
+                clahe=experiment.image.clahe,
+                warmup_epochs=spec.warmup_epochs,
+                epochs=spec.epochs,
+                learning_rate=spec.learning_rate,
+                unfrozen_learning_rate=spec.unfrozen_learning_rate,
+                batch_size=spec.batch_size,
+                patience=spec.patience,
+                seed=experiment.seed,
+                options=entry.options,
+            )
 
     # ----------------------------------------------------------------- extract
     def feature_path(self, key: str) -> Path:
@@ -182,10 +192,14 @@ class Pipeline:
             source = self.model_path(key) if self.model_path(key).is_file() else entry
             model = source if isinstance(source, Path) else _plain_backbone(entry, experiment.image.size)
             features = extract_features(
-                model, self.table["path"].tolist(), experiment.image.size, clahe=experiment.image.clahe,
-                batch_size=experiment.features.batch_size, cache_dir=self.run_dir / "cache",
+                model,
+                self.table["path"].tolist(),
+                experiment.image.size,
+                clahe=experiment.image.clahe,
+                batch_size=experiment.features.batch_size,
+                cache_dir=self.run_dir / "cache",
                 engine=experiment.features.engine,
-            )  # fmt: skip
+            )
             write_atomic(self.feature_path(key), lambda temp, f=features: np.save(temp.open("wb"), f))
             log.info("features %s: %s", key, features.shape)
 
@@ -214,8 +228,15 @@ class Pipeline:
             X, block_sizes = self.load_features(keys)
             fusion = make_fusion(experiment, block_sizes).fit(X[is_fit])
             Z = fusion.transform(X)
-            selection = select_model(Z[is_fit], y[is_fit], groups[is_fit], spec.models, cv=spec.cv,
-                                     random_state=experiment.seed, scoring=spec.scoring)  # fmt: skip
+            selection = select_model(
+                Z[is_fit],
+                y[is_fit],
+                groups[is_fit],
+                spec.models,
+                cv=spec.cv,
+                random_state=experiment.seed,
+                scoring=spec.scoring,
+            )
             for clf_name in spec.models:
                 model_name = f"{set_name}/{clf_name}"
                 estimator = make_classifier(clf_name, experiment.seed, **selection.params[clf_name])
@@ -230,9 +251,16 @@ class Pipeline:
         selected = max(cv_scores, key=lambda name: (cv_scores[name], name.startswith("fusion/")))
         predictions = pd.concat(rows, ignore_index=True)
         write_atomic(self.run_dir / "fit" / "predictions.csv", lambda temp: predictions.to_csv(temp, index=False))
-        write_json(self.run_dir / "fit" / "selection.json", {"selected": selected, "scoring": spec.scoring,
-                                                             "cv": spec.cv, "cv_scores": cv_scores,
-                                                             "thresholds": thresholds})  # fmt: skip
+        write_json(
+            self.run_dir / "fit" / "selection.json",
+            {
+                "selected": selected,
+                "scoring": spec.scoring,
+                "cv": spec.cv,
+                "cv_scores": cv_scores,
+                "thresholds": thresholds,
+            },
+        )
         log.info("selected %s (CV %s %.3f on the training split)", selected, spec.scoring, cv_scores[selected])
         self._save_bundle(selected, *fitted[selected], thresholds[selected])
 
@@ -254,7 +282,7 @@ class Pipeline:
                 "model": selected,
                 "data_fingerprint": self.data_fingerprint(),
                 "config": experiment.model_dump(),
-            },  # fmt: skip
+            },
         )
         save_bundle(bundle, self.run_dir / "bundle")
 
@@ -292,9 +320,16 @@ class Pipeline:
         selection = json.loads((self.run_dir / "fit" / "selection.json").read_text())
         test = predictions[(predictions["model"] == selection["selected"]) & (predictions["split"] == "test")]
         cases = pick_cases(test, selection["thresholds"][selection["selected"]], spec.cases)
-        explain_cases(load_bundle(self.run_dir / "bundle"), cases["path"].tolist(), cases["y_true"].tolist(),
-                      self.run_dir / "explanations", methods=tuple(spec.methods), lime_samples=spec.lime_samples,
-                      seed=self.experiment.seed, clahe=self.experiment.image.clahe)  # fmt: skip
+        explain_cases(
+            load_bundle(self.run_dir / "bundle"),
+            cases["path"].tolist(),
+            cases["y_true"].tolist(),
+            self.run_dir / "explanations",
+            methods=tuple(spec.methods),
+            lime_samples=spec.lime_samples,
+            seed=self.experiment.seed,
+            clahe=self.experiment.image.clahe,
+        )
 
     # ----------------------------------------------------------------- report
     def stage_report(self) -> None:
@@ -322,34 +357,60 @@ class Pipeline:
         keep = np.isin(y, spec.classes) if spec.classes else np.ones(len(y), bool)
         if (table["split"] == "test").any():  # a defined test split is the evaluated pool
             keep &= (table["split"] == "test").to_numpy()
-        result = run_fewshot(X[keep], y[keep], groups[keep], spec.ways, spec.shots, spec.queries, spec.episodes,
-                             spec.classifier, seed=self.experiment.seed)  # fmt: skip
+        result = run_fewshot(
+            X[keep],
+            y[keep],
+            groups[keep],
+            spec.ways,
+            spec.shots,
+            spec.queries,
+            spec.episodes,
+            spec.classifier,
+            seed=self.experiment.seed,
+        )
         write_json(self.run_dir / "fewshot.json", result)
-        curve = shots_curve(X[keep], y[keep], groups[keep], shots_list=spec.shots_curve, ways=spec.ways,
-                            queries=spec.queries, episodes=spec.episodes, classifiers=[spec.classifier],
-                            seed=self.experiment.seed)  # fmt: skip
+        curve = shots_curve(
+            X[keep],
+            y[keep],
+            groups[keep],
+            shots_list=spec.shots_curve,
+            ways=spec.ways,
+            queries=spec.queries,
+            episodes=spec.episodes,
+            classifiers=[spec.classifier],
+            seed=self.experiment.seed,
+        )
         write_json(self.run_dir / "fewshot_curve.json", curve)
         plot_shots_curve(curve, self.run_dir / "plots" / "fewshot_auroc_vs_shots.png")
-        log.info("few-shot %d-way %d-shot AUROC %.3f %s", spec.ways, spec.shots, result["auroc"]["mean"],
-                 result["auroc"]["ci95"])  # fmt: skip
+        log.info(
+            "few-shot %d-way %d-shot AUROC %.3f %s",
+            spec.ways,
+            spec.shots,
+            result["auroc"]["mean"],
+            result["auroc"]["ci95"],
+        )
 
     # ----------------------------------------------------------------- multi-label
     def stage_semantic(self) -> None:
         table = self.table
         findings = self.experiment.data[0].findings or list(CHESTXRAY14_FINDINGS)
         X, _ = self.load_features(self.backbone_keys)
-        Y = np.array([[name in str(labels).split("|") for name in findings] for labels in table["labels"].fillna("")],
-                     dtype=np.float32)  # fmt: skip
+        Y = np.array(
+            [[name in str(labels).split("|") for name in findings] for labels in table["labels"].fillna("")],
+            dtype=np.float32,
+        )
         metrics = semantic_metrics(self.experiment, X, Y, table, findings)
-        metrics.update({"data": {"images": len(table), "patients": int(table["patient"].nunique())},
-                        "timings": self.timings})  # fmt: skip
+        metrics.update(
+            {"data": {"images": len(table), "patients": int(table["patient"].nunique())}, "timings": self.timings}
+        )
         write_json(self.run_dir / "metrics.json", metrics)
         for line in _summary(metrics):
             log.info(line)
 
 
-def semantic_metrics(experiment: Experiment, X: np.ndarray, Y: np.ndarray, table: pd.DataFrame,
-                     findings: list[str]) -> dict:  # fmt: skip
+def semantic_metrics(
+    experiment: Experiment, X: np.ndarray, Y: np.ndarray, table: pd.DataFrame, findings: list[str]
+) -> dict:
     """Per-finding test AUROC (+ patient-bootstrap CI of the mean) for each loss, and GZSL on the unseen split."""
     from tlfusion.label_embeddings import load_label_vectors
     from tlfusion.semantic import SemanticMetricClassifier, evaluate_gzsl, per_finding_auroc
@@ -369,22 +430,41 @@ def semantic_metrics(experiment: Experiment, X: np.ndarray, Y: np.ndarray, table
         val_scores[loss] = _mean_auroc(Y[val_rows], model.decision_function(X[val_rows], vectors), findings)
         scores = model.decision_function(X[test_rows], vectors)
         auroc = per_finding_auroc(Y[test_rows], scores, findings)
-        ci = _bootstrap_mean_auroc(Y[test_rows], scores, patients[test_rows], findings,
-                                   experiment.evaluate.bootstrap, experiment.seed)  # fmt: skip
+        ci = _bootstrap_mean_auroc(
+            Y[test_rows], scores, patients[test_rows], findings, experiment.evaluate.bootstrap, experiment.seed
+        )
         results += [{"model": loss, "finding": name, "split": "test", "auroc": value} for name, value in auroc.items()]
-        results.append({"model": loss, "finding": "mean", "split": "test", "n": int(test_rows.sum()),
-                        "auroc": _mean_auroc(Y[test_rows], scores, findings), "ci": {"auroc": ci}})  # fmt: skip
+        results.append(
+            {
+                "model": loss,
+                "finding": "mean",
+                "split": "test",
+                "n": int(test_rows.sum()),
+                "auroc": _mean_auroc(Y[test_rows], scores, findings),
+                "ci": {"auroc": ci},
+            }
+        )
         if spec.unseen:
-            zero_shot = SemanticMetricClassifier(loss=loss, dim=spec.dim, epochs=spec.epochs,
-                                                 random_state=experiment.seed)  # fmt: skip
+            zero_shot = SemanticMetricClassifier(
+                loss=loss, dim=spec.dim, epochs=spec.epochs, random_state=experiment.seed
+            )
             seen_columns = [findings.index(name) for name in seen]
             zero_shot.fit(X[fit_rows], Y[fit_rows][:, seen_columns], vectors, seen=seen)
-            gzsl[loss] = evaluate_gzsl(Y[test_rows], zero_shot.decision_function(X[test_rows], vectors), findings,
-                                       seen, spec.unseen)  # fmt: skip
+            gzsl[loss] = evaluate_gzsl(
+                Y[test_rows], zero_shot.decision_function(X[test_rows], vectors), findings, seen, spec.unseen
+            )
     best = max(val_scores, key=lambda loss: val_scores[loss] or 0)
-    return {"experiment": experiment.name, "task": "multilabel", "selected": best, "val_mean_auroc": val_scores,
-            "findings": findings,
-            "seen": seen, "unseen": list(spec.unseen), "results": results, "gzsl": gzsl}  # fmt: skip
+    return {
+        "experiment": experiment.name,
+        "task": "multilabel",
+        "selected": best,
+        "val_mean_auroc": val_scores,
+        "findings": findings,
+        "seen": seen,
+        "unseen": list(spec.unseen),
+        "results": results,
+        "gzsl": gzsl,
+    }
 
 
 # --------------------------------------------------------------------------- helpers used by the stages
@@ -467,11 +547,13 @@ def _assign(table: pd.DataFrame, experiment: Experiment) -> pd.DataFrame:
     spec = experiment.split
     if "label" not in table.columns:  # multi-label: stratify on "any finding"
         table = table.assign(label=table["labels"].map(lambda labels: "abnormal" if labels else "normal"))
-        split = assign_splits(table, spec.test_fraction, spec.val_fraction, spec.group, experiment.seed,
-                              tuple(spec.test_split))  # fmt: skip
+        split = assign_splits(
+            table, spec.test_fraction, spec.val_fraction, spec.group, experiment.seed, tuple(spec.test_split)
+        )
         return split.drop(columns="label")
-    return assign_splits(table, spec.test_fraction, spec.val_fraction, spec.group, experiment.seed,
-                         tuple(spec.test_split))  # fmt: skip
+    return assign_splits(
+        table, spec.test_fraction, spec.val_fraction, spec.group, experiment.seed, tuple(spec.test_split)
+    )
 
 
 def make_fusion(experiment: Experiment, block_sizes: list[int]):
@@ -482,10 +564,17 @@ def make_fusion(experiment: Experiment, block_sizes: list[int]):
 
 
 def _prediction_rows(rows: pd.DataFrame, model: str, split: str, prob: np.ndarray) -> pd.DataFrame:
-    return pd.DataFrame({"model": model, "split": split, "path": rows["path"].to_numpy(),
-                         "patient": rows["patient"].astype(str).to_numpy(),
-                         "study": rows["study"].astype(str).to_numpy(), "y_true": rows["y"].to_numpy(),
-                         "prob": prob})  # fmt: skip
+    return pd.DataFrame(
+        {
+            "model": model,
+            "split": split,
+            "path": rows["path"].to_numpy(),
+            "patient": rows["patient"].astype(str).to_numpy(),
+            "study": rows["study"].astype(str).to_numpy(),
+            "y_true": rows["y"].to_numpy(),
+            "prob": prob,
+        }
+    )
 
 
 def evaluate_predictions(predictions: pd.DataFrame, thresholds: dict[str, float], experiment: Experiment) -> list:
@@ -498,23 +587,33 @@ def evaluate_predictions(predictions: pd.DataFrame, thresholds: dict[str, float]
         threshold = thresholds[model]
         levels = [("image", rows["y_true"].to_numpy(), rows["prob"].to_numpy(), rows["patient"].to_numpy())]
         if spec.study_aggregation:
-            studies, y, p = aggregate_by_study(rows["study"].to_numpy(), rows["y_true"].to_numpy(),
-                                               rows["prob"].to_numpy(), how=spec.study_aggregation)  # fmt: skip
+            studies, y, p = aggregate_by_study(
+                rows["study"].to_numpy(), rows["y_true"].to_numpy(), rows["prob"].to_numpy(), how=spec.study_aggregation
+            )
             patient_of = dict(zip(rows["study"], rows["patient"], strict=True))
             levels.append(("study", y, p, np.array([patient_of[s] for s in studies])))
         for level, y, p, groups in levels:
-            row = {"model": model, "level": level, "split": split, **binary_metrics(y, p, threshold),
-                   "threshold": threshold}  # fmt: skip
-            row["ci"] = bootstrap_ci(y, p, groups, threshold, n_boot=spec.bootstrap, seed=experiment.seed) \
-                if spec.bootstrap and split == "test" else {}  # fmt: skip
+            row = {
+                "model": model,
+                "level": level,
+                "split": split,
+                **binary_metrics(y, p, threshold),
+                "threshold": threshold,
+            }
+            row["ci"] = (
+                bootstrap_ci(y, p, groups, threshold, n_boot=spec.bootstrap, seed=experiment.seed)
+                if spec.bootstrap and split == "test"
+                else {}
+            )
             results.append(row)
     return results
 
 
 def pick_cases(test: pd.DataFrame, threshold: float, count: int) -> pd.DataFrame:
     """Cases worth a reviewer's time: errors first (most confident first), then the most confident correct ones."""
-    test = test.assign(wrong=(test["prob"] >= threshold).astype(int) != test["y_true"],
-                       confidence=(test["prob"] - threshold).abs())  # fmt: skip
+    test = test.assign(
+        wrong=(test["prob"] >= threshold).astype(int) != test["y_true"], confidence=(test["prob"] - threshold).abs()
+    )
     return test.sort_values(["wrong", "confidence"], ascending=False).head(count)
 
 
@@ -532,13 +631,18 @@ def check_unseen(experiment: Experiment, keys: list[str], table: pd.DataFrame, r
             continue
         seen_file = Path(entry.weights).parent / "seen_images.txt"
         if not seen_file.is_file():
-            log.warning("%s: no seen_images.txt beside %s: cannot check that the evaluated images are unseen",
-                        key, entry.weights)  # fmt: skip
+            log.warning(
+                "%s: no seen_images.txt beside %s: cannot check that the evaluated images are unseen",
+                key,
+                entry.weights,
+            )
             continue
         overlap = evaluated & set(seen_file.read_text().split())
         if overlap:
-            raise InputError(f"backbones.{key}: {len(overlap)} evaluated image(s) were in its training data "
-                             f"({seen_file}); use an extractor pretrained with this data set held out")  # fmt: skip
+            raise InputError(
+                f"backbones.{key}: {len(overlap)} evaluated image(s) were in its training data "
+                f"({seen_file}); use an extractor pretrained with this data set held out"
+            )
 
 
 # --------------------------------------------------------------------------- bundle commands
@@ -579,9 +683,13 @@ def predict_images(bundle_dir: str, inputs: list[str], out: str | None, skip_bad
     paths = [p for p, h in zip(paths, hashes, strict=True) if h]
     bundle = load_bundle(bundle_dir)
     prob = bundle.predict_paths(paths)
-    frame = pd.DataFrame({"path": paths, f"prob_{bundle.class_names[1]}": prob,
-                          "predicted": np.where(prob >= bundle.threshold, bundle.class_names[1],
-                                                bundle.class_names[0])})  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "path": paths,
+            f"prob_{bundle.class_names[1]}": prob,
+            "predicted": np.where(prob >= bundle.threshold, bundle.class_names[1], bundle.class_names[0]),
+        }
+    )
     if out:
         write_atomic(out, lambda temp: frame.to_csv(temp, index=False))
     else:
@@ -613,8 +721,17 @@ def evaluate_bundle(bundle_dir: str, data: str, out: str, data_root: str | None 
         print(line)
 
 
-def explain_bundle(bundle_dir: str, data: str, out: str, methods: list[str], cases: int, ids: list[str] | None,
-                   data_root: str | None, split: str, lime_samples: int) -> None:  # fmt: skip
+def explain_bundle(
+    bundle_dir: str,
+    data: str,
+    out: str,
+    methods: list[str],
+    cases: int,
+    ids: list[str] | None,
+    data_root: str | None,
+    split: str,
+    lime_samples: int,
+) -> None:
     """Explanation images + review page for a bundle's predictions on an experiment's images."""
     from tlfusion.bundle import load_bundle
     from tlfusion.explain import explain_cases
@@ -634,8 +751,16 @@ def explain_bundle(bundle_dir: str, data: str, out: str, methods: list[str], cas
     else:
         prob = bundle.predict_paths(table["path"].tolist())
         chosen = pick_cases(table.assign(prob=prob, y_true=table["y"]), bundle.threshold, cases)
-    explain_cases(bundle, chosen["path"].tolist(), chosen["y"].tolist(), Path(out), methods=tuple(methods),
-                  lime_samples=lime_samples, seed=experiment.seed, clahe=bundle.clahe)  # fmt: skip
+    explain_cases(
+        bundle,
+        chosen["path"].tolist(),
+        chosen["y"].tolist(),
+        Path(out),
+        methods=tuple(methods),
+        lime_samples=lime_samples,
+        seed=experiment.seed,
+        clahe=bundle.clahe,
+    )
 
 
 def fewshot_command(args: Any) -> None:
@@ -646,8 +771,9 @@ def fewshot_command(args: Any) -> None:
         X, y, groups = load_feature_table(args.features)
     else:
         X, y, groups = _experiment_features(args)
-    result = run_fewshot(X, y, groups, args.ways, args.shots, args.queries, args.episodes, args.classifier,
-                         seed=args.seed)  # fmt: skip
+    result = run_fewshot(
+        X, y, groups, args.ways, args.shots, args.queries, args.episodes, args.classifier, seed=args.seed
+    )
     write_json(Path(args.out) / "fewshot.json", result)
     print(json.dumps({k: result[k] for k in ("ways", "shots", "episodes", "classifier", "auroc", "accuracy")}))
 

@@ -114,9 +114,16 @@ def pretrain(
         val["label"].astype(str).map(index).to_numpy(np.int32),
     )
     settings = dict(
-        image_size=image_size, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-        patience=patience, seed=seed, augment=augment, clahe=clahe, options=dict(options or {}),
-    )  # fmt: skip
+        image_size=image_size,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        patience=patience,
+        seed=seed,
+        augment=augment,
+        clahe=clahe,
+        options=dict(options or {}),
+    )
     return _run(task, train, val, targets, out_dir, None, settings, {"classes": classes}, resume, verbose)
 
 
@@ -176,11 +183,20 @@ def finetune(
         (part["label"].astype(str) == str(positive_class)).to_numpy(np.float32)[:, None] for part in (train, val)
     )
     settings = dict(
-        weights=None if weights is None else str(weights), positive_class=str(positive_class), image_size=image_size,
-        warmup_epochs=warmup_epochs, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-        unfrozen_learning_rate=unfrozen_learning_rate, patience=patience, seed=seed, augment=augment, clahe=clahe,
+        weights=None if weights is None else str(weights),
+        positive_class=str(positive_class),
+        image_size=image_size,
+        warmup_epochs=warmup_epochs,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        unfrozen_learning_rate=unfrozen_learning_rate,
+        patience=patience,
+        seed=seed,
+        augment=augment,
+        clahe=clahe,
         options=dict(options or {}),
-    )  # fmt: skip
+    )
     extra = {"classes": [f"not {positive_class}", str(positive_class)]}
     return _run(task, train, val, targets, out_dir, weights, settings, extra, resume, verbose)
 
@@ -240,8 +256,16 @@ def _run(
     out_dir.mkdir(parents=True, exist_ok=True)
     options = settings["options"]
     state = _load_state(out_dir, task) if resume else None
-    state = state or {"epoch": 0, "phase": None, "best": None, "best_epoch": 0, "wait": 0, "stopped": False,
-                      "wall_seconds": 0.0, "history": []}  # fmt: skip
+    state = state or {
+        "epoch": 0,
+        "phase": None,
+        "best": None,
+        "best_epoch": 0,
+        "wait": 0,
+        "stopped": False,
+        "wall_seconds": 0.0,
+        "history": [],
+    }
     if state["epoch"] == 0:
         (out_dir / BEST_WEIGHTS).unlink(missing_ok=True)  # never export a previous run's weights
     seed = settings["seed"] + state["epoch"]  # a resumed run draws fresh (but repeatable) shuffles
@@ -464,7 +488,7 @@ def _write_reports(
         "data": {
             name: part["label"].astype(str).value_counts().sort_index().to_dict()
             for name, part in (("train", train), ("val", val))
-        },  # fmt: skip
+        },
         "epochs_run": state["epoch"],
         "stopped_early": state["stopped"],
         "best_epoch": result.best_epoch,
@@ -517,10 +541,32 @@ def environment() -> dict[str, Any]:
 
 # --- the shipped in-domain backbones ----------------------------------------------------------------------------
 
-CONFIG_KEYS = {"description", "hold_out_policy", "data_root", "sources", "split", "drop_splits", "image_size",
-               "epochs", "batch_size", "learning_rate", "patience", "seed", "augment", "clahe"}  # fmt: skip
-SOURCE_KEYS = {"name", "csv", "path_column", "label_column", "patient_column", "region_column", "regions",
-               "class_names"}  # fmt: skip
+CONFIG_KEYS = {
+    "description",
+    "hold_out_policy",
+    "data_root",
+    "sources",
+    "split",
+    "drop_splits",
+    "image_size",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "patience",
+    "seed",
+    "augment",
+    "clahe",
+}
+SOURCE_KEYS = {
+    "name",
+    "csv",
+    "path_column",
+    "label_column",
+    "patient_column",
+    "region_column",
+    "regions",
+    "class_names",
+}
 SPLIT_KEYS = {"test_fraction", "val_fraction", "seed"}
 
 
@@ -565,8 +611,11 @@ def pretraining_table(
 
     parts = []
     for source in sources:
-        reader_args = {key: source[key] for key in ("path_column", "label_column", "patient_column", "region_column")
-                       if key in source}  # fmt: skip
+        reader_args = {
+            key: source[key]
+            for key in ("path_column", "label_column", "patient_column", "region_column")
+            if key in source
+        }
         csv = Path(data_root) / source["csv"]
         regions = source.get("regions") or [None]
         for region in regions:
@@ -694,8 +743,9 @@ FracAtlas has no patient ids (each image is its own group) and implants correlat
 """
 
 
-def pretrain_and_ship(config: str, arch: str, out: str, run_dir: str | None = None, data_root: str | None = None,
-                      resume: bool = False) -> Path:  # fmt: skip
+def pretrain_and_ship(
+    config: str, arch: str, out: str, run_dir: str | None = None, data_root: str | None = None, resume: bool = False
+) -> Path:
     """Pretrain `arch` as `config` describes (checkpoints in `run_dir`), then ship model + card into `out`."""
     run_dir = Path(run_dir or Path("runs") / f"pretrain_{Path(out).name}")
     command = " ".join(["tlfusion pretrain", config, "--arch", arch, "--out", out])

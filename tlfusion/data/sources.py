@@ -22,9 +22,21 @@ COLUMNS = ["path", "label", "patient", "study", "split", "region"]
 MURA_STUDY = re.compile(r"^(?P<study>study\d+)_(?P<label>positive|negative)$")
 MURA_LABELS = {"positive": "abnormal", "negative": "normal"}
 CHESTXRAY14_FINDINGS = (
-    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis", "Hernia",
-    "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax",
-)  # fmt: skip
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Effusion",
+    "Emphysema",
+    "Fibrosis",
+    "Hernia",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pleural_Thickening",
+    "Pneumonia",
+    "Pneumothorax",
+)
 NO_FINDING = "No Finding"
 
 
