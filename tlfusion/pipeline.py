@@ -148,14 +148,13 @@ class Pipeline:
         return self.run_dir / "backbones" / key / "model.keras"
 
     def stage_finetune(self) -> None:
-        from tlfusion.backbones import build_backbone
 
         experiment, table = self.experiment, self.table
         trainval = table[table["split"].isin(["train", "val"])]
         for key, entry in zip(self.backbone_keys, experiment.backbones, strict=True):
             out_dir = self.model_path(key).parent
             if not experiment.finetune.enabled:
-                model = build_backbone(entry.name, experiment.image.size, entry.weights, **entry.options)
+                model = _plain_backbone(entry, experiment.image.size)
                 write_atomic(self.model_path(key), model.save)
                 continue
             from tlfusion.training import finetune
@@ -189,8 +188,8 @@ class Pipeline:
 
         experiment = self.experiment
         for key, entry in zip(self.backbone_keys, experiment.backbones, strict=True):
-            source = self.model_path(key) if self.model_path(key).is_file() else entry
-            model = source if isinstance(source, Path) else _plain_backbone(entry, experiment.image.size)
+            fine_tuned = self.model_path(key)
+            model = fine_tuned if fine_tuned.is_file() else _plain_backbone(entry, experiment.image.size)
             features = extract_features(
                 model,
                 self.table["path"].tolist(),
@@ -545,15 +544,13 @@ def _assign(table: pd.DataFrame, experiment: Experiment) -> pd.DataFrame:
     from tlfusion.data.splits import assign_splits
 
     spec = experiment.split
-    if "label" not in table.columns:  # multi-label: stratify on "any finding"
+    multilabel = "label" not in table.columns
+    if multilabel:  # stratify on "any finding"
         table = table.assign(label=table["labels"].map(lambda labels: "abnormal" if labels else "normal"))
-        split = assign_splits(
-            table, spec.test_fraction, spec.val_fraction, spec.group, experiment.seed, tuple(spec.test_split)
-        )
-        return split.drop(columns="label")
-    return assign_splits(
+    split = assign_splits(
         table, spec.test_fraction, spec.val_fraction, spec.group, experiment.seed, tuple(spec.test_split)
     )
+    return split.drop(columns="label") if multilabel else split
 
 
 def make_fusion(experiment: Experiment, block_sizes: list[int]):
