@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -34,3 +39,55 @@ def machine_info(*packages: str) -> dict:
 def write_result(name: str, payload: dict) -> Path:
     """Write ``payload`` to ``benchmarks/results/NAME.json`` atomically."""
     return write_json(RESULTS_DIR / f"{name}.json", payload)
+
+
+def load_average() -> list[float] | None:
+    """1, 5 and 15-minute load averages (None where the platform has none)."""
+    return [round(value, 2) for value in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def median(values: Sequence[float], digits: int = 3) -> float:
+    """Rounded median of ``values``."""
+    return round(statistics.median(values), digits)
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` and all its descendants, summed (Linux /proc; 0 once the process is gone)."""
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+            total += next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
+            for children in Path(f"/proc/{current}/task").glob("*/children"):
+                todo += [int(child) for child in children.read_text().split()]
+        except (OSError, StopIteration, ValueError):
+            continue
+    return total
+
+
+def measure_command(command: Sequence[str], poll_s: float = 0.25, **popen) -> dict:
+    """Run ``command``; wall seconds, exit code, peak RSS of its largest process (``wait4`` rusage, exact) and
+    peak summed RSS of its process tree (polled every ``poll_s``), both in MiB."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, **popen)
+    peak = [0]
+    finished = threading.Event()
+
+    def poll() -> None:
+        while not finished.wait(poll_s):
+            peak[0] = max(peak[0], tree_rss_bytes(process.pid))
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    _, wait_status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    finished.set()
+    poller.join()
+    process.returncode = os.waitstatus_to_exitcode(wait_status)
+    return {
+        "wall_s": round(wall, 2),
+        "returncode": process.returncode,
+        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+        "peak_tree_rss_mib": round(peak[0] / 2**20, 1),
+    }

@@ -1,0 +1,371 @@
+"""Regenerate benchmarks/RESULTS.md from every benchmarks/results/*.json.
+
+    python -m benchmarks.results_md [--results DIR] [--out FILE]
+
+One section per result file: what the benchmark measures (the first line of its module's docstring), the command
+that reproduces it, the machine and its load, the settings, tables of the key numbers and, where the JSON has a
+``targets`` mapping, each target with met / not met. Known benchmarks get a hand-picked table (``SUMMARISERS``);
+any other JSON falls back to a generic rendering: scalars become a two-column table and every mapping (or list)
+of records becomes a table with one row per record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from benchmarks._common import RESULTS_DIR
+
+BENCHMARKS_DIR = Path(__file__).parent
+META_KEYS = ("benchmark", "machine", "settings", "targets", "quick")
+MAX_COLUMNS = 10
+MAX_SUBKEYS = 8
+Table = tuple[str, list[str], list[list]]
+
+
+# ----------------------------------------------------------------- formatting
+def fmt(value) -> str:
+    """A cell: 3 significant decimals for floats, lists of numbers as [a, b], None as a dash."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if abs(value) < 0.01 and value != 0:
+            return f"{value:.3g}"
+        return (f"{value:,.1f}" if abs(value) >= 100 else f"{value:.3f}").rstrip("0").rstrip(".")
+    if isinstance(value, list):
+        return "[" + ", ".join(fmt(item) for item in value) + "]"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(header: list[str], rows: Iterable[list]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def is_scalar(value) -> bool:
+    """Numbers, strings, booleans, None and short lists of numbers (e.g. a confidence interval)."""
+    if isinstance(value, list):
+        return len(value) <= 4 and all(isinstance(item, (int, float)) for item in value)
+    return value is None or isinstance(value, (int, float, str, bool))
+
+
+def flatten(node, prefix: str = "") -> dict:
+    """Every scalar under ``node`` keyed by its dotted path."""
+    if is_scalar(node):
+        return {prefix: node}
+    items = node.items() if isinstance(node, dict) else enumerate(node)
+    flat: dict = {}
+    for key, value in items:
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+# ----------------------------------------------------------------- generic rendering
+def record_row(record: dict) -> dict:
+    """A record's scalars and those of its small sub-mappings (``test.kappa``), in order."""
+    row = {}
+    for key, value in record.items():
+        if is_scalar(value):
+            row[key] = value
+        elif isinstance(value, dict) and len(value) <= MAX_SUBKEYS:
+            row.update({f"{key}.{sub}": item for sub, item in value.items() if is_scalar(item)})
+    return row
+
+
+def records_table(title: str, records: dict | list) -> Table:
+    """One row per record; the first MAX_COLUMNS columns that any record has."""
+    named = records.items() if isinstance(records, dict) else ((str(i), r) for i, r in enumerate(records))
+    rows = {name: record_row(record) for name, record in named}
+    columns: list[str] = []
+    for row in rows.values():
+        columns += [key for key in row if key not in columns]
+    columns = columns[:MAX_COLUMNS]
+    return title, ["", *columns], [[name, *(row.get(col) for col in columns)] for name, row in rows.items()]
+
+
+def is_records(node) -> bool:
+    """A non-empty mapping or list whose every value is a mapping."""
+    values = list(node.values()) if isinstance(node, dict) else node if isinstance(node, list) else []
+    return bool(values) and all(isinstance(value, dict) for value in values)
+
+
+def generic_tables(payload: dict) -> list[Table]:
+    """Top-level scalars in one table, then one table per mapping/list of records, found recursively."""
+    scalars: dict = {}
+    tables: list[Table] = []
+
+    def walk(node: dict, path: str) -> None:
+        for key, value in node.items():
+            name = f"{path}.{key}" if path else key
+            if is_scalar(value):
+                scalars[name] = value
+            elif is_records(value):
+                tables.append(records_table(name, value))
+            elif isinstance(value, dict):
+                walk(value, name)
+
+    walk({key: value for key, value in payload.items() if key not in META_KEYS}, "")
+    if scalars:
+        tables.insert(0, ("key numbers", ["", "value"], [[key, value] for key, value in scalars.items()]))
+    return tables
+
+
+# ----------------------------------------------------------------- per-benchmark summaries
+def summarise_fewshot(payload: dict) -> list[Table]:
+    rows = [[r["classifier"], r["episodes_per_s"], r["seconds"], r["auroc"]] for r in payload["classifiers"]]
+    rows.append(["(episode sampling)", payload["sampling"]["episodes_per_s"], payload["sampling"]["seconds"], None])
+    return [("classifiers", ["classifier", "episodes/s", "seconds", "AUROC (synthetic)"], rows)]
+
+
+def summarise_finetune(payload: dict) -> list[Table]:
+    header = ["init", "status", "epochs", "train s", "val AUROC", "test kappa [95% CI]", "test AUROC [95% CI]", "F1"]
+    rows = []
+    for init, result in payload["results"].items():
+        test = result.get("test", {})
+        ci = test.get("ci95", {})
+        rows.append(
+            [
+                init,
+                result.get("status"),
+                result.get("epochs_run"),
+                result.get("train_seconds"),
+                result.get("val_auroc"),
+                with_ci(test.get("kappa"), ci.get("kappa")),
+                with_ci(test.get("auroc"), ci.get("auroc")),
+                test.get("f1"),
+            ]
+        )
+    return [("test split", header, rows)]
+
+
+def summarise_semantic(payload: dict) -> list[Table]:
+    supervised = [
+        [name, r["mean_auroc"], r["ci95"], r.get("fold_mean_auroc")] for name, r in payload["supervised"].items()
+    ]
+    tables = [("supervised (mean AUROC over 14 findings)", ["model", "mean AUROC", "95% CI", "fold mean"], supervised)]
+    gzsl = payload.get("gzsl", {}).get("results")
+    if gzsl:
+        tables.append(records_table(f"GZSL (unseen: {', '.join(payload['gzsl']['unseen'])})", gzsl))
+    return tables
+
+
+def summarise_scaling(payload: dict) -> list[Table]:
+    header = ["images", "seconds", "images/s", "peak RSS MiB", "RSS before extraction MiB", "load avg (1, 5, 15 min)"]
+    rows = [
+        [
+            r["images"],
+            r["seconds"],
+            r["images_per_s"],
+            r["peak_rss_mib"],
+            r["rss_before_extract_mib"],
+            r["load_average"],
+        ]
+        for r in payload["sizes"]
+    ]
+    fit = payload["fit"]
+    summary = [
+        ["seconds per image (fitted slope)", fit["slope_s_per_image"]],
+        ["fixed cost s (intercept: ONNX conversion, start-up)", fit["intercept_s"]],
+        ["linear fit R²", fit["r2"]],
+        [f"peak RSS growth, {rows[-1][0]} vs {rows[0][0]} images", payload["memory_growth_ratio"]],
+    ]
+    plot = [["plot", f"![scaling](results/{payload['plot']})"]] if payload.get("plot") else []
+    return [("per size (median over repeats)", header, rows), ("fit", ["", "value"], summary + plot)]
+
+
+def summarise_end_to_end(payload: dict) -> list[Table]:
+    header = ["scenario", "run", "wall s", "peak RSS MiB (largest process)", "peak RSS MiB (tree)", "exit"]
+    header += ["load avg before → after", "selected", "test kappa", "test AUROC"]
+    rows = []
+    for name, scenario in payload["scenarios"].items():
+        for run in ("cold", "second_run"):
+            r = scenario[run]
+            load = f"{fmt(r['load_average_before'][0])} → {fmt(r['load_average_after'][0])}"
+            test = r.get("test", {})
+            rows.append(
+                [name, run, r["wall_s"], r["peak_rss_mib"], r["peak_tree_rss_mib"], r["returncode"], load]
+                + [r.get("selected"), test.get("kappa"), test.get("auroc")]
+            )
+    stages = [
+        [name, *(f"{stage} {fmt(seconds)}" for stage, seconds in scenario["cold"].get("stage_timings_s", {}).items())]
+        for name, scenario in payload["scenarios"].items()
+    ]
+    width = max(len(row) for row in stages)
+    stages = [row + [""] * (width - len(row)) for row in stages]
+    return [("runs", header, rows), ("cold-run stage seconds", ["scenario", *[""] * (width - 1)], stages)]
+
+
+def summarise_accuracy(payload: dict) -> list[Table]:
+    tables = []
+    selected = [
+        [r["experiment"], r["init"], r["selected"], *score_cells(r["models"].get(r["selected"], {}))]
+        for r in payload["runs"]
+    ]
+    tables.append(("model selected on the training split (CV), its test scores", SELECTED_HEADER, selected))
+    for name in dict.fromkeys(r["experiment"] for r in payload["runs"]):
+        runs = [r for r in payload["runs"] if r["experiment"] == name]
+        for r in runs:
+            rows = [[model, *score_cells(scores)] for model, scores in r["models"].items()]
+            tables.append((f"{name}, {r['init']}: test split, image level", ["model", *SCORE_HEADER], rows))
+    gain = [
+        [g["experiment"], g["init"], g["classifier"], g["fusion_kappa"], g["best_single_kappa"]]
+        + [g["best_single_kappa_backbone"], g["delta_kappa"], g["delta_auroc"]]
+        for g in payload["fusion_minus_best_single"]
+    ]
+    gain_header = ["experiment", "init", "classifier", "fusion kappa", "best single kappa", "best single"]
+    tables.append(("fusion minus best single backbone (test)", [*gain_header, "Δ kappa", "Δ AUROC"], gain))
+    init = [
+        [g["experiment"], g["model"], g["delta_kappa"], g["delta_auroc"]] for g in payload["in_domain_minus_scratch"]
+    ]
+    tables.append(("in-domain minus scratch (test)", ["experiment", "model", "Δ kappa", "Δ AUROC"], init))
+    if payload.get("missing"):
+        tables.append(("runs not finished", ["run"], [[name] for name in payload["missing"]]))
+    return tables
+
+
+SCORE_HEADER = ["n", "kappa [95% CI]", "F1 [95% CI]", "accuracy [95% CI]", "AUROC [95% CI]"]
+SELECTED_HEADER = ["experiment", "init", "selected", *SCORE_HEADER]
+
+
+def score_cells(scores: dict) -> list:
+    """n, then each metric with its CI."""
+    ci = scores.get("ci", {})
+    return [scores.get("n"), *(with_ci(scores.get(m), ci.get(m)) for m in ("kappa", "f1", "accuracy", "auroc"))]
+
+
+def with_ci(value, interval) -> str:
+    """``0.512 [0.43, 0.59]``."""
+    return fmt(value) if not interval else f"{fmt(value)} {fmt(list(interval))}"
+
+
+SUMMARISERS: dict[str, Callable[[dict], list[Table]]] = {
+    "fewshot_speed": summarise_fewshot,
+    "finetune_transfer": summarise_finetune,
+    "semantic_nih1000": summarise_semantic,
+    "scaling": summarise_scaling,
+    "end_to_end": summarise_end_to_end,
+    "accuracy": summarise_accuracy,
+}
+
+
+# ----------------------------------------------------------------- targets
+def target_rows(payload: dict) -> list[list]:
+    """``targets``: ``{name: number}`` (an upper bound) or ``{name: {"max"|"min": number}}``; the measured value is
+    the scalar whose dotted path, with dots as underscores, equals or ends with ``name``."""
+    flat = {key.replace(".", "_"): value for key, value in flatten(payload).items() if not key.startswith("targets")}
+    rows = []
+    for name, target in payload.get("targets", {}).items():
+        bound, limit = ("min", target["min"]) if isinstance(target, dict) and "min" in target else ("max", target)
+        limit = limit["max"] if isinstance(limit, dict) else limit
+        matches = [value for key, value in flat.items() if key == name or key.endswith("_" + name)]
+        measured = matches[0] if matches and isinstance(matches[0], (int, float)) else None
+        met = None if measured is None else (measured <= limit if bound == "max" else measured >= limit)
+        rows.append([name, f"{'≤' if bound == 'max' else '≥'} {fmt(limit)}", measured, status(met)])
+    return rows
+
+
+def status(met: bool | None) -> str:
+    return "not measured" if met is None else "met" if met else "**not met**"
+
+
+# ----------------------------------------------------------------- sections
+def describe(name: str) -> str:
+    """The first line of ``benchmarks/NAME.py``'s docstring, read without importing it."""
+    module = BENCHMARKS_DIR / f"{name}.py"
+    if not module.is_file():
+        return f"(no module benchmarks/{name}.py)"
+    docstring = ast.get_docstring(ast.parse(module.read_text())) or ""
+    return docstring.splitlines()[0] if docstring else ""
+
+
+def machine_line(payload: dict) -> str:
+    machine = payload.get("machine", {})
+    if not machine:
+        return "Machine: not recorded."
+    load = fmt(machine.get("load_average_1min"))
+    after = machine.get("load_average_1min_after")
+    load += f" before, {fmt(after)} after" if after is not None else ""
+    packages = ", ".join(f"{k} {v}" for k, v in machine.get("packages", {}).items() if v)
+    return (
+        f"Machine: {machine.get('processor')}, {machine.get('cpu_count')} CPUs, {machine.get('platform')}, "
+        f"Python {machine.get('python')}; load average (1 min) {load}. Packages: {packages or '–'}."
+    )
+
+
+def settings_line(payload: dict) -> str:
+    settings = flatten(payload.get("settings", {}))
+    return "Settings: " + "; ".join(f"{k}={fmt(v)}" for k, v in settings.items()) + "." if settings else ""
+
+
+def is_quick(payload: dict) -> bool:
+    return bool(payload.get("quick") or payload.get("settings", {}).get("quick"))
+
+
+def section(name: str, payload: dict) -> str:
+    """The markdown section for one result file."""
+    quick = is_quick(payload)
+    parts = [
+        f"## {name}",
+        describe(name),
+        f"Reproduce: `python -m benchmarks.{name}{' --quick' if quick else ''}`"
+        + (" (this result is from a `--quick` run)" if quick else ""),
+        machine_line(payload),
+        settings_line(payload),
+    ]
+    try:
+        tables = SUMMARISERS.get(name, generic_tables)(payload)
+    except (KeyError, TypeError, IndexError):
+        tables = generic_tables(payload)
+    for title, header, rows in tables:
+        parts += [f"**{title}**", markdown_table(header, rows)]
+    if payload.get("targets"):
+        parts += ["**targets**", markdown_table(["target", "bound", "measured", "status"], target_rows(payload))]
+    return "\n\n".join(part for part in parts if part)
+
+
+def load_results(results_dir: Path) -> dict[str, dict]:
+    """Every readable ``*.json`` in ``results_dir`` by file stem; unreadable files map to an error note."""
+    results = {}
+    for path in sorted(results_dir.glob("*.json")):
+        try:
+            results[path.stem] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            results[path.stem] = {"error": f"could not read {path.name}: {error}"}
+    return results
+
+
+def render(results: dict[str, dict]) -> str:
+    """The whole RESULTS.md."""
+    head = [
+        "# Benchmark results",
+        "Generated by `python -m benchmarks.results_md` from `benchmarks/results/*.json`; do not edit by hand. "
+        "Timings come from a shared 2-core machine: read them with the load average next to them.",
+    ]
+    if not results:
+        head.append("No result files yet: run `python -m benchmarks.NAME` first.")
+    head += [f"- [{name}](#{name})" for name in results]
+    return "\n\n".join([*head, *(section(name, payload) for name, payload in results.items())]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="folder of result JSON files")
+    parser.add_argument("--out", type=Path, default=BENCHMARKS_DIR / "RESULTS.md", help="markdown file to write")
+    args = parser.parse_args(argv)
+    args.out.write_text(render(load_results(args.results)))
+    print(f"wrote {args.out}")
+    return args.out
+
+
+if __name__ == "__main__":
+    main()
