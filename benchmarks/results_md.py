@@ -53,9 +53,9 @@ def markdown_table(header: list[str], rows: Iterable[list]) -> str:
 
 
 def is_scalar(value) -> bool:
-    """Numbers, strings, booleans, None and short lists of numbers (e.g. a confidence interval)."""
+    """Numbers, strings, booleans, None and short lists of them (e.g. a confidence interval)."""
     if isinstance(value, list):
-        return len(value) <= 4 and all(isinstance(item, (int, float)) for item in value)
+        return len(value) <= 6 and all(isinstance(item, (int, float, str)) for item in value)
     return value is None or isinstance(value, (int, float, str, bool))
 
 
@@ -175,7 +175,7 @@ def summarise_scaling(payload: dict) -> list[Table]:
     fit = payload["fit"]
     summary = [
         ["seconds per image (fitted slope)", fit["slope_s_per_image"]],
-        ["fixed cost s (intercept: ONNX conversion, start-up)", fit["intercept_s"]],
+        ["fixed cost s (intercept)", fit["intercept_s"]],
         ["linear fit R²", fit["r2"]],
         [f"peak RSS growth, {rows[-1][0]} vs {rows[0][0]} images", payload["memory_growth_ratio"]],
     ]

@@ -1,0 +1,173 @@
+"""Accuracy: each backbone alone vs fusion, each classifier, in-domain vs scratch initialisation, on the test split.
+
+    python -m benchmarks.accuracy [--quick] [--experiments NAME ...] [--inits in_domain scratch] [--no-run]
+
+For every (experiment, init) it runs `tlfusion run experiments/NAME.yaml --out runs/benchmarks/accuracy/NAME__INIT
+--set explain.enabled=false` (explanations do not change the scores; a finished run is re-used, as the pipeline
+skips unchanged stages), `scratch` adding `--set backbones.I.weights=null` for every backbone. It then reads each
+run's metrics.json: the image-level test rows (kappa, F1, accuracy, AUROC with patient-bootstrap 95% CIs), the
+model selected on the training split, fusion minus the best single backbone per classifier, and in-domain minus
+scratch per model. Runnable experiments on ../shared/data: fracatlas_hand, fracatlas_leg, kermany_pneumonia;
+`--quick` takes fracatlas_hand only. `--no-run` tabulates the runs already finished. One run per (experiment,
+init), seed 0: the CIs, not repeats, carry the uncertainty. Writes benchmarks/results/accuracy.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from benchmarks._common import load_average, machine_info, measure_command, write_result
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS = REPO / "runs" / "benchmarks" / "accuracy"
+EXPERIMENTS = ("fracatlas_hand", "kermany_pneumonia", "fracatlas_leg")
+INITS = ("in_domain", "scratch")
+METRICS = ("kappa", "f1", "accuracy", "auroc")
+PACKAGES = ("tensorflow-cpu", "tensorflow", "keras", "scikit-learn", "xgboost", "numpy")
+
+
+def experiment_file(name: str) -> Path:
+    return REPO / "experiments" / f"{name}.yaml"
+
+
+def overrides(name: str, init: str) -> list[str]:
+    """`--set` arguments: no explanations; for scratch, no initial weights for any backbone."""
+    sets = ["explain.enabled=false"]
+    if init == "scratch":
+        backbones = yaml.safe_load(experiment_file(name).read_text())["backbones"]
+        sets += [f"backbones.{index}.weights=null" for index in range(len(backbones))]
+    return [argument for value in sets for argument in ("--set", value)]
+
+
+def run_dir(name: str, init: str) -> Path:
+    return RUNS / f"{name}__{init}"
+
+
+def run(name: str, init: str) -> dict:
+    """`tlfusion run` for one (experiment, init), its output appended to RUNS/NAME__INIT.out."""
+    folder = run_dir(name, init)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    command = ["tlfusion", "run", str(experiment_file(name)), "--out", str(folder), *overrides(name, init)]
+    with open(folder.parent / f"{folder.name}.out", "a") as log:
+        measured = measure_command(command, cwd=REPO, stdout=log, stderr=log)
+    print(name, init, measured, flush=True)
+    return measured
+
+
+def test_rows(metrics: dict) -> dict[str, dict]:
+    """Image-level test-split scores per model name, with their 95% CIs."""
+    rows = {}
+    for row in metrics["results"]:
+        if row["split"] == "test" and row["level"] == "image":
+            scores = {metric: row.get(metric) for metric in METRICS}
+            ci = {metric: row["ci"][metric] for metric in METRICS if metric in row.get("ci", {})}
+            rows[row["model"]] = {"n": row["n"], **scores, "ci": ci}
+    return rows
+
+
+def read_run(name: str, init: str) -> dict | None:
+    """One finished run's test rows, selected model and stage timings (None when metrics.json is missing)."""
+    path = run_dir(name, init) / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    return {
+        "experiment": name,
+        "init": init,
+        "selected": metrics["selected"],
+        "cv_scores": metrics.get("selection", {}).get("cv_scores", {}),
+        "timings_s": metrics.get("timings", {}),
+        "models": test_rows(metrics),
+    }
+
+
+def split_model(model: str) -> tuple[str, str]:
+    """`fusion/lr` -> ("fusion", "lr")."""
+    features, classifier = model.split("/", 1)
+    return features, classifier
+
+
+def fusion_gain(result: dict) -> list[dict]:
+    """Per classifier: fusion's score minus the best single backbone's (best chosen per metric), test split."""
+    by_classifier: dict[str, dict[str, dict]] = {}
+    for model, scores in result["models"].items():
+        features, classifier = split_model(model)
+        by_classifier.setdefault(classifier, {})[features] = scores
+    gains = []
+    for classifier, sets in by_classifier.items():
+        singles = {features: scores for features, scores in sets.items() if features != "fusion"}
+        if "fusion" not in sets or not singles:
+            continue
+        row = {"experiment": result["experiment"], "init": result["init"], "classifier": classifier}
+        for metric in ("kappa", "auroc"):
+            best = max(singles, key=lambda features, metric=metric: singles[features][metric] or 0.0)
+            row[f"fusion_{metric}"] = sets["fusion"][metric]
+            row[f"best_single_{metric}"] = singles[best][metric]
+            row[f"best_single_{metric}_backbone"] = best
+            row[f"delta_{metric}"] = round(sets["fusion"][metric] - singles[best][metric], 4)
+        gains.append(row)
+    return gains
+
+
+def init_gain(results: list[dict]) -> list[dict]:
+    """Per experiment and model: in-domain minus scratch test kappa and AUROC."""
+    found = {(r["experiment"], r["init"]): r for r in results}
+    gains = []
+    for name in dict.fromkeys(r["experiment"] for r in results):
+        in_domain, scratch = found.get((name, "in_domain")), found.get((name, "scratch"))
+        if not in_domain or not scratch:
+            continue
+        for model in in_domain["models"]:
+            if model in scratch["models"]:
+                a, b = in_domain["models"][model], scratch["models"][model]
+                row = {"experiment": name, "model": model}
+                row.update({f"delta_{m}": round(a[m] - b[m], 4) for m in ("kappa", "auroc")})
+                gains.append(row)
+    return gains
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fracatlas_hand only")
+    parser.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, help="default: all three")
+    parser.add_argument("--inits", nargs="+", choices=INITS, default=list(INITS))
+    parser.add_argument("--no-run", action="store_true", help="tabulate finished runs only; start none")
+    args = parser.parse_args(argv)
+    names = args.experiments or (["fracatlas_hand"] if args.quick else list(EXPERIMENTS))
+    machine = machine_info(*PACKAGES)
+    started = time.perf_counter()
+    runs = {} if args.no_run else {f"{n}__{i}": run(n, i) for n in names for i in args.inits}
+    results = [result for n in names for i in args.inits if (result := read_run(n, i))]
+    missing = [f"{n}__{i}" for n in names for i in args.inits if not read_run(n, i)]
+    machine["load_average_1min_after"] = load_average()[0]
+    payload = {
+        "benchmark": "accuracy",
+        "machine": machine,
+        "settings": {
+            "quick": args.quick,
+            "experiments": names,
+            "inits": args.inits,
+            "overrides": {init: " ".join(overrides(names[0], init)) for init in args.inits},
+            "runs_folder": str(RUNS.relative_to(REPO)),
+            "split": "test, image level; CIs: patient bootstrap 95%",
+            "repeats": "one run per (experiment, init), seed 0",
+        },
+        "wall_s": round(time.perf_counter() - started, 1),
+        "command_runs": runs,
+        "missing": missing,
+        "runs": results,
+        "fusion_minus_best_single": [gain for result in results for gain in fusion_gain(result)],
+        "in_domain_minus_scratch": init_gain(results),
+    }
+    print("missing runs:", missing or "none")
+    print("results:", write_result("accuracy", payload))
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The benchmark helpers that need no data or model: RESULTS.md generation, fits, gains, process measurement."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import results_md
+from benchmarks._common import measure_command
+from benchmarks.accuracy import fusion_gain, init_gain
+from benchmarks.scaling import linear_fit
+
+MACHINE = {"processor": "x86_64", "cpu_count": 2, "load_average_1min": 1.5, "platform": "Linux", "python": "3.11"}
+
+
+def scores(kappa: float, auroc: float) -> dict:
+    return {"n": 10, "kappa": kappa, "f1": 0.5, "accuracy": 0.6, "auroc": auroc, "ci": {"kappa": [kappa - 0.1, 0.9]}}
+
+
+def accuracy_run(init: str, fusion: float) -> dict:
+    models = {"a/lr": scores(0.30, 0.70), "b/lr": scores(0.40, 0.65), "fusion/lr": scores(fusion, 0.72)}
+    return {"experiment": "hand", "init": init, "selected": "fusion/lr", "models": models}
+
+
+def write(folder: Path, name: str, payload: dict | str) -> None:
+    text = payload if isinstance(payload, str) else json.dumps(payload)
+    (folder / f"{name}.json").write_text(text)
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    folder = tmp_path / "results"
+    folder.mkdir()
+    write(
+        folder,
+        "fewshot_speed",
+        {
+            "benchmark": "fewshot_speed",
+            "machine": MACHINE,
+            "settings": {"episodes": 100, "quick": True},
+            "sampling": {"seconds": 0.1, "episodes_per_s": 1000.0},
+            "classifiers": [{"classifier": "prototype", "seconds": 0.5, "episodes_per_s": 200.0, "auroc": 0.7}],
+        },
+    )
+    write(
+        folder,
+        "made_up",
+        {
+            "machine": MACHINE,
+            "speed_s": 3.0,
+            "accuracy": 0.8,
+            "per_model": {"m1": {"kappa": 0.25, "test": {"auroc": 0.61}}, "m2": {"kappa": 0.35}},
+            "targets": {"speed_s": 2.0, "accuracy": {"min": 0.75}, "absent": 1.0},
+        },
+    )
+    runs = [accuracy_run("in_domain", 0.50), accuracy_run("scratch", 0.20)]
+    write(
+        folder,
+        "accuracy",
+        {
+            "benchmark": "accuracy",
+            "machine": MACHINE,
+            "runs": runs,
+            "fusion_minus_best_single": [g for run in runs for g in fusion_gain(run)],
+            "in_domain_minus_scratch": init_gain(runs),
+            "missing": ["leg__scratch"],
+        },
+    )
+    write(folder, "broken", "{not json")
+    return folder
+
+
+def test_results_md_has_a_section_and_table_per_file(results: Path, tmp_path: Path):
+    out = results_md.main(["--results", str(results), "--out", str(tmp_path / "RESULTS.md")])
+    text = out.read_text()
+    for name in ("accuracy", "broken", "fewshot_speed", "made_up"):
+        assert f"## {name}" in text
+    assert "| prototype | 200 | 0.5 | 0.7 |" in text
+    assert "python -m benchmarks.fewshot_speed --quick" in text
+    assert "load average (1 min) 1.5" in text
+    assert "| m1 | 0.25 | 0.61 |" in text  # generic fallback: a mapping of records becomes a table
+    assert "could not read broken.json" in text
+
+
+def test_targets_report_met_not_met_and_unmeasured(results: Path):
+    payload = json.loads((results / "made_up.json").read_text())
+    rows = {row[0]: row for row in results_md.target_rows(payload)}
+    assert rows["speed_s"][1:] == ["≤ 2", 3.0, "**not met**"]
+    assert rows["accuracy"][1:] == ["≥ 0.75", 0.8, "met"]
+    assert rows["absent"][3] == "not measured"
+
+
+def test_accuracy_summary_tables(results: Path):
+    text = results_md.section("accuracy", json.loads((results / "accuracy.json").read_text()))
+    assert "| hand | in_domain | lr | 0.5 | 0.4 | b | 0.1 | 0.02 |" in text
+    assert "| hand | fusion/lr | 0.3 | 0 |" in text
+    assert "leg__scratch" in text
+
+
+def test_empty_results_folder(tmp_path: Path):
+    assert "No result files yet" in results_md.render(results_md.load_results(tmp_path))
+
+
+def test_fusion_gain_compares_with_the_best_single_backbone_per_metric():
+    (gain,) = fusion_gain(accuracy_run("in_domain", 0.35))
+    assert gain["best_single_kappa_backbone"] == "b" and gain["delta_kappa"] == pytest.approx(-0.05)
+    assert gain["best_single_auroc_backbone"] == "a" and gain["delta_auroc"] == pytest.approx(0.02)
+
+
+def test_linear_fit_recovers_slope_and_intercept():
+    fit = linear_fit([250, 500, 1000, 2000], [7.5 + 0.02 * n for n in (250, 500, 1000, 2000)])
+    assert fit == {"slope_s_per_image": pytest.approx(0.02), "intercept_s": pytest.approx(7.5), "r2": 1.0}
+
+
+def test_measure_command_reports_exit_code_and_memory():
+    measured = measure_command([sys.executable, "-c", "import sys; b = bytearray(64 * 2**20); sys.exit(3)"])
+    assert measured["returncode"] == 3
+    assert measured["peak_rss_mib"] >= 64
