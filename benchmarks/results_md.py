@@ -196,13 +196,10 @@ def summarise_end_to_end(payload: dict) -> list[Table]:
                 [name, run, r["wall_s"], r["peak_rss_mib"], r["peak_tree_rss_mib"], r["returncode"], load]
                 + [r.get("selected"), test.get("kappa"), test.get("auroc")]
             )
-    stages = [
-        [name, *(f"{stage} {fmt(seconds)}" for stage, seconds in scenario["cold"].get("stage_timings_s", {}).items())]
-        for name, scenario in payload["scenarios"].items()
-    ]
-    width = max(len(row) for row in stages)
-    stages = [row + [""] * (width - len(row)) for row in stages]
-    return [("runs", header, rows), ("cold-run stage seconds", ["scenario", *[""] * (width - 1)], stages)]
+    timings = {name: scenario["cold"].get("stage_timings_s", {}) for name, scenario in payload["scenarios"].items()}
+    stages = list(dict.fromkeys(stage for stage_times in timings.values() for stage in stage_times))
+    stage_rows = [[name, *(times.get(stage) for stage in stages)] for name, times in timings.items()]
+    return [("runs", header, rows), ("cold-run stage seconds", ["scenario", *stages], stage_rows)]
 
 
 def summarise_accuracy(payload: dict) -> list[Table]:
