@@ -4,8 +4,9 @@
 
 Writes benchmarks/results/explain_speed.json. Backbones have random weights (timing does not depend on them);
 images are synthetic 224 px radiograph-like noise. Grad-CAM: median over repeats after one warm-up call (which
-traces the compiled step). LIME: DenseNet121 + EfficientNetB0 features, concatenated, standardised, logistic
-regression; median seconds per image, and the part of it spent outside the fusion's predictions (segmentation,
+traces the compiled step). LIME: a real tlfusion Bundle of DenseNet121 + EfficientNetB0 (features
+concatenated, standardised, logistic regression), run through ONNX Runtime as pipeline bundles are, and through Keras
+for comparison; median seconds per image, and the part of it spent outside the fusion's predictions (segmentation,
 masking, weighted ridge: LIME's own overhead).
 Targets on 2 CPU cores: Grad-CAM <= 0.2 s/image, LIME (1000 samples) <= 60 s/image.
 """
@@ -22,47 +23,50 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras
 import numpy as np
 from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from benchmarks._common import machine_info, write_result
-from tlfusion.backbones import build_backbone, feature_model
+from tlfusion.backbones import build_backbone
+from tlfusion.bundle import Bundle
 from tlfusion.explain.gradcam import GradCAM
 from tlfusion.explain.lime import explain_lime
+from tlfusion.features import FeatureFusion, fuse, keras_runner, onnx_graph
 
 IMAGE_SIZE = 224
-PREDICT_BATCH = 64
+BACKBONES = ["densenet121", "efficientnetb0"]
 TARGETS = {"gradcam_s_per_image": 0.2, "lime_s_per_image": 60.0}
 
 
-class FusionBundle:
-    """The bundle interface over random-weight backbones: features -> concatenation -> scaled logistic regression."""
+def fusion_bundle(names: list[str], fit_images: np.ndarray, fit_labels: np.ndarray, engine: str) -> Bundle:
+    """A real tlfusion Bundle over random-weight backbones: standardised fused features -> logistic regression.
 
-    def __init__(self, names: list[str], fit_images: np.ndarray, fit_labels: np.ndarray):
-        self.models = {name: build_backbone(name, IMAGE_SIZE) for name in names}
-        self.image_size = IMAGE_SIZE
-        self.class_names = ["negative", "positive"]
-        self._extractors = [feature_model(model) for model in self.models.values()]
-        self.classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
-        self.classifier.fit(self._features(fit_images), fit_labels)
-        self.predict_seconds = 0.0  # time spent in predict_proba, so LIME's own overhead can be told apart
+    With `engine` "onnx" it carries each backbone's checked ONNX graph, as the pipeline's bundles do.
+    """
+    models = {name: build_backbone(name, IMAGE_SIZE) for name in names}
+    blocks = [keras_runner(model)[0](fit_images) for model in models.values()]
+    X, block_sizes = fuse(blocks)
+    fusion = FeatureFusion(block_sizes).fit(X)
+    return Bundle(
+        models=models,
+        fusion=fusion,
+        classifier=LogisticRegression(max_iter=1000).fit(fusion.transform(X), fit_labels),
+        threshold=0.5,
+        class_names=["negative", "positive"],
+        image_size=IMAGE_SIZE,
+        onnx_graphs={name: onnx_graph(model) for name, model in models.items()} if engine == "onnx" else {},
+    )
 
-    def _features(self, images: np.ndarray) -> np.ndarray:
-        blocks = [
-            np.concatenate(
-                [
-                    extractor.predict_on_batch(images[i : i + PREDICT_BATCH])
-                    for i in range(0, len(images), PREDICT_BATCH)
-                ]
-            )
-            for extractor in self._extractors
-        ]
-        return np.concatenate(blocks, axis=1)
+
+class TimedPredictions:
+    """Wraps a bundle's `predict_proba` and adds up its seconds, so LIME's own overhead can be told apart."""
+
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+        self.seconds = 0.0
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
-        probabilities = self.classifier.predict_proba(self._features(images))[:, 1]
-        self.predict_seconds += time.perf_counter() - start
+        probabilities = self.bundle.predict_proba(images)
+        self.seconds += time.perf_counter() - start
         return probabilities
 
 
@@ -101,19 +105,21 @@ def bench_gradcam(images: np.ndarray, batch_size: int, repeats: int) -> dict:
     }
 
 
-def bench_lime(images: np.ndarray, samples: int, batch_size: int) -> dict:
+def bench_lime(images: np.ndarray, samples: int, batch_size: int, engine: str) -> dict:
     keras.utils.set_random_seed(0)
-    fit_images = synthetic_images(16, seed=1)
-    bundle = FusionBundle(["densenet121", "efficientnetb0"], fit_images, np.arange(16) % 2)
-    bundle.predict_proba(np.repeat(images[:1], PREDICT_BATCH, axis=0))  # warm-up: traces the full-chunk step
+    bundle = fusion_bundle(BACKBONES, synthetic_images(16, seed=1), np.arange(16) % 2, engine)
+    bundle.predict_proba(np.repeat(images[:1], batch_size, axis=0))  # warm-up: traces / allocates the full batch
     per_image, predicting = [], []
     for image in images:
-        bundle.predict_seconds = 0.0
-        per_image.append(seconds(lambda image=image: explain_lime(bundle, image, samples, batch_size=batch_size)))
-        predicting.append(bundle.predict_seconds)
+        timed = TimedPredictions(bundle)
+        per_image.append(
+            seconds(lambda image=image, timed=timed: explain_lime(timed, image, samples, batch_size=batch_size))
+        )
+        predicting.append(timed.seconds)
     return {
+        "engine": engine,
         "backbones": list(bundle.models),
-        "classifier": "StandardScaler + LogisticRegression",
+        "classifier": "FeatureFusion (standardise) + LogisticRegression",
         "images": len(images),
         "num_samples": samples,
         "batch_size": batch_size,
@@ -136,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         "lime_images": 1 if quick else 3,
         "lime_samples": 200 if quick else 1000,
         "lime_batch_size": 128,
+        "lime_engines": ["onnx"] if quick else ["onnx", "keras"],
         "statistic": "median",
         "threads": "TensorFlow defaults (all cores)",
         "quick": quick,
@@ -144,19 +151,25 @@ def main(argv: list[str] | None = None) -> dict:
     images = synthetic_images(settings["gradcam_images"])
     gradcam = bench_gradcam(images, settings["gradcam_batch_size"], settings["gradcam_repeats"])
     print(f"Grad-CAM densenet121: {gradcam['s_per_image']:.3f} s/image (target <= 0.2)")
-    lime = bench_lime(images[: settings["lime_images"]], settings["lime_samples"], settings["lime_batch_size"])
-    print(
-        f"LIME densenet121+efficientnetb0, {lime['num_samples']} samples: {lime['s_per_image']:.1f} s/image "
-        f"(target <= 60 at 1000 samples), of which LIME's own work (not the fusion's predictions) "
-        f"{lime['lime_overhead_s_per_image']:.1f} s"
-    )
+    lime = {
+        engine: bench_lime(
+            images[: settings["lime_images"]], settings["lime_samples"], settings["lime_batch_size"], engine
+        )
+        for engine in settings["lime_engines"]
+    }
+    for engine, timing in lime.items():
+        print(
+            f"LIME {'+'.join(BACKBONES)} ({engine}), {timing['num_samples']} samples: {timing['s_per_image']:.1f} "
+            f"s/image (target <= 60 at 1000 samples), LIME's own work {timing['lime_overhead_s_per_image']:.1f} s"
+        )
     result = {
         "benchmark": "explain_speed",
         "machine": {**machine, "load_average_1min_after": os.getloadavg()[0]},
         "settings": settings,
         "targets": TARGETS,
         "gradcam": gradcam,
-        "lime": lime,
+        "lime": lime["onnx"],
+        "lime_by_engine": lime,
     }
     print(f"wrote {write_result('explain_speed', result)}")
     return result

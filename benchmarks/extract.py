@@ -31,7 +31,7 @@ import numpy as np
 from benchmarks._common import machine_info, write_result
 from tlfusion.backbones import build_backbone, feature_model
 from tlfusion.data.images import load_batch
-from tlfusion.features import ModelSource, extract_features, onnx_session
+from tlfusion.features import ModelSource, cached_onnx_graph, extract_features, onnx_runner
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fracatlas" / "images"
 BACKBONES = ("densenet121", "efficientnetb0")
@@ -76,7 +76,7 @@ def bench_backbone(name: str, paths: list[str], repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as warm_cache:
         conversion_s = seconds(lambda: extract_features(model, paths[:BATCH_SIZE], IMAGE_SIZE, cache_dir=warm_cache))
         onnx_files = list(Path(warm_cache, "onnx").glob("*.onnx"))
-        session = onnx_session(ModelSource(model), Path(warm_cache, "onnx")) if onnx_files else None
+        run_onnx = onnx_runner(cached_onnx_graph(ModelSource(model), Path(warm_cache)))[0] if onnx_files else None
     plain_keras(extractor, paths[:BATCH_SIZE])
 
     runs = {"tlfusion": lambda: tlfusion_pipeline(model, paths), "plain_keras": lambda: plain_keras(extractor, paths)}
@@ -88,7 +88,7 @@ def bench_backbone(name: str, paths: list[str], repeats: int) -> dict:
     images = load_batch(paths, IMAGE_SIZE)
     keras_peak = [seconds(lambda: extractor.predict(images, batch_size=BATCH_SIZE, verbose=0)) for _ in range(repeats)]
     result = {
-        "engine": "onnx" if session is not None else "keras",
+        "engine": "onnx" if run_onnx is not None else "keras",
         "warmup_with_onnx_conversion_s": round(conversion_s, 2),
         "seconds": {key: [round(value, 3) for value in values] for key, values in timings.items()},
         "model_only_keras_images_per_s": rate(len(paths), keras_peak),
@@ -99,19 +99,18 @@ def bench_backbone(name: str, paths: list[str], repeats: int) -> dict:
     result["pipeline_fraction_of_keras_peak"] = round(
         result["tlfusion_images_per_s"] / result["model_only_keras_images_per_s"], 3
     )
-    if session is not None:
-        input_name = session.get_inputs()[0].name
+    if run_onnx is not None:
 
         def onnx_only():
             for start in range(0, len(images), BATCH_SIZE):
-                session.run(None, {input_name: images[start : start + BATCH_SIZE]})
+                run_onnx(images[start : start + BATCH_SIZE])
 
         result["model_only_onnx_images_per_s"] = rate(len(paths), [seconds(onnx_only) for _ in range(repeats)])
         result["pipeline_fraction_of_onnx_peak"] = round(
             result["tlfusion_images_per_s"] / result["model_only_onnx_images_per_s"], 3
         )
         sample = images[:BATCH_SIZE]
-        difference = session.run(None, {input_name: sample})[0] - extractor.predict_on_batch(sample)
+        difference = run_onnx(sample) - extractor.predict_on_batch(sample)
         result["onnx_vs_keras_max_abs_diff"] = float(np.abs(difference).max())
     result["load_average_1min_after"] = os.getloadavg()[0]
     keras.backend.clear_session()

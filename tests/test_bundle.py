@@ -18,7 +18,7 @@ from tlfusion.backbones import build_backbone, feature_model
 from tlfusion.bundle import Bundle, check_class_names, load_bundle, save_bundle
 from tlfusion.data.images import file_sha256, load_batch
 from tlfusion.errors import InputError
-from tlfusion.features import FeatureFusion, fuse
+from tlfusion.features import FeatureFusion, fuse, onnx_graph
 
 SIZE = 32
 
@@ -214,3 +214,30 @@ def test_every_registry_classifier_round_trips(parts, tmp_path, name):
     original = make_bundle(parts, classifiers.make_classifier(name))
     loaded = load_bundle(save_bundle(original, tmp_path / "bundle"))
     np.testing.assert_allclose(loaded.classifier.predict_proba(parts[2]), original.classifier.predict_proba(parts[2]))
+
+
+def test_onnx_graphs_round_trip_and_match_keras(parts, tmp_path):
+    models, _, Z, _, images = parts
+    graphs = {name: onnx_graph(model) for name, model in models.items()}
+    original = make_bundle(parts, make_lr(), onnx_graphs=graphs)
+    folder = save_bundle(original, tmp_path / "bundle")
+    assert (folder / "backbones" / "mobilenet_a.onnx").read_bytes() == graphs["mobilenet_a"]
+    loaded = load_bundle(folder)
+    assert loaded.onnx_graphs == graphs
+    expected = original.classifier.predict_proba(Z[:6])[:, 1]
+    np.testing.assert_allclose(loaded.predict_proba(images[:6]), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_altered_onnx_graph_is_refused(parts, tmp_path):
+    models = parts[0]
+    graphs = {name: onnx_graph(model) for name, model in models.items()}
+    folder = save_bundle(make_bundle(parts, make_lr(), onnx_graphs=graphs), tmp_path / "bundle")
+    with (folder / "backbones" / "mobilenet_a.onnx").open("ab") as graph:
+        graph.write(b"\0")
+    with pytest.raises(InputError, match=r"mobilenet_a\.onnx: file was altered"):
+        load_bundle(folder)
+
+
+def test_onnx_graph_for_an_unknown_backbone_is_refused(parts):
+    with pytest.raises(InputError, match="ONNX graphs for unknown backbones"):
+        make_bundle(parts, make_lr(), onnx_graphs={"other": b""})

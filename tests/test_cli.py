@@ -104,6 +104,8 @@ def test_run_end_to_end_then_rerun_skips_and_bundle_commands(tmp_path, folder_da
     for produced in ("report.md", "report.html", "run.log", "explanations/index.html", "bundle/manifest.json"):
         assert (run / produced).is_file(), produced
     assert list((run / "plots").glob("*.png"))
+    backbones = run / "bundle" / "backbones"
+    assert {p.stem for p in backbones.glob("*.onnx")} == {p.stem for p in backbones.glob("*.keras")}  # from the cache
 
     assert main(["run", experiment, "--out", str(run)]) == 0
     log = (run / "run.log").read_text()

@@ -4,6 +4,8 @@
 
     bundle/
       backbones/<name>.keras    fine-tuned flat backbones (loaded with safe_mode=True)
+      backbones/<name>.onnx     optional: the backbone's feature sub-model for ONNX Runtime (a graph, no code),
+                                checked against Keras when converted; features run through it when present
       fusion.skops              the fitted FeatureFusion
       classifier.skops          the fitted classifier, every XGBoost model in it replaced by a marker string
       xgboost/<i>.json          constructor parameters of XGBoost model i
@@ -40,10 +42,10 @@ from skops.io.exceptions import UntrustedTypesFoundException
 from xgboost import XGBClassifier, XGBModel
 
 from tlfusion import __version__
-from tlfusion.backbones import FEATURES_LAYER, feature_model, image_size_of, load_model_file
+from tlfusion.backbones import FEATURES_LAYER, image_size_of, load_model_file
 from tlfusion.data.images import file_sha256, image_dataset
 from tlfusion.errors import InputError
-from tlfusion.features import FeatureFusion, fuse
+from tlfusion.features import BatchRunner, FeatureFusion, fuse, keras_runner, onnx_runner
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +70,11 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 @dataclass
 class Bundle:
-    """Everything needed to go from images to the probability of the positive class."""
+    """Everything needed to go from images to the probability of the positive class.
+
+    `onnx_graphs` maps backbone names to their feature sub-model as ONNX (see `features.onnx_graph`); those
+    backbones run with ONNX Runtime, the others with Keras.
+    """
 
     models: dict[str, keras.Model]
     fusion: FeatureFusion
@@ -78,7 +84,8 @@ class Bundle:
     image_size: int
     clahe: bool = False
     meta: dict = field(default_factory=dict)
-    _extractors: dict[str, keras.Model] = field(default_factory=dict, init=False, repr=False, compare=False)
+    onnx_graphs: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
+    _runners: dict[str, BatchRunner] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if not self.models:
@@ -94,6 +101,9 @@ class Bundle:
             raise InputError(f"bundle: class_names must be [negative, positive]; got {self.class_names}")
         if not 0.0 <= float(self.threshold) <= 1.0:
             raise InputError(f"bundle: threshold must be in [0, 1]; got {self.threshold}")
+        unknown = sorted(set(self.onnx_graphs) - set(self.models))
+        if unknown:
+            raise InputError(f"bundle: ONNX graphs for unknown backbones {unknown}")
         if list(getattr(self.classifier, "classes_", [])) != [0, 1]:
             raise InputError("bundle: the classifier must be fitted on labels 0 (negative) and 1 (positive)")
 
@@ -124,12 +134,14 @@ class Bundle:
         return images
 
     def _backbone_features(self, name: str, images: np.ndarray) -> np.ndarray:
-        if name not in self._extractors:
-            self._extractors[name] = feature_model(self.models[name])
-        extractor = self._extractors[name]
-        return np.concatenate(
-            [extractor.predict_on_batch(images[i : i + PREDICT_BATCH]) for i in range(0, len(images), PREDICT_BATCH)]
-        )
+        if name not in self._runners:
+            graph = self.onnx_graphs.get(name)
+            run, size = onnx_runner(graph) if graph else keras_runner(self.models[name])
+            if size != self.image_size:
+                raise InputError(f"bundle: backbone {name!r} ONNX graph takes {size} px, not {self.image_size}")
+            self._runners[name] = run
+        run = self._runners[name]
+        return np.concatenate([run(images[i : i + PREDICT_BATCH]) for i in range(0, len(images), PREDICT_BATCH)])
 
 
 def check_class_names(bundle: Bundle, names: Sequence[str]) -> None:
@@ -159,6 +171,8 @@ def _write_contents(bundle: Bundle, folder: Path) -> None:
     (folder / "backbones").mkdir()
     for name, model in bundle.models.items():
         model.save(folder / "backbones" / f"{name}.keras")
+    for name, graph in bundle.onnx_graphs.items():
+        (folder / "backbones" / f"{name}.onnx").write_bytes(graph)
     classifier, xgb_models = _cut_out_xgboost(bundle.classifier)
     _dump_skops(bundle.fusion, folder / "fusion.skops", "fusion")
     _dump_skops(classifier, folder / "classifier.skops", "classifier")
@@ -214,6 +228,7 @@ def load_bundle(folder: str | Path) -> Bundle:
         raise InputError(f"{folder / INFO}: not a {FORMAT} version {FORMAT_VERSION}")
     try:
         models = {name: load_model_file(folder / "backbones" / f"{name}.keras") for name in info["backbones"]}
+        onnx_files = {name: folder / "backbones" / f"{name}.onnx" for name in info["backbones"]}
         xgb_models = [_load_xgboost(folder / "xgboost", i) for i in range(info["xgboost_models"])]
         return Bundle(
             models=models,
@@ -224,6 +239,7 @@ def load_bundle(folder: str | Path) -> Bundle:
             image_size=info["image_size"],
             clahe=info["clahe"],
             meta=info["meta"],
+            onnx_graphs={name: path.read_bytes() for name, path in onnx_files.items() if path.is_file()},
         )
     except KeyError as error:
         raise InputError(f"{folder / INFO}: missing key {error}") from None

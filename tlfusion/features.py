@@ -45,6 +45,9 @@ CACHE_FORMAT = 1
 """Bump when decoding or preprocessing changes what a cached feature means: old entries are then never read."""
 ONNX_TOLERANCE = 1e-4
 """ONNX Runtime features must match Keras within this (absolute and relative) when the graph is converted."""
+ONNX_CHUNK = 4
+"""Images per ONNX Runtime call. On 2 CPU cores at 224 px, chunks of 4 ran EfficientNetB0 1.5x and DenseNet121
+1.1x faster than chunks of 64 (activations stay in cache)."""
 PROGRESS_MIN_IMAGES = 128
 _MAX_RUNNERS = 4
 
@@ -87,9 +90,7 @@ def extract_features(
     known = cache.lookup(hashes)
     missing = {digest: path for digest, path in zip(hashes, paths, strict=True) if digest not in known}
     if missing:
-        new = _compute(
-            source, list(missing.values()), image_size, clahe, batch_size, engine, cache_dir / "onnx", progress
-        )
+        new = _compute(source, list(missing.values()), image_size, clahe, batch_size, engine, cache_dir, progress)
         cache.append(list(missing), new)
         known.update(zip(missing, new, strict=True))
     logger.info("features: %d images, %d extracted, the rest from %s", len(paths), len(missing), cache.folder)
@@ -141,11 +142,11 @@ def _compute(
     clahe: bool,
     batch_size: int,
     engine: str,
-    onnx_dir: Path | None,
+    cache_dir: Path | None,
     progress: bool,
 ) -> np.ndarray:
     """Run the model over `paths` (every image here is sent to the model)."""
-    run_batch, input_size = _runner(source, engine, onnx_dir)
+    run_batch, input_size = _runner(source, engine, cache_dir)
     if input_size != image_size:
         raise InputError(f"image size {image_size} differs from the model's {input_size}")
     outputs = []
@@ -156,20 +157,20 @@ def _compute(
     return np.concatenate(outputs).astype(np.float32, copy=False)
 
 
-def _runner(source: ModelSource, engine: str, onnx_dir: Path | None) -> tuple[BatchRunner, int]:
+def _runner(source: ModelSource, engine: str, cache_dir: Path | None) -> tuple[BatchRunner, int]:
     key = (source.key, engine)
     if key not in _RUNNERS:
-        _RUNNERS[key] = _new_runner(source, engine, onnx_dir)
+        _RUNNERS[key] = _new_runner(source, engine, cache_dir)
         while len(_RUNNERS) > _MAX_RUNNERS:
             _RUNNERS.popitem(last=False)
     _RUNNERS.move_to_end(key)
     return _RUNNERS[key]
 
 
-def _new_runner(source: ModelSource, engine: str, onnx_dir: Path | None) -> tuple[BatchRunner, int]:
+def _new_runner(source: ModelSource, engine: str, cache_dir: Path | None) -> tuple[BatchRunner, int]:
     if engine != "keras":
         try:
-            session = onnx_session(source, onnx_dir)
+            graph = cached_onnx_graph(source, cache_dir)
         except Exception as error:
             if engine == "onnx":
                 raise
@@ -177,27 +178,54 @@ def _new_runner(source: ModelSource, engine: str, onnx_dir: Path | None) -> tupl
                 "features: ONNX Runtime not used (%s: %s); extracting with Keras", type(error).__name__, error
             )
         else:
-            input_name = session.get_inputs()[0].name
-            return (lambda batch: session.run(None, {input_name: batch})[0]), int(session.get_inputs()[0].shape[1])
-    extractor = feature_model(source.model)
-    return (lambda batch: np.asarray(extractor.predict_on_batch(batch))), int(source.model.input.shape[1])
+            return onnx_runner(graph)
+    return keras_runner(source.model)
 
 
-def onnx_session(source: ModelSource, onnx_dir: Path | None = None):
-    """An ONNX Runtime session for the feature sub-model, read from `onnx_dir` or converted (and written there).
+def keras_runner(model: keras.Model) -> tuple[BatchRunner, int]:
+    """A runner images [n, s, s, 1] -> features [n, d] through the Keras feature sub-model, and its input size."""
+    extractor = feature_model(model)
+    return (lambda batch: np.asarray(extractor.predict_on_batch(batch))), int(model.input.shape[1])
 
-    A freshly converted graph is checked against Keras on random images; a mismatch raises RuntimeError.
-    """
-    path = None if onnx_dir is None else onnx_dir / f"{source.key}.onnx"
-    if path is not None and path.is_file():
-        return _new_session(path.read_bytes())
-    graph = export_onnx(source.model)
+
+def onnx_runner(graph: bytes) -> tuple[BatchRunner, int]:
+    """A runner images [n, s, s, 1] -> features [n, d] through ONNX Runtime (`ONNX_CHUNK` images a call), and
+    its input size."""
     session = _new_session(graph)
-    _check_onnx_matches_keras(session, source.model)
+    model_input = session.get_inputs()[0]
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        chunks = [batch[i : i + ONNX_CHUNK] for i in range(0, len(batch), ONNX_CHUNK)]
+        return np.concatenate([session.run(None, {model_input.name: chunk})[0] for chunk in chunks])
+
+    return run, int(model_input.shape[1])
+
+
+def onnx_cache_path(cache_dir: Path, model_key: str) -> Path:
+    """Where `extract_features` keeps the converted graph of the model with that key."""
+    return cache_dir / "onnx" / f"{model_key}.onnx"
+
+
+def cached_onnx_graph(source: ModelSource, cache_dir: Path | None = None) -> bytes:
+    """The feature sub-model's ONNX graph, read from `cache_dir` or converted by `onnx_graph` (and written there)."""
+    path = None if cache_dir is None else onnx_cache_path(cache_dir, source.key)
+    if path is not None and path.is_file():
+        return path.read_bytes()
+    graph = onnx_graph(source.model)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes(path, graph)
-    return session
+    return graph
+
+
+def onnx_graph(model: keras.Model) -> bytes:
+    """The feature sub-model as a serialised ONNX graph, checked against Keras on random images.
+
+    A mismatch beyond `ONNX_TOLERANCE` raises RuntimeError.
+    """
+    graph = export_onnx(model)
+    _check_onnx_matches_keras(_new_session(graph), model)
+    return graph
 
 
 def export_onnx(model: keras.Model) -> bytes:

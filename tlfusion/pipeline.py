@@ -282,8 +282,16 @@ class Pipeline:
                 "data_fingerprint": self.data_fingerprint(),
                 "config": experiment.model_dump(),
             },
+            onnx_graphs=self._converted_onnx_graphs(keys),
         )
         save_bundle(bundle, self.run_dir / "bundle")
+
+    def _converted_onnx_graphs(self, keys: list[str]) -> dict[str, bytes]:
+        """The ONNX graphs the extract stage converted (and checked) for these backbones; none where it ran Keras."""
+        from tlfusion.features import ModelSource, onnx_cache_path
+
+        paths = {key: onnx_cache_path(self.run_dir / "cache", ModelSource(self.model_path(key)).key) for key in keys}
+        return {key: path.read_bytes() for key, path in paths.items() if path.is_file()}
 
     # ----------------------------------------------------------------- evaluate
     def stage_evaluate(self) -> None:
