@@ -21,7 +21,7 @@ from pathlib import Path
 from benchmarks._common import RESULTS_DIR
 
 BENCHMARKS_DIR = Path(__file__).parent
-META_KEYS = ("benchmark", "machine", "settings", "targets", "quick")
+META_KEYS = ("benchmark", "machine", "settings", "targets", "quick", "notes")
 MAX_COLUMNS = 10
 MAX_SUBKEYS = 8
 Table = tuple[str, list[str], list[list]]
@@ -304,6 +304,12 @@ def settings_line(payload: dict) -> str:
     return "Settings: " + "; ".join(f"{k}={fmt(v)}" for k, v in settings.items()) + "." if settings else ""
 
 
+def notes_line(payload: dict) -> str:
+    """``notes``: a string or a list of strings, shown as they are."""
+    notes = payload.get("notes") or []
+    return "Notes: " + " ".join([notes] if isinstance(notes, str) else notes) if notes else ""
+
+
 def is_quick(payload: dict) -> bool:
     return bool(payload.get("quick") or payload.get("settings", {}).get("quick"))
 
@@ -318,6 +324,7 @@ def section(name: str, payload: dict) -> str:
         + (" (this result is from a `--quick` run)" if quick else ""),
         machine_line(payload),
         settings_line(payload),
+        notes_line(payload),
     ]
     try:
         tables = SUMMARISERS.get(name, generic_tables)(payload)

@@ -50,6 +50,7 @@ def results(tmp_path: Path) -> Path:
         "made_up",
         {
             "machine": MACHINE,
+            "notes": ["first note.", "second note."],
             "speed_s": 3.0,
             "accuracy": 0.8,
             "per_model": {"m1": {"kappa": 0.25, "test": {"auroc": 0.61}}, "m2": {"kappa": 0.35}},
@@ -83,6 +84,7 @@ def test_results_md_has_a_section_and_table_per_file(results: Path, tmp_path: Pa
     assert "load average (1 min) 1.5" in text
     assert "| m1 | 0.25 | 0.61 |" in text  # generic fallback: a mapping of records becomes a table
     assert "could not read broken.json" in text
+    assert "Notes: first note. second note." in text
 
 
 def test_targets_report_met_not_met_and_unmeasured(results: Path):
