@@ -136,6 +136,20 @@ def init_gain(results: list[dict]) -> list[dict]:
     return gains
 
 
+def mean_gain(gains: list[dict]) -> list[dict]:
+    """Per experiment: the in-domain minus scratch deltas averaged over models, and how many are positive."""
+    summary = []
+    for name in dict.fromkeys(g["experiment"] for g in gains):
+        rows = [g for g in gains if g["experiment"] == name]
+        row = {"experiment": name, "models": len(rows)}
+        for metric in ("kappa", "auroc"):
+            deltas = [g[f"delta_{metric}"] for g in rows]
+            row[f"mean_delta_{metric}"] = round(sum(deltas) / len(deltas), 4)
+            row[f"positive_delta_{metric}"] = sum(delta > 0 for delta in deltas)
+        summary.append(row)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fracatlas_hand only")
@@ -169,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": results,
         "fusion_minus_best_single": [gain for result in results for gain in fusion_gain(result)],
         "in_domain_minus_scratch": init_gain(results),
+        "in_domain_minus_scratch_mean": mean_gain(init_gain(results)),
     }
     print("missing runs:", missing or "none")
     print("results:", write_result("accuracy", payload))

@@ -225,6 +225,13 @@ def summarise_accuracy(payload: dict) -> list[Table]:
         [g["experiment"], g["model"], g["delta_kappa"], g["delta_auroc"]] for g in payload["in_domain_minus_scratch"]
     ]
     tables.append(("in-domain minus scratch (test)", ["experiment", "model", "Δ kappa", "Δ AUROC"], init))
+    means = [
+        [m["experiment"], m["models"], m["mean_delta_kappa"], m["positive_delta_kappa"], m["mean_delta_auroc"]]
+        + [m["positive_delta_auroc"]]
+        for m in payload.get("in_domain_minus_scratch_mean", [])
+    ]
+    mean_header = ["experiment", "models", "mean Δ kappa", "Δ kappa > 0", "mean Δ AUROC", "Δ AUROC > 0"]
+    tables.append(("in-domain minus scratch, averaged over models", mean_header, means))
     if payload.get("missing"):
         tables.append(("runs not finished", ["run"], [[name] for name in payload["missing"]]))
     return tables

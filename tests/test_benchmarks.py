@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks import results_md
 from benchmarks._common import measure_command
-from benchmarks.accuracy import fusion_gain, init_gain
+from benchmarks.accuracy import fusion_gain, init_gain, mean_gain
 from benchmarks.scaling import linear_fit
 
 MACHINE = {"processor": "x86_64", "cpu_count": 2, "load_average_1min": 1.5, "platform": "Linux", "python": "3.11"}
@@ -67,6 +67,7 @@ def results(tmp_path: Path) -> Path:
             "runs": runs,
             "fusion_minus_best_single": [g for run in runs for g in fusion_gain(run)],
             "in_domain_minus_scratch": init_gain(runs),
+            "in_domain_minus_scratch_mean": mean_gain(init_gain(runs)),
             "missing": ["leg__scratch"],
         },
     )
@@ -99,6 +100,7 @@ def test_accuracy_summary_tables(results: Path):
     text = results_md.section("accuracy", json.loads((results / "accuracy.json").read_text()))
     assert "| hand | in_domain | lr | 0.5 | 0.4 | b | 0.1 | 0.02 |" in text
     assert "| hand | fusion/lr | 0.3 | 0 |" in text
+    assert "| hand | 3 | 0.1 | 1 | 0 | 0 |" in text
     assert "leg__scratch" in text
 
 
