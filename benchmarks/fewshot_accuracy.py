@@ -1,0 +1,241 @@
+"""Few-shot accuracy: 2-way 5-shot AUROC / accuracy (mean ± 95% CI over episodes) per data set, extractor and
+few-shot classifier, with our in-domain backbones against the same architectures with random weights.
+
+    python -m benchmarks.fewshot_accuracy [--quick]
+
+Data sets (none of their evaluated images was seen by the in-domain backbones; checked against seen_images.txt):
+
+- ``covid``: COVID-19 vs No finding, covid/actualmed + covid/figure1, grouped by ``patientid`` (never used in
+  pretraining). 5 queries per class: the "No finding" class has only 21 patients.
+- ``kermany_test``: Kermany NORMAL vs PNEUMONIA, only the seed-0 patient-grouped test part that the pretraining
+  dropped (``assign_splits(test_fraction=0.2, val_fraction=0.2, seed=0)``, grouped by ``patient_key``).
+- ``fracatlas_hand``: FracAtlas hand, fractured vs not (held out of pretraining); no patient ids, so each image
+  is its own group.
+
+Extractors (128 px, pooled penultimate features via ``tlfusion.features.extract_features`` with a cache under
+``.cache/fewshot_accuracy``): the shipped in-domain MobileNetV2 and EfficientNetB0, their fusion (per-block L2,
+as the pipeline's few-shot stage does), and the same three with random weights ("scratch", seed 0).
+
+No test-set selection: feature transforms (power 0.5, centring on the support / episode / NIH base mean) and
+transductive soft k-means prototype refinement were screened on the development sets ``kermany_test`` and
+``fracatlas_hand`` only (300 episodes, seed 1; see ``DEV_SCREEN``). None beat the L2-normalised (cosine)
+prototype by more than 0.003 mean AUROC and refinement lost 0.03-0.05, so no new default was adopted; COVID is
+reported for every registered classifier, none selected on it. Writes benchmarks/results/fewshot_accuracy.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator
+
+from benchmarks._common import machine_info, write_result
+from tlfusion.data.images import file_sha256
+from tlfusion.data.sources import read_csv
+from tlfusion.data.splits import assign_splits
+from tlfusion.fewshot import FEWSHOT_CLASSIFIERS, evaluate_episodes, make_fewshot_classifier, sample_episodes
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+CACHE = ROOT / ".cache" / "fewshot_accuracy"
+IMAGE_SIZE = 128
+ARCHITECTURES = ("mobilenetv2", "efficientnetb0")
+SHIPPED = {arch: ROOT / "saved_models" / f"{arch}_xray128" / "model.keras" for arch in ARCHITECTURES}
+WAYS, SHOTS, SEED = 2, 5, 0
+QUERIES = {"covid": 5, "kermany_test": 15, "fracatlas_hand": 15}
+DEVELOPMENT = ("kermany_test", "fracatlas_hand")
+# Mean AUROC over kermany_test and fracatlas_hand x in-domain (mobilenetv2, efficientnetb0, fusion), 2-way 5-shot
+# 15 queries, 300 episodes, seed 1 (a development seed): (power, centring, soft k-means steps, temperature).
+DEV_SCREEN = {
+    "L2-normalised prototype, i.e. prototype_cosine (1, none, 0)": 0.755,
+    "l2 + support centring (1, support, 0)": 0.743,
+    "l2 + episode centring, transductive (1, episode, 0)": 0.740,
+    "l2 + NIH base centring (1, base, 0)": 0.753,
+    "power 0.5 + l2 (0.5, none, 0)": 0.752,
+    "power 0.5 + NIH base centring + l2 (0.5, base, 0)": 0.758,
+    "power 0.5 + episode centring + l2 + soft k-means 5 steps, T=10": 0.724,
+    "power 0.5 + support centring + l2 + soft k-means 5 steps, T=10": 0.727,
+    "l2 + episode centring + soft k-means 5 steps, T=10": 0.706,
+}
+COVID_LABELS = {"COVID-19": "covid", "No finding": "normal"}
+
+
+# ---------------------------------------------------------------------------------------------- data sets
+
+
+def covid_table() -> pd.DataFrame:
+    """COVID-19 vs No finding from Actualmed and Figure 1, one patient per ``patientid``."""
+    parts = [
+        read_csv(
+            DATA / "covid" / name / "metadata.csv",
+            label_column="finding",
+            patient_column="patientid",
+            label_map=COVID_LABELS,
+        )
+        for name in ("actualmed", "figure1")
+    ]
+    return pd.concat(parts, ignore_index=True)
+
+
+def kermany_test_table() -> pd.DataFrame:
+    """The held-out test part of Kermany's seed-0 patient-grouped split (the part pretraining dropped)."""
+    table = read_csv(DATA / "kermany_pneumonia" / "labels.csv", patient_column="patient_key")
+    split = assign_splits(table, test_fraction=0.2, val_fraction=0.2, seed=0)
+    return split[split["split"] == "test"].reset_index(drop=True)
+
+
+def fracatlas_hand_table() -> pd.DataFrame:
+    """FracAtlas hand, fractured ("1") vs not ("0"); every image its own group (no patient ids)."""
+    return read_csv(
+        DATA / "fracatlas" / "dataset.csv",
+        label_column="fractured",
+        region_column="primary_region",
+        filters={"primary_region": "hand"},
+    )
+
+
+def base_table() -> pd.DataFrame:
+    """NIH ChestX-ray14 thumbnails: a base set (for SimpleShot's base mean) that no evaluated set shares."""
+    return read_csv(DATA / "nih1000" / "labels.csv", label_column="binary_label", patient_column="Patient ID")
+
+
+DATASETS: dict[str, Callable[[], pd.DataFrame]] = {
+    "covid": covid_table,
+    "kermany_test": kermany_test_table,
+    "fracatlas_hand": fracatlas_hand_table,
+}
+
+
+def seen_overlap(table: pd.DataFrame) -> dict[str, int]:
+    """How many of the table's images each shipped backbone saw in pretraining (must all be 0)."""
+    hashes = {file_sha256(path) for path in table["path"]}
+    return {
+        arch: len(hashes & set((path.parent / "seen_images.txt").read_text().split())) for arch, path in SHIPPED.items()
+    }
+
+
+# --------------------------------------------------------------------------------------------- extractors
+
+
+def scratch_model(arch: str) -> Path:
+    """The architecture with random weights (seed 0), saved once so its feature cache key is stable."""
+    path = CACHE / f"scratch_{arch}_{IMAGE_SIZE}.keras"
+    if not path.is_file():
+        import keras
+
+        from tlfusion.backbones import build_backbone
+
+        keras.utils.set_random_seed(SEED)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        build_backbone(arch, IMAGE_SIZE, weights=None).save(path)
+    return path
+
+
+def features(model: Path, paths: list[str]) -> np.ndarray:
+    from tlfusion.features import extract_features
+
+    return extract_features(model, paths, IMAGE_SIZE, cache_dir=CACHE, progress=False)
+
+
+def l2_rows(X: np.ndarray) -> np.ndarray:
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
+def extractor_features(paths: list[str]) -> dict[str, np.ndarray]:
+    """Feature matrix per extractor name ("in_domain/mobilenetv2", ..., "scratch/fusion")."""
+    out = {}
+    for start, model_of in (("in_domain", SHIPPED.__getitem__), ("scratch", scratch_model)):
+        blocks = {arch: features(model_of(arch), paths) for arch in ARCHITECTURES}
+        out.update({f"{start}/{arch}": block for arch, block in blocks.items()})
+        out[f"{start}/fusion"] = np.hstack([l2_rows(block) for block in blocks.values()])  # per-block L2
+    return out
+
+
+# -------------------------------------------------------------------------------------------- classifiers
+
+
+def classifier_variants(base_mean: np.ndarray | None) -> dict[str, BaseEstimator]:
+    """Every registered few-shot classifier, plus SimpleShot centred on the NIH base-set mean."""
+    variants = {name: make_fewshot_classifier(name) for name in FEWSHOT_CLASSIFIERS}
+    if base_mean is not None:
+        variants["simpleshot_nih_base"] = make_fewshot_classifier("simpleshot", base_mean=base_mean)
+    return variants
+
+
+def summary(scores: dict) -> dict:
+    return {metric: {k: scores[metric][k] for k in ("mean", "ci95")} for metric in ("auroc", "accuracy")}
+
+
+def run_dataset(name: str, episodes: int, base_paths: list[str]) -> dict:
+    table = DATASETS[name]()
+    overlap = seen_overlap(table)
+    if any(overlap.values()):
+        raise SystemExit(f"{name}: {overlap} evaluated images were seen in pretraining")
+    y, groups = table["label"].astype(str).to_numpy(), table["patient"].astype(str).to_numpy()
+    sampled = sample_episodes(y, groups, WAYS, SHOTS, QUERIES[name], episodes, seed=SEED)
+    all_features = extractor_features(list(table["path"]))
+    base = extractor_features(base_paths)
+    results = {}
+    for extractor, X in all_features.items():
+        started = time.perf_counter()
+        rows = {}
+        for classifier, estimator in classifier_variants(base[extractor].mean(axis=0)).items():
+            rows[classifier] = summary(evaluate_episodes(X, y, sampled, estimator))
+        results[extractor] = rows
+        best = max(rows, key=lambda c: rows[c]["auroc"]["mean"])
+        print(
+            f"{name:15s} {extractor:26s} ({time.perf_counter() - started:5.1f} s) "
+            + " ".join(f"{c}={r['auroc']['mean']:.3f}" for c, r in rows.items())
+            + f"  [max {best}]"
+        )
+    counts = {
+        str(label): {"images": int((y == label).sum()), "patients": int(len(np.unique(groups[y == label])))}
+        for label in np.unique(y)
+    }
+    return {"queries": QUERIES[name], "counts": counts, "images_seen_in_pretraining": overlap, "results": results}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="100 episodes instead of 1000")
+    quick = parser.parse_args(argv).quick
+    episodes = 100 if quick else 1000
+    started = time.perf_counter()
+    base_paths = list(base_table()["path"])
+    datasets = {name: run_dataset(name, episodes, base_paths) for name in DATASETS}
+    result = {
+        "benchmark": "fewshot_accuracy",
+        "machine": machine_info("tensorflow", "keras", "numpy", "scikit-learn", "onnxruntime"),
+        "settings": {
+            "ways": WAYS,
+            "shots": SHOTS,
+            "queries": QUERIES,
+            "episodes": episodes,
+            "seed": SEED,
+            "image_size": IMAGE_SIZE,
+            "ci": "mean ± 1.96·std/√episodes",
+            "fusion": "per-backbone L2 then concatenation (stateless; as the pipeline's few-shot stage)",
+            "scratch": "same architecture, random weights (keras seed 0)",
+            "base_set": "nih1000 (all 1000 thumbnails) for simpleshot_nih_base",
+            "development_sets": list(DEVELOPMENT),
+            "dev_screen_mean_auroc": DEV_SCREEN,
+            "dev_screen_decision": "none adopted (gain <= 0.003 AUROC); decided on the development sets only",
+            "quick": quick,
+        },
+        "datasets": datasets,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    print(f"wrote {write_result('fewshot_accuracy_quick' if quick else 'fewshot_accuracy', result)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
