@@ -118,6 +118,20 @@ def test_image_dataset_batches_in_order(tmp_path):
     assert np.allclose(stacked[:, 0, 0, 0], [0, 20, 40, 60, 80])
 
 
+def test_decoded_batches_match_load_batch_in_order(tmp_path):
+    paths = [str(write_png(tmp_path / f"{i}.png", np.full((8, 6), i * 20, np.uint8))) for i in range(7)]
+    batches = list(images.decoded_batches(paths, 8, batch_size=3, prefetch=1))
+    assert [len(b) for b in batches] == [3, 3, 1]
+    np.testing.assert_array_equal(np.concatenate(batches), images.load_batch(paths, 8))
+
+
+def test_decoded_batches_name_an_unreadable_file(tmp_path):
+    good = str(write_png(tmp_path / "good.png", np.zeros((8, 8), np.uint8)))
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(InputError, match="bad.png"):
+        list(images.decoded_batches([good, good, str(tmp_path / "bad.png")], 8, batch_size=1))
+
+
 def test_scan_images_skip_bad(tmp_path):
     good = str(write_png(tmp_path / "good.png", xray_like(0, 16)))
     bad = tmp_path / "bad.png"

@@ -43,7 +43,7 @@ from xgboost import XGBClassifier, XGBModel
 
 from tlfusion import __version__
 from tlfusion.backbones import FEATURES_LAYER, image_size_of, load_model_file
-from tlfusion.data.images import file_sha256, image_dataset
+from tlfusion.data.images import decoded_batches, file_sha256
 from tlfusion.errors import InputError
 from tlfusion.features import BatchRunner, FeatureFusion, fuse, keras_runner, onnx_runner
 
@@ -121,8 +121,8 @@ class Bundle:
         """Probability of the positive class for each image file (decoded as the bundle's backbones expect)."""
         if len(paths) == 0:
             raise InputError("paths: no images to predict")
-        batches = image_dataset([str(path) for path in paths], self.image_size, self.clahe, batch_size)
-        return np.concatenate([self.predict_proba(batch) for batch in batches.as_numpy_iterator()])
+        batches = decoded_batches(paths, self.image_size, self.clahe, batch_size)
+        return np.concatenate([self.predict_proba(batch) for batch in batches])
 
     def _check_images(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images, dtype=np.float32)

@@ -1,6 +1,6 @@
 """Penultimate-feature extraction with an on-disk cache, and `FeatureFusion`, the transformer over fused features.
 
-`extract_features` decodes images with the parallel `tf.data` pipeline and runs the backbone's feature sub-model
+`extract_features` decodes images one batch ahead (`decoded_batches`) and runs the backbone's feature sub-model
 with ONNX Runtime (converted once with tf2onnx) or Keras. Features are cached on disk under a key made of the model
 (file sha256 or weights hash) and the preprocessing (image size, CLAHE); inside it every image is keyed by the
 sha256 of its file, so a re-run extracts only images it has not seen::
@@ -34,7 +34,7 @@ from sklearn.preprocessing import StandardScaler, normalize
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from tlfusion.backbones import INPUT_NAME, feature_model, load_model_file
-from tlfusion.data.images import file_sha256, image_dataset
+from tlfusion.data.images import decoded_batches, file_sha256
 from tlfusion.errors import InputError
 from tlfusion.fileio import write_bytes
 
@@ -151,7 +151,7 @@ def _compute(
         raise InputError(f"image size {image_size} differs from the model's {input_size}")
     outputs = []
     with _progress_bar(len(paths), progress) as advance:
-        for batch in image_dataset(paths, image_size, clahe, batch_size).as_numpy_iterator():
+        for batch in decoded_batches(paths, image_size, clahe, batch_size):
             outputs.append(run_batch(batch))
             advance(len(batch))
     return np.concatenate(outputs).astype(np.float32, copy=False)

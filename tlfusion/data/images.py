@@ -7,7 +7,9 @@ three channels and applies the architecture's normalisation, so one decoded imag
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -124,6 +126,26 @@ def load_batch(paths: Sequence[str | Path], size: int, clahe: bool = False) -> n
     )
 
 
+def decoded_batches(
+    paths: Sequence[str | Path], size: int, clahe: bool = False, batch_size: int = 32, prefetch: int = 2
+) -> Iterator[np.ndarray]:
+    """`load_batch` over `paths` in batches [k, size, size, 1], decoded by one thread up to `prefetch` batches ahead.
+
+    For inference: one decoding thread beside the model's own threads. On 2 CPU cores, parallel decoding made
+    ONNX Runtime's threads wait on each other (DenseNet121 at 224 px: 18.7 images/s through `image_dataset`,
+    29-30 this way; decoding alone runs at ~800 images/s).
+    """
+    chunks = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tlfusion-decode") as pool:
+        pending: deque[Future] = deque()
+        for chunk in chunks:
+            pending.append(pool.submit(load_batch, chunk, size, clahe))
+            if len(pending) > prefetch:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def image_dataset(
     paths: Sequence[str],
     size: int,
@@ -131,7 +153,8 @@ def image_dataset(
     batch_size: int = 32,
     labels: np.ndarray | None = None,
 ):
-    """A `tf.data` pipeline that decodes in parallel, batches and prefetches (labels zipped in when given).
+    """A `tf.data` pipeline that decodes in parallel, batches and prefetches (labels zipped in when given); for
+    training, where Keras consumes a dataset.
 
     Files are expected to have been checked by `scan_images`; a decode error here is an internal error.
     """
