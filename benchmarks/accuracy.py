@@ -9,7 +9,9 @@ run's metrics.json: the image-level test rows (kappa, F1, accuracy, AUROC with p
 model selected on the training split, fusion minus the best single backbone per classifier, and in-domain minus
 scratch per model. Runnable experiments on ../shared/data: fracatlas_hand, fracatlas_leg, kermany_pneumonia;
 `--quick` takes fracatlas_hand only. `--no-run` tabulates the runs already finished. One run per (experiment,
-init), seed 0: the CIs, not repeats, carry the uncertainty. Writes benchmarks/results/accuracy.json.
+init), seed 0: the CIs, not repeats, carry the uncertainty. Writes benchmarks/results/accuracy.json, keeping the
+results of (experiment, init) pairs from its earlier version that this invocation did not measure (listed in
+`carried_over`), so the experiments can be run one at a time.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks._common import load_average, machine_info, measure_command, write_result
+from benchmarks._common import RESULTS_DIR, load_average, machine_info, measure_command, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "benchmarks" / "accuracy"
@@ -150,6 +152,16 @@ def mean_gain(gains: list[dict]) -> list[dict]:
     return summary
 
 
+def earlier_runs(measured: list[dict]) -> list[dict]:
+    """Runs in the earlier accuracy.json for (experiment, init) pairs not in `measured`."""
+    path = RESULTS_DIR / "accuracy.json"
+    if not path.is_file():
+        return []
+    fresh = {(result["experiment"], result["init"]) for result in measured}
+    earlier = json.loads(path.read_text()).get("runs", [])
+    return [result for result in earlier if (result["experiment"], result["init"]) not in fresh]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fracatlas_hand only")
@@ -163,13 +175,16 @@ def main(argv: list[str] | None = None) -> dict:
     runs = {} if args.no_run else {f"{n}__{i}": run(n, i) for n in names for i in args.inits}
     results = [result for n in names for i in args.inits if (result := read_run(n, i))]
     missing = [f"{n}__{i}" for n in names for i in args.inits if not read_run(n, i)]
+    carried = earlier_runs(results)
+    results = sorted(results + carried, key=lambda result: (EXPERIMENTS.index(result["experiment"]), result["init"]))
     machine["load_average_1min_after"] = load_average()[0]
     payload = {
         "benchmark": "accuracy",
         "machine": machine,
         "settings": {
             "quick": args.quick,
-            "experiments": names,
+            "experiments": list(dict.fromkeys(result["experiment"] for result in results)),
+            "measured_now": names,
             "inits": args.inits,
             "overrides": {init: " ".join(overrides(names[0], init)) for init in args.inits},
             "runs_folder": str(RUNS.relative_to(REPO)),
@@ -180,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_s": round(time.perf_counter() - started, 1),
         "command_runs": runs,
         "missing": missing,
+        "carried_over": [f"{result['experiment']}__{result['init']}" for result in carried],
         "runs": results,
         "fusion_minus_best_single": [gain for result in results for gain in fusion_gain(result)],
         "in_domain_minus_scratch": init_gain(results),

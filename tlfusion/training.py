@@ -292,6 +292,7 @@ def _run(
                 epochs=phase.end_epoch,
                 class_weight=class_weight,
                 callbacks=[recorder],
+                shuffle=False,  # the dataset shuffles itself, seeded per epoch
                 verbose=verbose,
             )
     model_path = _export_best(task, out_dir, options)
