@@ -128,24 +128,44 @@ def summarise_fewshot(payload: dict) -> list[Table]:
 
 
 def summarise_finetune(payload: dict) -> list[Table]:
-    header = ["init", "status", "epochs", "train s", "val AUROC", "test kappa [95% CI]", "test AUROC [95% CI]", "F1"]
+    """One row per start and recipe; the recipe each start selected on val is marked."""
+    header = ["init", "recipe", "epochs", "train s", "val AUROC", "test kappa [95% CI]", "test AUROC [95% CI]", "F1"]
     rows = []
     for init, result in payload["results"].items():
-        test = result.get("test", {})
-        ci = test.get("ci95", {})
-        rows.append(
-            [
-                init,
-                result.get("status"),
-                result.get("epochs_run"),
-                result.get("train_seconds"),
-                result.get("val_auroc"),
-                with_ci(test.get("kappa"), ci.get("kappa")),
-                with_ci(test.get("auroc"), ci.get("auroc")),
-                test.get("f1"),
-            ]
-        )
+        runs = result.get("recipes", {result.get("selected_on_val", "-"): result})
+        for recipe, run in runs.items():
+            test, mark = run.get("test", {}), " (selected on val)" if recipe == result.get("selected_on_val") else ""
+            ci = test.get("ci95", {})
+            rows.append(
+                [
+                    init,
+                    recipe + mark if run.get("status") == "ok" else result.get("status"),
+                    run.get("epochs_run"),
+                    run.get("train_seconds"),
+                    run.get("val_auroc"),
+                    with_ci(test.get("kappa"), ci.get("kappa")),
+                    with_ci(test.get("auroc"), ci.get("auroc")),
+                    test.get("f1"),
+                ]
+            )
     return [("test split", header, rows)]
+
+
+def auroc_cell(auroc: dict) -> str:
+    return with_ci(auroc["mean"], auroc["ci95"])
+
+
+def summarise_fewshot_accuracy(payload: dict) -> list[Table]:
+    """Per data set: one row per extractor, one AUROC [95% CI] column per classifier."""
+    tables = []
+    for dataset, block in payload["datasets"].items():
+        classifiers = list(dict.fromkeys(name for result in block["results"].values() for name in result))
+        rows = [
+            [extractor, *(auroc_cell(scores[name]["auroc"]) for name in classifiers)]
+            for extractor, scores in block["results"].items()
+        ]
+        tables.append((f"{dataset}: episode AUROC [95% CI]", ["extractor", *classifiers], rows))
+    return tables
 
 
 def summarise_semantic(payload: dict) -> list[Table]:
@@ -255,6 +275,7 @@ def with_ci(value, interval) -> str:
 SUMMARISERS: dict[str, Callable[[dict], list[Table]]] = {
     "fewshot_speed": summarise_fewshot,
     "finetune_transfer": summarise_finetune,
+    "fewshot_accuracy": summarise_fewshot_accuracy,
     "semantic_nih1000": summarise_semantic,
     "scaling": summarise_scaling,
     "end_to_end": summarise_end_to_end,
