@@ -6,8 +6,9 @@ FracAtlas hand (never seen in pretraining, see saved_models/mobilenetv2_xray128/
 label-stratified parts (each image is its own group: FracAtlas has no patient ids): part 0 (20 %) trains, part 1
 (20 %) validates (best epoch and decision threshold), parts 2-4 (60 %) are the held-out test set, touched once
 per model. The same architecture is fine-tuned from random init, from our in-domain checkpoint and from ImageNet
-(recorded as unavailable when the weights cannot be downloaded), each with the same three recipes (RECIPES);
-the recipe with the best val AUROC is that start's result. Writes benchmarks/results/finetune_transfer.json.
+(recorded as unavailable when the weights cannot be downloaded), each with the same three recipes (RECIPES),
+pretrained starts both with BatchNorm statistics kept and re-estimated; the recipe with the best val AUROC is
+that start's result. Writes benchmarks/results/finetune_transfer.json.
 """
 
 from __future__ import annotations
@@ -41,12 +42,23 @@ FULL = {"image_size": 128, "epochs": 20, "patience": 6, "batch_size": 16}
 QUICK = {"image_size": 64, "epochs": 5, "patience": 2, "batch_size": 16}
 INITS = {"scratch": None, "in_domain": PRETRAINED, "imagenet": "imagenet"}
 # Every start tries the same recipes; the one with the best val AUROC is its result (the test split never picks).
-# Pretrained starts keep BatchNorm in inference mode once unfrozen; random init trains it (training.finetune).
 RECIPES = {
     "all_at_once": {"warmup_epochs": 0, "unfrozen_learning_rate": 1e-3},
     "warmup_then_gentle": {"warmup_epochs": 2, "unfrozen_learning_rate": 1e-4},
     "long_warmup_then_gentler": {"warmup_epochs": 4, "unfrozen_learning_rate": 3e-5},
 }
+# Random init must train BatchNorm; pretrained starts try both keeping its statistics and re-estimating them.
+BATCHNORM = {"scratch": ("train",), "in_domain": ("freeze", "train"), "imagenet": ("freeze", "train")}
+
+
+def candidates(init: str) -> dict[str, dict]:
+    """Recipe name -> finetune keyword arguments, for one start."""
+    modes = BATCHNORM[init]
+    return {
+        recipe if len(modes) == 1 else f"{recipe}/bn_{mode}": {**arguments, "batchnorm": mode}
+        for recipe, arguments in RECIPES.items()
+        for mode in modes
+    }
 
 
 def hand_table(seed: int = 0) -> pd.DataFrame:
@@ -76,8 +88,8 @@ def evaluate(model_path: Path, table: pd.DataFrame, image_size: int) -> dict:
     return {"threshold_from_val": threshold, "val_auroc": binary_metrics(*scores["val"])["auroc"], "test": test}
 
 
-def run_one(init: str, recipe: str, table: pd.DataFrame, settings: dict, seed: int) -> dict:
-    """Fine-tune from `init` with `recipe`; val and test metrics of the best-val-AUC epoch."""
+def run_one(init: str, recipe: str, arguments: dict, table: pd.DataFrame, settings: dict, seed: int) -> dict:
+    """Fine-tune from `init` with one recipe's `arguments`; val and test metrics of the best-val-AUC epoch."""
     started = time.perf_counter()
     result = finetune(
         table,
@@ -88,7 +100,7 @@ def run_one(init: str, recipe: str, table: pd.DataFrame, settings: dict, seed: i
         learning_rate=1e-3,
         seed=seed,
         verbose=0,
-        **RECIPES[recipe],
+        **arguments,
         **settings,
     )
     return {
@@ -103,7 +115,10 @@ def run_one(init: str, recipe: str, table: pd.DataFrame, settings: dict, seed: i
 def run_init(init: str, table: pd.DataFrame, settings: dict, seed: int) -> dict:
     """Every recipe from one start, and the recipe selected on val AUROC; ImageNet may be unavailable offline."""
     try:
-        runs = {recipe: run_one(init, recipe, table, settings, seed) for recipe in RECIPES}
+        runs = {
+            recipe: run_one(init, recipe, arguments, table, settings, seed)
+            for recipe, arguments in candidates(init).items()
+        }
     except InputError as error:
         if init == "imagenet":
             return {"status": "unavailable offline", "error": str(error)}
@@ -137,6 +152,7 @@ def main() -> None:
             "seed": seed,
             "head_learning_rate": 1e-3,
             "recipes": RECIPES,
+            "batchnorm": BATCHNORM,
             "recipe_selection": "max val AUROC per start",
             **settings,
             "threshold": "max kappa on val",

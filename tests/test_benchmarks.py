@@ -11,6 +11,7 @@ import pytest
 from benchmarks import results_md
 from benchmarks._common import measure_command
 from benchmarks.accuracy import fusion_gain, init_gain, mean_gain
+from benchmarks.end_to_end import stage_timings
 from benchmarks.scaling import linear_fit
 
 MACHINE = {"processor": "x86_64", "cpu_count": 2, "load_average_1min": 1.5, "platform": "Linux", "python": "3.11"}
@@ -112,6 +113,16 @@ def test_fusion_gain_compares_with_the_best_single_backbone_per_metric():
     (gain,) = fusion_gain(accuracy_run("in_domain", 0.35))
     assert gain["best_single_kappa_backbone"] == "b" and gain["delta_kappa"] == pytest.approx(-0.05)
     assert gain["best_single_auroc_backbone"] == "a" and gain["delta_auroc"] == pytest.approx(0.02)
+
+
+def test_stage_timings_read_computed_and_skipped_stages_from_run_log():
+    log = (
+        "2026-11-23 16:41:11,937 INFO stage data ...\n"
+        "2026-11-23 16:41:14,790 INFO stage data done in 2.9 s\n"
+        "2026-11-23 16:41:14,795 INFO stage finetune unchanged, skipped\n"
+        "2026-11-23 16:41:20,001 INFO stage extract done in 35.3 s\n"
+    )
+    assert stage_timings(log) == {"data": 2.9, "finetune": "skipped", "extract": 35.3}
 
 
 def test_linear_fit_recovers_slope_and_intercept():

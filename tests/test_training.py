@@ -82,6 +82,29 @@ def test_finetune_from_pretrained_warms_up_then_unfreezes_all_but_batchnorm(pret
     assert np.abs(before - checkpoint.get_layer("Conv_1").get_weights()[0]).max() > 1e-6  # unfrozen: trained
 
 
+def test_finetune_can_train_batchnorm_from_pretrained_weights(pretrained, table, tmp_path):
+    training.finetune(
+        table,
+        "mobilenetv2",
+        tmp_path,
+        positive_class="fractured",
+        weights=pretrained.model_path,
+        warmup_epochs=0,
+        epochs=1,
+        batchnorm="train",
+        **TINY,
+    )
+    checkpoint = keras.saving.load_model(tmp_path / "checkpoint.keras")
+    batchnorm = [layer for layer in checkpoint.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert batchnorm and all(layer.trainable for layer in batchnorm)
+    assert {layer.momentum for layer in batchnorm} == {training.TRAINED_BATCHNORM_MOMENTUM}
+
+
+def test_finetune_refuses_an_unknown_batchnorm_mode(table, tmp_path):
+    with pytest.raises(InputError, match="batchnorm"):
+        training.finetune(table, "mobilenetv2", tmp_path, positive_class="fractured", batchnorm="sometimes", **TINY)
+
+
 def test_resume_continues_from_the_checkpoint(pretrained, table, tmp_path, monkeypatch):
     training.pretrain(table, "mobilenetv2", tmp_path, epochs=1, **TINY)
     first = json.loads((tmp_path / "state.json").read_text())

@@ -76,7 +76,11 @@ class BackboneEntry(Strict):
 
 
 class FinetuneSpec(Strict):
-    """`epochs` counts every epoch; the first `warmup_epochs` train only the head (backbone frozen)."""
+    """`epochs` counts every epoch; the first `warmup_epochs` train only the head (backbone frozen).
+
+    `batchnorm`: "freeze" keeps BatchNorm statistics once unfrozen, "train" re-estimates them, "auto" freezes them
+    from pretrained weights and trains them from random init.
+    """
 
     enabled: bool = True
     warmup_epochs: int = Field(2, ge=0)
@@ -85,6 +89,7 @@ class FinetuneSpec(Strict):
     unfrozen_learning_rate: float = Field(1e-4, gt=0)
     batch_size: int = Field(32, ge=1)
     patience: int = Field(3, ge=1)
+    batchnorm: Literal["auto", "train", "freeze"] = "auto"
 
 
 class FeaturesSpec(Strict):

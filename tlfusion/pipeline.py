@@ -175,6 +175,7 @@ class Pipeline:
                 unfrozen_learning_rate=spec.unfrozen_learning_rate,
                 batch_size=spec.batch_size,
                 patience=spec.patience,
+                batchnorm=spec.batchnorm,
                 seed=experiment.seed,
                 options=entry.options,
             )

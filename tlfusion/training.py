@@ -38,7 +38,7 @@ STATE = "state.json"
 BEST_WEIGHTS = "best.weights.h5"
 MODEL = "model.keras"
 SEEN_IMAGES = "seen_images.txt"
-RANDOM_INIT_BATCHNORM_MOMENTUM = 0.9
+TRAINED_BATCHNORM_MOMENTUM = 0.9
 SHIPPED_FILES = (MODEL, "MODEL_CARD.md", SEEN_IMAGES, "train.json", "history.csv", "curves.png")
 
 
@@ -145,6 +145,7 @@ def finetune(
     resume: bool = False,
     augment: bool = True,
     clahe: bool = False,
+    batchnorm: str = "auto",
     options: Mapping[str, Any] | None = None,
     verbose: int = 1,
 ) -> TrainResult:
@@ -152,9 +153,10 @@ def finetune(
 
     `weights`: None (random init), "imagenet", or a tlfusion `.keras` / `.weights.h5` file (e.g. a pretrained
     `model.keras`; its head is replaced). `epochs` counts every epoch: the first `warmup_epochs` train only the
-    head at `learning_rate`, the rest train everything at `unfrozen_learning_rate`, with BatchNorm layers kept
-    in inference mode when starting from pretrained weights (they train too from random init). The epoch with
-    the best val AUC becomes `model.keras`; early stopping applies after the warm-up.
+    head at `learning_rate`, the rest train everything at `unfrozen_learning_rate`. `batchnorm`: "freeze" keeps
+    BatchNorm layers in inference mode once unfrozen, "train" trains them (moving statistics re-estimated quickly),
+    "auto" freezes them from pretrained weights and trains them from random init. The epoch with the best val AUC
+    becomes `model.keras`; early stopping applies after the warm-up.
     """
     train, val = _train_val(table)
     labels = set(train["label"].astype(str))
@@ -165,9 +167,12 @@ def finetune(
         raise InputError(f"finetune: the 'val' rows need both {positive_class!r} and other labels for a val AUC")
     if not 0 <= warmup_epochs <= _positive(epochs, "epochs"):
         raise InputError(f"finetune: warmup_epochs must be between 0 and epochs ({epochs}), got {warmup_epochs}")
+    if batchnorm not in ("auto", "train", "freeze"):
+        raise InputError(f"finetune: batchnorm must be 'auto', 'train' or 'freeze', got {batchnorm!r}")
+    train_batchnorm = batchnorm == "train" or (batchnorm == "auto" and weights is None)
     phases = (
         _Phase("warmup", warmup_epochs, learning_rate, "head", False),
-        _Phase("unfrozen", epochs, unfrozen_learning_rate, "all" if weights is None else "all_but_batchnorm", True),
+        _Phase("unfrozen", epochs, unfrozen_learning_rate, "all" if train_batchnorm else "all_but_batchnorm", True),
     )
     task = _Task(
         kind="finetune",
@@ -195,6 +200,7 @@ def finetune(
         seed=seed,
         augment=augment,
         clahe=clahe,
+        batchnorm=batchnorm,
         options=dict(options or {}),
     )
     extra = {"classes": [f"not {positive_class}", str(positive_class)]}
@@ -306,13 +312,13 @@ def _initial_model(task: _Task, out_dir: Path, state: dict, weights, options: di
     if state["epoch"] > 0:
         return keras.saving.load_model(out_dir / CHECKPOINT, compile=True, safe_mode=True)
     model = backbones.build_backbone(task.backbone, task.image_size, weights, task.num_outputs, **options)
-    if weights is None:
+    if any(phase.trainable == "all" for phase in task.phases):
         # keras.applications use BatchNorm momentum 0.99-0.999, tuned for ImageNet-length runs: after a few
-        # hundred steps from random init the moving statistics still sit near their initial values and
+        # hundred steps the moving statistics still sit near their initial (or pretrained) values and
         # validation (inference mode) outputs are garbage. Short runs need them to follow the weights faster.
         for layer in model.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
-                layer.momentum = RANDOM_INIT_BATCHNORM_MOMENTUM
+                layer.momentum = TRAINED_BATCHNORM_MOMENTUM
     return model
 
 
@@ -717,7 +723,7 @@ file as `weights=` to `build_backbone` / `training.finetune` (the head is replac
 ## Training
 
 Random init, softmax over the classes above with balanced class weights, Adam lr {settings["learning_rate"]},
-batch {settings["batch_size"]}, BatchNorm momentum {RANDOM_INIT_BATCHNORM_MOMENTUM},
+batch {settings["batch_size"]}, BatchNorm momentum {TRAINED_BATCHNORM_MOMENTUM},
 augmentation {"on" if settings["augment"] else "off"} (flip, +-10 deg rotation,
 zoom/crop, brightness, contrast), CLAHE {"on" if settings["clahe"] else "off"}, seed {settings["seed"]}; up to
 {settings["epochs"]} epochs with early stopping on val loss (patience {settings["patience"]}).
