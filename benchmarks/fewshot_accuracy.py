@@ -14,7 +14,9 @@ Data sets (none of their evaluated images was seen by the in-domain backbones; c
 
 Extractors (128 px, pooled penultimate features via ``tlfusion.features.extract_features`` with a cache under
 ``.cache/fewshot_accuracy``): the shipped in-domain MobileNetV2 and EfficientNetB0, their fusion (per-block L2,
-as the pipeline's few-shot stage does), and the same three with random weights ("scratch", seed 0).
+as the pipeline's few-shot stage does), the same three with random weights ("scratch", seed 0), and
+``chest/mobilenetv2``, pretrained on chest X-rays only (experiments/pretrain_chest.yaml: the Kermany and NIH
+training parts; it saw the NIH base set but none of the evaluated images).
 
 No test-set selection: feature transforms (power 0.5, centring on the support / episode / NIH base mean) and
 transductive soft k-means prototype refinement were screened on the development sets ``kermany_test`` and
@@ -49,6 +51,8 @@ CACHE = ROOT / ".cache" / "fewshot_accuracy"
 IMAGE_SIZE = 128
 ARCHITECTURES = ("mobilenetv2", "efficientnetb0")
 SHIPPED = {arch: ROOT / "saved_models" / f"{arch}_xray128" / "model.keras" for arch in ARCHITECTURES}
+# Pretrained on chest X-rays only (experiments/pretrain_chest.yaml: Kermany train/val + NIH), never on COVID.
+CHEST = ROOT / "saved_models" / "mobilenetv2_chest128" / "model.keras"
 WAYS, SHOTS, SEED = 2, 5, 0
 QUERIES = {"covid": 5, "kermany_test": 15, "fracatlas_hand": 15}
 DEVELOPMENT = ("kermany_test", "fracatlas_hand")
@@ -117,8 +121,9 @@ DATASETS: dict[str, Callable[[], pd.DataFrame]] = {
 def seen_overlap(table: pd.DataFrame) -> dict[str, int]:
     """How many of the table's images each shipped backbone saw in pretraining (must all be 0)."""
     hashes = {file_sha256(path) for path in table["path"]}
+    shipped = {**SHIPPED, "chest/mobilenetv2": CHEST}
     return {
-        arch: len(hashes & set((path.parent / "seen_images.txt").read_text().split())) for arch, path in SHIPPED.items()
+        name: len(hashes & set((path.parent / "seen_images.txt").read_text().split())) for name, path in shipped.items()
     }
 
 
@@ -156,6 +161,7 @@ def extractor_features(paths: list[str]) -> dict[str, np.ndarray]:
         blocks = {arch: features(model_of(arch), paths) for arch in ARCHITECTURES}
         out.update({f"{start}/{arch}": block for arch, block in blocks.items()})
         out[f"{start}/fusion"] = np.hstack([l2_rows(block) for block in blocks.values()])  # per-block L2
+    out["chest/mobilenetv2"] = features(CHEST, paths)
     return out
 
 

@@ -563,6 +563,7 @@ CONFIG_KEYS = {
     "seed",
     "augment",
     "clahe",
+    "limits",
 }
 SOURCE_KEYS = {
     "name",
@@ -746,7 +747,7 @@ Curves: `curves.png`; per-epoch numbers: `history.csv`; everything else: `train.
 
 Small pretraining set (a few thousand images at most, two public sources); validation accuracy is over a
 combined label space with rare classes, so read it as a sanity check, not as a diagnostic figure.
-FracAtlas has no patient ids (each image is its own group) and implants correlate with fractures.
+{config.get("limits", "").strip()}
 """
 
 
