@@ -77,7 +77,11 @@ def test_shipped_experiments_validate():
     folder = Path(__file__).resolve().parents[1] / "experiments"
     for path in sorted(folder.glob("*.yaml")):
         raw = yaml.safe_load(path.read_text())
-        if "backbones" in raw:  # pretraining specs have their own schema
+        if "backbones" in raw:
             from tlfusion.config import Experiment
 
             Experiment.model_validate(raw)
+        else:  # a pretraining spec
+            from tlfusion.training import load_pretraining_config
+
+            assert load_pretraining_config(path)["sources"]
