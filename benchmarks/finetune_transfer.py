@@ -8,7 +8,8 @@ label-stratified parts (each image is its own group: FracAtlas has no patient id
 per model. The same architecture is fine-tuned from random init, from our in-domain checkpoint and from ImageNet
 (recorded as unavailable when the weights cannot be downloaded), each with the same three recipes (RECIPES),
 pretrained starts both with BatchNorm statistics kept and re-estimated; the recipe with the best val AUROC is
-that start's result. Writes benchmarks/results/finetune_transfer.json.
+that start's result. The in-domain and scratch results are then compared on the same test images (kappa and AUROC
+differences with paired image-bootstrap CIs). Writes benchmarks/results/finetune_transfer.json.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from tlfusion.data.images import file_sha256, load_batch
 from tlfusion.data.sources import read_csv
 from tlfusion.data.splits import grouped_folds
 from tlfusion.errors import InputError
-from tlfusion.metrics import binary_metrics, bootstrap_ci, choose_threshold
+from tlfusion.metrics import binary_metrics, bootstrap_ci, choose_threshold, paired_bootstrap_delta
 from tlfusion.training import finetune
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,19 +74,40 @@ def hand_table(seed: int = 0) -> pd.DataFrame:
     return table
 
 
-def evaluate(model_path: Path, table: pd.DataFrame, image_size: int) -> dict:
-    """Threshold chosen on validation (max kappa), then test metrics with image-bootstrap 95 % CIs."""
+def split_scores(model_path: Path, table: pd.DataFrame, image_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(labels, probabilities) of the val and test images under one fine-tuned model."""
     model = load_model_file(model_path, expected=ARCHITECTURE)
     scores = {}
     for split in ("val", "test"):
         part = table[table["split"] == split]
         logits = model.predict(load_batch(list(part["path"]), image_size), batch_size=32, verbose=0).ravel()
         scores[split] = ((part["label"] == POSITIVE).to_numpy(int), 1 / (1 + np.exp(-logits.astype(float))))
+    return scores
+
+
+def evaluate(model_path: Path, table: pd.DataFrame, image_size: int) -> dict:
+    """Threshold chosen on validation (max kappa), then test metrics with image-bootstrap 95 % CIs."""
+    scores = split_scores(model_path, table, image_size)
     threshold = choose_threshold(*scores["val"], criterion="kappa")
     test = binary_metrics(*scores["test"], threshold=threshold)
     intervals = bootstrap_ci(*scores["test"], None, threshold)
     test["ci95"] = {key: intervals[key] for key in ("kappa", "auroc")}
     return {"threshold_from_val": threshold, "val_auroc": binary_metrics(*scores["val"])["auroc"], "test": test}
+
+
+def in_domain_minus_scratch(table: pd.DataFrame, results: dict, image_size: int) -> dict | None:
+    """Each start's val-selected model on the same test images: the kappa and AUROC differences with paired
+    image-bootstrap 95 % CIs (each model at its own val threshold)."""
+    if any(results[init]["status"] != "ok" for init in ("in_domain", "scratch")):
+        return None
+    test = {
+        init: split_scores(RUNS / init / results[init]["selected_on_val"] / "model.keras", table, image_size)["test"]
+        for init in ("in_domain", "scratch")
+    }
+    (labels, in_domain), (_, scratch) = test["in_domain"], test["scratch"]
+    thresholds = (results["in_domain"]["threshold_from_val"], results["scratch"]["threshold_from_val"])
+    delta = paired_bootstrap_delta(labels, in_domain, scratch, None, *thresholds)
+    return {metric: delta[metric] for metric in ("kappa", "auroc")}
 
 
 def run_one(init: str, recipe: str, arguments: dict, table: pd.DataFrame, settings: dict, seed: int) -> dict:
@@ -167,6 +189,7 @@ def main() -> None:
             "hand_images_seen_in_pretraining": leaked_images(table),
         },
         "results": results,
+        "in_domain_minus_scratch": in_domain_minus_scratch(table, results, settings["image_size"]),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     path = write_result("finetune_transfer_quick" if args.quick else "finetune_transfer", payload)
@@ -174,6 +197,7 @@ def main() -> None:
         test = row.get("test", {})
         recipe = row.get("selected_on_val", row["status"])
         print(f"{name:10s} {recipe:25s} kappa {test.get('kappa')} auroc {test.get('auroc')}")
+    print("in-domain minus scratch (paired 95% CI):", payload["in_domain_minus_scratch"])
     print(f"wrote {path}")
 
 

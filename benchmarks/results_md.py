@@ -148,7 +148,12 @@ def summarise_finetune(payload: dict) -> list[Table]:
                     test.get("f1"),
                 ]
             )
-    return [("test split", header, rows)]
+    tables = [("test split", header, rows)]
+    paired = payload.get("in_domain_minus_scratch")
+    if paired:
+        delta_rows = [[metric, d["delta"], d["ci"]] for metric, d in paired.items()]
+        tables.append(("in-domain minus scratch, same test images", ["metric", "delta", "paired 95% CI"], delta_rows))
+    return tables
 
 
 def auroc_cell(auroc: dict) -> str:

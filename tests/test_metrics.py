@@ -11,6 +11,7 @@ from tlfusion.metrics import (
     bootstrap_ci,
     choose_threshold,
     multilabel_auroc,
+    paired_bootstrap_delta,
 )
 
 # 4 positives, 6 negatives; at 0.5: tp=3, fn=1, fp=1, tn=5
@@ -89,6 +90,27 @@ def test_bootstrap_ci_contains_point_estimate_and_is_seeded():
         assert low < point[metric] < high, metric
     assert bootstrap_ci(y, p, groups, n_boot=500, seed=3) == ci
     assert bootstrap_ci(y, p, groups, n_boot=500, seed=4) != ci
+
+
+def test_paired_delta_separates_a_better_model_and_not_itself():
+    y, weak = noisy_scores(400)
+    strong = np.clip(0.4 * y + 0.6 * weak, 0, 1)  # the same noise, a larger label signal
+    groups = np.arange(400) // 4
+    better = paired_bootstrap_delta(y, strong, weak, groups, n_boot=500)
+    observed = binary_metrics(y, strong)["auroc"] - binary_metrics(y, weak)["auroc"]
+    assert better["auroc"]["delta"] == pytest.approx(observed)
+    low, high = better["auroc"]["ci"]
+    assert 0 < low < better["auroc"]["delta"] < high
+    same = paired_bootstrap_delta(y, weak, weak, groups, n_boot=200)
+    assert same["kappa"] == {"delta": 0.0, "ci": [0.0, 0.0]}  # paired: identical models never differ
+    unpaired = bootstrap_ci(y, weak, groups, n_boot=500)["auroc"]
+    assert high - low < unpaired[1] - unpaired[0]  # pairing removes the variance the two models share
+
+
+def test_paired_delta_refuses_scores_of_different_lengths():
+    y, p = noisy_scores(10)
+    with pytest.raises(InputError, match="9"):
+        paired_bootstrap_delta(y, p, p[:9], None)
 
 
 def test_bootstrap_resamples_groups_not_images():

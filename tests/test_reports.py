@@ -8,6 +8,7 @@ from PIL import Image
 
 from tlfusion.errors import InputError
 from tlfusion.metrics import aggregate_by_study, binary_metrics, bootstrap_ci
+from tlfusion.pipeline import fusion_vs_single
 from tlfusion.reports import format_metric, summary_lines, write_reports
 
 BACKBONES = ("densenet121", "resnet50")
@@ -210,6 +211,36 @@ def test_single_vs_fused_table_bolds_the_best_of_each_row(binary_run):
         bold = [index for index, cell in enumerate(cells) if cell.startswith("**")]
         assert bold == [index for index, value in enumerate(values) if value == max(values)]
         assert float(gain) == pytest.approx(values[-1] - max(values[:-1]), abs=1e-3)
+
+
+def test_fusion_vs_single_pairs_each_single_backbone_with_the_same_classifier():
+    predictions = make_predictions()
+    thresholds = dict.fromkeys(predictions["model"].unique(), 0.5)
+    comparisons = fusion_vs_single(predictions, thresholds, n_boot=200)
+    assert {(row["classifier"], row["single"]) for row in comparisons} == {
+        (classifier, f"{backbone}/{classifier}") for classifier in CLASSIFIERS for backbone in BACKBONES
+    }
+    test = predictions[predictions["split"] == "test"]
+    kappa = {model: binary_metrics(rows["y_true"], rows["prob"])["kappa"] for model, rows in test.groupby("model")}
+    for row in comparisons:
+        assert row["level"] == "image"
+        assert row["kappa"]["delta"] == pytest.approx(kappa[row["fusion"]] - kappa[row["single"]])
+        low, high = row["kappa"]["ci"]
+        assert low <= row["kappa"]["delta"] <= high
+
+
+def test_fusion_gain_column_shows_the_paired_interval(tmp_path):
+    predictions = make_predictions()
+    metrics = binary_metrics_json(predictions, study_level=False)
+    metrics["fusion_vs_single"] = fusion_vs_single(
+        predictions, dict.fromkeys(predictions["model"].unique(), 0.5), n_boot=200
+    )
+    write_reports(tmp_path, metrics, predictions)
+    markdown = (tmp_path / "report.md").read_text()
+    assert "paired patient-bootstrap 95% interval" in section(markdown, "Single backbones vs fusion")
+    for *_, gain in table_rows(section(markdown, "Single backbones vs fusion")):
+        value, low, high = (float(part) for part in gain.replace("[", "").replace("]", "").replace(",", "").split())
+        assert low <= value <= high
 
 
 def test_html_is_self_contained_and_references_existing_files(binary_run):

@@ -103,29 +103,42 @@ def bootstrap_ci(
     every resample gets ``None``. ``groups=None`` resamples single items (only for data without patient ids).
     """
     y, p = _binary_inputs(y_true, prob)
-    predicted = p >= _check_threshold(threshold)
-    if not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
-        raise InputError(f"n_boot must be a positive integer, got {n_boot!r}")
-    if not 0 < level < 1:
-        raise InputError(f"level must be between 0 and 1, got {level!r}")
-    _, item_group = group_index(np.arange(len(y)) if groups is None else groups, len(y))
-    n_groups = int(item_group.max()) + 1
-    rng = np.random.default_rng(seed)
-    draws = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_boot)  # (n_boot, n_groups)
-    chunk = max(1, _BOOTSTRAP_CHUNK_CELLS // len(y))
-    tables = [
-        _metric_table(y, p, predicted, draws[start : start + chunk][:, item_group].astype(float))
-        for start in range(0, n_boot, chunk)
-    ]
-    tail = (1 - level) / 2
-    intervals: dict[str, list[float] | None] = {}
-    for metric in METRICS:
-        values = np.concatenate([table[metric] for table in tables])
-        values = values[np.isfinite(values)]
-        intervals[metric] = (
-            [float(np.quantile(values, tail)), float(np.quantile(values, 1 - tail))] if values.size else None
-        )
-    return intervals
+    resamples = _group_resamples(len(y), groups, n_boot, seed)
+    table = _chunked_metric_table(y, p, p >= _check_threshold(threshold), resamples)
+    return {metric: _percentiles(table[metric], level) for metric in METRICS}
+
+
+def paired_bootstrap_delta(
+    y_true,
+    prob_a,
+    prob_b,
+    groups,
+    threshold_a: float = 0.5,
+    threshold_b: float = 0.5,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, dict[str, float | list[float] | None]]:
+    """Model A minus model B on the same items: each metric's observed difference and its percentile interval.
+
+    Both models are scored on the same group resamples (a paired bootstrap), so the interval reflects how much the
+    difference, not each model alone, moves; an interval excluding 0 means A and B differ at that level.
+    """
+    y, p_a = _binary_inputs(y_true, prob_a)
+    _, p_b = _binary_inputs(y_true, prob_b)
+    resamples = _group_resamples(len(y), groups, n_boot, seed)
+    a = _chunked_metric_table(y, p_a, p_a >= _check_threshold(threshold_a), resamples)
+    b = _chunked_metric_table(y, p_b, p_b >= _check_threshold(threshold_b), resamples)
+    observed_a, observed_b = binary_metrics(y, p_a, threshold_a), binary_metrics(y, p_b, threshold_b)
+    return {
+        metric: {
+            "delta": None
+            if observed_a[metric] is None or observed_b[metric] is None
+            else observed_a[metric] - observed_b[metric],
+            "ci": _percentiles(a[metric] - b[metric], level),
+        }
+        for metric in METRICS
+    }
 
 
 def aggregate_by_study(study_ids, y_true, prob, how: str = "mean") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -206,6 +219,36 @@ def _check_threshold(threshold: float) -> float:
     if not isinstance(threshold, (int, float, np.number)) or not 0 <= threshold <= 1:
         raise InputError(f"threshold must be a number in [0, 1], got {threshold!r}")
     return float(threshold)
+
+
+def _group_resamples(n: int, groups, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded group draws with replacement: (n_boot, n_groups) draw counts, and each item's group index."""
+    if not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise InputError(f"n_boot must be a positive integer, got {n_boot!r}")
+    _, item_group = group_index(np.arange(n) if groups is None else groups, n)
+    n_groups = int(item_group.max()) + 1
+    draws = np.random.default_rng(seed).multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_boot)
+    return draws, item_group
+
+
+def _chunked_metric_table(y: np.ndarray, p: np.ndarray, predicted: np.ndarray, resamples: tuple) -> dict:
+    """`_metric_table` for every resample of `_group_resamples`, a memory-bounded chunk at a time."""
+    draws, item_group = resamples
+    chunk = max(1, _BOOTSTRAP_CHUNK_CELLS // len(y))
+    tables = [
+        _metric_table(y, p, predicted, draws[start : start + chunk][:, item_group].astype(float))
+        for start in range(0, len(draws), chunk)
+    ]
+    return {metric: np.concatenate([table[metric] for table in tables]) for metric in METRICS}
+
+
+def _percentiles(values: np.ndarray, level: float) -> list[float] | None:
+    """The central `level` percentile interval of the finite `values`; None when there are none."""
+    if not 0 < level < 1:
+        raise InputError(f"level must be between 0 and 1, got {level!r}")
+    values = values[np.isfinite(values)]
+    tail = (1 - level) / 2
+    return [float(np.quantile(values, tail)), float(np.quantile(values, 1 - tail))] if values.size else None
 
 
 def _metric_table(y: np.ndarray, p: np.ndarray, predicted: np.ndarray, weights: np.ndarray) -> dict:

@@ -308,6 +308,13 @@ class Pipeline:
             "selected": selection["selected"],
             "selection": {k: selection[k] for k in ("scoring", "cv", "cv_scores")},
             "results": results,
+            "fusion_vs_single": fusion_vs_single(
+                predictions,
+                selection["thresholds"],
+                self.experiment.evaluate.study_aggregation,
+                self.experiment.evaluate.bootstrap,
+                self.experiment.seed,
+            ),
             "data": summarise(self.table),
             "timings": self.timings,
         }
@@ -585,20 +592,13 @@ def _prediction_rows(rows: pd.DataFrame, model: str, split: str, prob: np.ndarra
 
 def evaluate_predictions(predictions: pd.DataFrame, thresholds: dict[str, float], experiment: Experiment) -> list:
     """metrics.json result rows: every model, CV (out-of-fold) and test split, image and (optionally) study level."""
-    from tlfusion.metrics import aggregate_by_study, binary_metrics, bootstrap_ci
+    from tlfusion.metrics import binary_metrics, bootstrap_ci
 
     spec = experiment.evaluate
     results = []
     for (model, split), rows in predictions.groupby(["model", "split"], sort=False):
         threshold = thresholds[model]
-        levels = [("image", rows["y_true"].to_numpy(), rows["prob"].to_numpy(), rows["patient"].to_numpy())]
-        if spec.study_aggregation:
-            studies, y, p = aggregate_by_study(
-                rows["study"].to_numpy(), rows["y_true"].to_numpy(), rows["prob"].to_numpy(), how=spec.study_aggregation
-            )
-            patient_of = dict(zip(rows["study"], rows["patient"], strict=True))
-            levels.append(("study", y, p, np.array([patient_of[s] for s in studies])))
-        for level, y, p, groups in levels:
+        for level, y, p, groups in evaluation_levels(rows, spec.study_aggregation):
             row = {
                 "model": model,
                 "level": level,
@@ -613,6 +613,55 @@ def evaluate_predictions(predictions: pd.DataFrame, thresholds: dict[str, float]
             )
             results.append(row)
     return results
+
+
+def evaluation_levels(rows: pd.DataFrame, study_aggregation: str | None) -> list[tuple[str, np.ndarray, ...]]:
+    """(level, labels, probabilities, patient of each item) at image level and, when aggregating, study level."""
+    from tlfusion.metrics import aggregate_by_study
+
+    levels = [("image", rows["y_true"].to_numpy(), rows["prob"].to_numpy(), rows["patient"].to_numpy())]
+    if study_aggregation:
+        studies, y, p = aggregate_by_study(
+            rows["study"].to_numpy(), rows["y_true"].to_numpy(), rows["prob"].to_numpy(), how=study_aggregation
+        )
+        patient_of = dict(zip(rows["study"], rows["patient"], strict=True))
+        levels.append(("study", y, p, np.array([patient_of[s] for s in studies])))
+    return levels
+
+
+def fusion_vs_single(
+    predictions: pd.DataFrame,
+    thresholds: dict[str, float],
+    study_aggregation: str | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> list[dict]:
+    """Fusion minus each single backbone with the same classifier on the test split, per level: kappa and AUROC
+    differences with paired patient-bootstrap CIs (both models scored on the same resamples)."""
+    from tlfusion.metrics import paired_bootstrap_delta
+
+    test = predictions[predictions["split"] == "test"].sort_values("path", kind="stable")
+    models = {model: rows for model, rows in test.groupby("model", sort=False)}
+    comparisons = []
+    for fused, fused_rows in models.items():
+        feature_set, _, classifier = fused.partition("/")
+        if feature_set != "fusion" or not n_boot:
+            continue
+        for single, single_rows in models.items():
+            if single == fused or single.partition("/")[2] != classifier:
+                continue
+            pairs = zip(
+                evaluation_levels(fused_rows, study_aggregation),
+                evaluation_levels(single_rows, study_aggregation),
+                strict=True,
+            )
+            for (level, y, p_fused, groups), (_, _, p_single, _) in pairs:
+                delta = paired_bootstrap_delta(
+                    y, p_fused, p_single, groups, thresholds[fused], thresholds[single], n_boot, seed
+                )
+                row = {"level": level, "classifier": classifier, "fusion": fused, "single": single}
+                comparisons.append(row | {metric: delta[metric] for metric in ("kappa", "auroc")})
+    return comparisons
 
 
 def pick_cases(test: pd.DataFrame, threshold: float, count: int) -> pd.DataFrame:

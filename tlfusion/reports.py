@@ -590,19 +590,49 @@ def _fusion_blocks(metrics: Mapping) -> list[_Block]:
     singles = [fs for fs in feature_sets if fs != FUSION]
     if not singles or FUSION not in feature_sets:
         return ["Needs at least one single-backbone model and one fusion model on the same split."]
+    paired = _paired_gains(metrics, headline)
     table = _Table(["classifier", *feature_sets, "fusion − best single"], [])
     for classifier in classifiers:
         rows = [headline.rows.get(_model_name(fs, classifier), {}) for fs in feature_sets]
-        single_values = [row.get(headline.metric) for row in rows[:-1] if _is_number(row.get(headline.metric))]
+        singles_by_value = {
+            fs: row.get(headline.metric)
+            for fs, row in zip(singles, rows[:-1], strict=True)
+            if _is_number(row.get(headline.metric))
+        }
+        best_single = _ranked(singles_by_value)[0] if singles_by_value else None
         fused = rows[-1].get(headline.metric)
-        gain = fused - max(single_values) if single_values and _is_number(fused) else None
-        gain_cell = _value_cell(gain, f"{gain:+.3f}" if gain is not None else MISSING)
+        gain = fused - singles_by_value[best_single] if best_single and _is_number(fused) else None
+        interval = paired.get((classifier, _model_name(best_single, classifier))) if best_single else None
+        gain_cell = _value_cell(gain, _signed(gain, interval))
         table.rows.append([_Cell(classifier, classifier), *_best_cells(rows, headline.metric), gain_cell])
     note = (
         f"Each cell is the {headline.label} of one feature set with one classifier; the best of each row is in bold. "
-        "The last column is a difference of point estimates: where the intervals overlap it may be noise."
+        "The last column is fusion minus the best single backbone"
+        + (
+            ", with a paired patient-bootstrap 95% interval (both models on the same resamples): "
+            "an interval that contains 0 is no evidence either way."
+            if paired
+            else ", a difference of point estimates: where the intervals overlap it may be noise."
+        )
     )
     return [note, table]
+
+
+def _signed(value: Any, ci: Sequence | None = None) -> str:
+    """``+0.042 [-0.010, +0.093]``: a difference, signed, with its interval when there is one."""
+    if not _is_number(value):
+        return MISSING
+    return f"{value:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if _is_interval(ci) else "")
+
+
+def _paired_gains(metrics: Mapping, headline: _Headline) -> dict[tuple[str, str], Sequence]:
+    """(classifier, single model) -> the paired CI of fusion minus that model on the headline metric and level."""
+    level = _headline_level(metrics, _evaluation_split(metrics))
+    return {
+        (row["classifier"], row["single"]): row[headline.metric]["ci"]
+        for row in metrics.get("fusion_vs_single") or []
+        if row["level"] == level and headline.metric in row and row[headline.metric]["ci"]
+    }
 
 
 def _cv_blocks(metrics: Mapping) -> list[_Block]:
