@@ -101,6 +101,8 @@ def test_run_end_to_end_then_rerun_skips_and_bundle_commands(tmp_path, folder_da
         >= {"model", "level", "split", "n", "accuracy", "f1", "kappa", "auroc", "sensitivity", "specificity", "ci"}
         for r in test_rows
     )
+    paired = {(row["classifier"], row["single"]) for row in metrics["fusion_vs_single"] if row["level"] == "image"}
+    assert paired == {(c, f"{s}/{c}") for s in ("mobilenetv2", "mobilenetv2_2") for c in ("lr", "xgb")}
     for produced in ("report.md", "report.html", "run.log", "explanations/index.html", "bundle/manifest.json"):
         assert (run / produced).is_file(), produced
     assert list((run / "plots").glob("*.png"))
