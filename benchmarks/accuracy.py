@@ -6,10 +6,11 @@ For every (experiment, init) it runs `tlfusion run experiments/NAME.yaml --out r
 --set explain.enabled=false` (explanations do not change the scores; a finished run is re-used, as the pipeline
 skips unchanged stages), `scratch` adding `--set backbones.I.weights=null` for every backbone. It then reads each
 run's metrics.json: the image-level test rows (kappa, F1, accuracy, AUROC with patient-bootstrap 95% CIs), the
-model selected on the training split, fusion minus the best single backbone per classifier, and in-domain minus
-scratch per model. Runnable experiments on ../shared/data: fracatlas_hand, fracatlas_leg, kermany_pneumonia;
-`--quick` takes fracatlas_hand only. `--no-run` tabulates the runs already finished. One run per (experiment,
-init), seed 0: the CIs, not repeats, carry the uncertainty. Writes benchmarks/results/accuracy.json, keeping the
+model selected on the training split, fusion minus the best single backbone per classifier (with paired 95% CIs
+where the run's predictions are on disk), and in-domain minus scratch per model. Runnable experiments on
+../shared/data: fracatlas_hand, fracatlas_leg, kermany_pneumonia; `--quick` takes fracatlas_hand only. `--no-run`
+tabulates the runs already finished. One run per (experiment, init), seed 0: the CIs, not repeats, carry the
+uncertainty. Writes benchmarks/results/accuracy.json, keeping the
 results of (experiment, init) pairs from its earlier version that this invocation did not measure (listed in
 `carried_over`), so the experiments can be run one at a time.
 """
@@ -90,7 +91,23 @@ def read_run(name: str, init: str) -> dict | None:
         "cv_scores": metrics.get("selection", {}).get("cv_scores", {}),
         "timings_s": metrics.get("timings", {}),
         "models": test_rows(metrics),
+        "fusion_vs_single": paired_intervals(metrics, run_dir(name, init)),
     }
+
+
+def paired_intervals(metrics: dict, folder: Path) -> dict[str, dict]:
+    """Single model -> paired 95% CIs of fusion minus it (image level, test split), from metrics.json or, for runs
+    made before it recorded them, computed from the run's fit/predictions.csv as the pipeline would."""
+    rows = metrics.get("fusion_vs_single")
+    if rows is None:
+        import pandas as pd
+
+        from tlfusion.pipeline import fusion_vs_single
+
+        predictions = pd.read_csv(folder / "fit" / "predictions.csv", dtype={"patient": str, "study": str})
+        thresholds = json.loads((folder / "fit" / "selection.json").read_text())["thresholds"]
+        rows = fusion_vs_single(predictions, thresholds)
+    return {row["single"]: {m: row[m]["ci"] for m in ("kappa", "auroc")} for row in rows if row["level"] == "image"}
 
 
 def split_model(model: str) -> tuple[str, str]:
@@ -117,6 +134,8 @@ def fusion_gain(result: dict) -> list[dict]:
             row[f"best_single_{metric}"] = singles[best][metric]
             row[f"best_single_{metric}_backbone"] = best
             row[f"delta_{metric}"] = round(sets["fusion"][metric] - singles[best][metric], 4)
+            paired = result.get("fusion_vs_single", {}).get(f"{best}/{classifier}", {})
+            row[f"delta_{metric}_paired_ci"] = paired.get(metric)
         gains.append(row)
     return gains
 

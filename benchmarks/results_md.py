@@ -241,11 +241,13 @@ def summarise_accuracy(payload: dict) -> list[Table]:
             tables.append((f"{name}, {r['init']}: test split, image level", ["model", *SCORE_HEADER], rows))
     gain = [
         [g["experiment"], g["init"], g["classifier"], g["fusion_kappa"], g["best_single_kappa"]]
-        + [g["best_single_kappa_backbone"], g["delta_kappa"], g["delta_auroc"]]
+        + [g["best_single_kappa_backbone"], with_ci(g["delta_kappa"], g.get("delta_kappa_paired_ci"))]
+        + [with_ci(g["delta_auroc"], g.get("delta_auroc_paired_ci"))]
         for g in payload["fusion_minus_best_single"]
     ]
     gain_header = ["experiment", "init", "classifier", "fusion kappa", "best single kappa", "best single"]
-    tables.append(("fusion minus best single backbone (test)", [*gain_header, "Δ kappa", "Δ AUROC"], gain))
+    gain_title = "fusion minus best single backbone (test; paired 95% CI where the run recorded predictions)"
+    tables.append((gain_title, [*gain_header, "Δ kappa [paired CI]", "Δ AUROC [paired CI]"], gain))
     init = [
         [g["experiment"], g["model"], g["delta_kappa"], g["delta_auroc"]] for g in payload["in_domain_minus_scratch"]
     ]
