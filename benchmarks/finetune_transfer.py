@@ -1,6 +1,6 @@
 """Does in-domain pretraining help a small target set? Fine-tune MobileNetV2 on FracAtlas hand three ways.
 
-    python -m benchmarks.finetune_transfer [--quick]
+    python -m benchmarks.finetune_transfer [--quick] [--seeds 0 1 2]
 
 FracAtlas hand (never seen in pretraining, see saved_models/mobilenetv2_xray128/MODEL_CARD.md) is cut into five
 label-stratified parts (each image is its own group: FracAtlas has no patient ids): part 0 (20 %) trains, part 1
@@ -9,12 +9,16 @@ per model. The same architecture is fine-tuned from random init, from our in-dom
 (recorded as unavailable when the weights cannot be downloaded), each with the same three recipes (RECIPES),
 pretrained starts both with BatchNorm statistics kept and re-estimated; the recipe with the best val AUROC is
 that start's result. The in-domain and scratch results are then compared on the same test images (kappa and AUROC
-differences with paired image-bootstrap CIs). Writes benchmarks/results/finetune_transfer.json.
+differences with paired image-bootstrap CIs). Each seed cuts the parts anew and re-initialises and augments
+differently; the test sets of different seeds overlap, so seeds are summarised by the mean difference and how
+many seeds favour in-domain, not by a pooled interval. Writes benchmarks/results/finetune_transfer.json, keeping
+the seeds of its earlier version that this invocation did not run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -24,7 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np
 import pandas as pd
 
-from benchmarks._common import machine_info, write_result
+from benchmarks._common import RESULTS_DIR, machine_info, write_result
 from tlfusion.backbones import load_model_file
 from tlfusion.data.images import file_sha256, load_batch
 from tlfusion.data.sources import read_csv
@@ -74,6 +78,10 @@ def hand_table(seed: int = 0) -> pd.DataFrame:
     return table
 
 
+def seed_dir(seed: int) -> Path:
+    return RUNS / f"seed{seed}"
+
+
 def split_scores(model_path: Path, table: pd.DataFrame, image_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(labels, probabilities) of the val and test images under one fine-tuned model."""
     model = load_model_file(model_path, expected=ARCHITECTURE)
@@ -95,13 +103,15 @@ def evaluate(model_path: Path, table: pd.DataFrame, image_size: int) -> dict:
     return {"threshold_from_val": threshold, "val_auroc": binary_metrics(*scores["val"])["auroc"], "test": test}
 
 
-def in_domain_minus_scratch(table: pd.DataFrame, results: dict, image_size: int) -> dict | None:
+def in_domain_minus_scratch(table: pd.DataFrame, results: dict, image_size: int, seed: int) -> dict | None:
     """Each start's val-selected model on the same test images: the kappa and AUROC differences with paired
     image-bootstrap 95 % CIs (each model at its own val threshold)."""
     if any(results[init]["status"] != "ok" for init in ("in_domain", "scratch")):
         return None
     test = {
-        init: split_scores(RUNS / init / results[init]["selected_on_val"] / "model.keras", table, image_size)["test"]
+        init: split_scores(seed_dir(seed) / init / results[init]["selected_on_val"] / "model.keras", table, image_size)[
+            "test"
+        ]
         for init in ("in_domain", "scratch")
     }
     (labels, in_domain), (_, scratch) = test["in_domain"], test["scratch"]
@@ -116,7 +126,7 @@ def run_one(init: str, recipe: str, arguments: dict, table: pd.DataFrame, settin
     result = finetune(
         table,
         ARCHITECTURE,
-        RUNS / init / recipe,
+        seed_dir(seed) / init / recipe,
         positive_class=POSITIVE,
         weights=INITS[init],
         learning_rate=1e-3,
@@ -155,23 +165,63 @@ def leaked_images(table: pd.DataFrame) -> int:
     return sum(file_sha256(path) in seen for path in table["path"])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="64 px, 5 epochs: a smoke run, not a result")
-    args = parser.parse_args()
-    settings, seed = (QUICK if args.quick else FULL), 0
-    if not PRETRAINED.is_file():
-        raise SystemExit(f"{PRETRAINED} not found: run the pretraining in experiments/pretrain_xray.yaml first")
+def run_seed(seed: int, settings: dict) -> dict:
+    """Every start and recipe on the parts cut by ``seed``; in-domain minus scratch on its test images."""
     table = hand_table(seed)
     started = time.perf_counter()
     results = {init: run_init(init, table, settings, seed) for init in INITS}
+    return {
+        "counts": table.groupby(["split", "label"]).size().unstack(fill_value=0).to_dict(orient="index"),
+        "hand_images_seen_in_pretraining": leaked_images(table),
+        "results": results,
+        "in_domain_minus_scratch": in_domain_minus_scratch(table, results, settings["image_size"], seed),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def over_seeds(seeds: dict[str, dict]) -> dict:
+    """Per metric: in-domain minus scratch per seed, its mean, and how many seeds have it above 0."""
+    paired = {seed: run["in_domain_minus_scratch"] for seed, run in seeds.items() if run["in_domain_minus_scratch"]}
+    summary = {}
+    for metric in ("kappa", "auroc"):
+        deltas = {seed: delta[metric]["delta"] for seed, delta in paired.items()}
+        summary[metric] = {
+            "per_seed": deltas,
+            "mean": float(np.mean(list(deltas.values()))) if deltas else None,
+            "seeds_above_0": sum(delta > 0 for delta in deltas.values()),
+            "seeds_with_ci_above_0": sum(delta[metric]["ci"][0] > 0 for delta in paired.values()),
+        }
+    return summary
+
+
+def earlier_seeds(name: str, settings: dict) -> dict[str, dict]:
+    """Seeds in the earlier result file, when it was made with the same settings."""
+    path = RESULTS_DIR / f"{name}.json"
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    same = {key: earlier["settings"].get(key) for key in settings} == settings
+    return earlier.get("seeds", {}) if same else {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="64 px, 5 epochs: a smoke run, not a result")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="split and training seeds (default: 0)")
+    args = parser.parse_args()
+    settings = QUICK if args.quick else FULL
+    if not PRETRAINED.is_file():
+        raise SystemExit(f"{PRETRAINED} not found: run the pretraining in experiments/pretrain_xray.yaml first")
+    name = "finetune_transfer_quick" if args.quick else "finetune_transfer"
+    seeds = earlier_seeds(name, settings) | {str(seed): run_seed(seed, settings) for seed in args.seeds}
+    seeds = dict(sorted(seeds.items(), key=lambda item: int(item[0])))
     payload = {
         "benchmark": "finetune_transfer",
         "quick": args.quick,
         "machine": machine_info("tensorflow", "keras", "numpy", "scikit-learn"),
         "settings": {
             "architecture": ARCHITECTURE,
-            "seed": seed,
+            "seeds_run_now": args.seeds,
             "head_learning_rate": 1e-3,
             "recipes": RECIPES,
             "batchnorm": BATCHNORM,
@@ -184,21 +234,19 @@ def main() -> None:
         "data": {
             "source": "FracAtlas hand (held out of pretraining)",
             "positive_class": "fractured",
-            "counts": table.groupby(["split", "label"]).size().unstack(fill_value=0).to_dict(orient="index"),
             "pretrained_checkpoint": {"path": str(PRETRAINED.relative_to(ROOT)), "sha256": file_sha256(PRETRAINED)},
-            "hand_images_seen_in_pretraining": leaked_images(table),
         },
-        "results": results,
-        "in_domain_minus_scratch": in_domain_minus_scratch(table, results, settings["image_size"]),
-        "wall_seconds": round(time.perf_counter() - started, 1),
+        "seeds": seeds,
+        "in_domain_minus_scratch_over_seeds": over_seeds(seeds),
     }
-    path = write_result("finetune_transfer_quick" if args.quick else "finetune_transfer", payload)
-    for name, row in results.items():
-        test = row.get("test", {})
-        recipe = row.get("selected_on_val", row["status"])
-        print(f"{name:10s} {recipe:25s} kappa {test.get('kappa')} auroc {test.get('auroc')}")
-    print("in-domain minus scratch (paired 95% CI):", payload["in_domain_minus_scratch"])
-    print(f"wrote {path}")
+    path = write_result(name, payload)
+    for seed, run in seeds.items():
+        for init, row in run["results"].items():
+            test = row.get("test", {})
+            recipe = row.get("selected_on_val", row["status"])
+            print(f"seed {seed} {init:10s} {recipe:25s} kappa {test.get('kappa')} auroc {test.get('auroc')}")
+    print("in-domain minus scratch over seeds:", payload["in_domain_minus_scratch_over_seeds"])
+    print("results:", path)
 
 
 if __name__ == "__main__":

@@ -128,32 +128,37 @@ def summarise_fewshot(payload: dict) -> list[Table]:
 
 
 def summarise_finetune(payload: dict) -> list[Table]:
-    """One row per start and recipe; the recipe each start selected on val is marked."""
-    header = ["init", "recipe", "epochs", "train s", "val AUROC", "test kappa [95% CI]", "test AUROC [95% CI]", "F1"]
-    rows = []
-    for init, result in payload["results"].items():
-        runs = result.get("recipes", {result.get("selected_on_val", "-"): result})
-        for recipe, run in runs.items():
-            test, mark = run.get("test", {}), " (selected on val)" if recipe == result.get("selected_on_val") else ""
-            ci = test.get("ci95", {})
-            rows.append(
-                [
-                    init,
-                    recipe + mark if run.get("status") == "ok" else result.get("status"),
-                    run.get("epochs_run"),
-                    run.get("train_seconds"),
-                    run.get("val_auroc"),
-                    with_ci(test.get("kappa"), ci.get("kappa")),
-                    with_ci(test.get("auroc"), ci.get("auroc")),
-                    test.get("f1"),
-                ]
-            )
+    """Per seed, one row per start and recipe (the recipe each start selected on val is marked); the paired
+    in-domain minus scratch differences per seed, and their summary over seeds."""
+    header = ["seed", "init", "recipe", "epochs", "train s", "val AUROC", "test kappa [95% CI]", "test AUROC [95% CI]"]
+    rows, deltas = [], []
+    for seed, run in payload["seeds"].items():
+        for init, result in run["results"].items():
+            rows += [[seed, init, *recipe_cells(recipe, row, result)] for recipe, row in _recipes(result).items()]
+        paired = run.get("in_domain_minus_scratch") or {}
+        deltas += [[seed, metric, d["delta"], d["ci"]] for metric, d in paired.items()]
     tables = [("test split", header, rows)]
-    paired = payload.get("in_domain_minus_scratch")
-    if paired:
-        delta_rows = [[metric, d["delta"], d["ci"]] for metric, d in paired.items()]
-        tables.append(("in-domain minus scratch, same test images", ["metric", "delta", "paired 95% CI"], delta_rows))
+    tables.append(("in-domain minus scratch, same test images", ["seed", "metric", "delta", "paired 95% CI"], deltas))
+    summary = [
+        [metric, s["mean"], f"{s['seeds_above_0']} of {len(s['per_seed'])}", s["seeds_with_ci_above_0"]]
+        for metric, s in payload.get("in_domain_minus_scratch_over_seeds", {}).items()
+    ]
+    summary_header = ["metric", "mean delta", "seeds above 0", "seeds with CI above 0"]
+    tables.append(("in-domain minus scratch over seeds", summary_header, summary))
     return tables
+
+
+def _recipes(result: dict) -> dict[str, dict]:
+    return result.get("recipes", {result.get("selected_on_val", "-"): result})
+
+
+def recipe_cells(recipe: str, row: dict, result: dict) -> list:
+    """recipe (marked when selected on val), epochs, train s, val AUROC, test kappa and AUROC with CIs."""
+    test, ci = row.get("test", {}), row.get("test", {}).get("ci95", {})
+    mark = " (selected on val)" if recipe == result.get("selected_on_val") else ""
+    name = recipe + mark if row.get("status") == "ok" else result.get("status")
+    timing = [row.get("epochs_run"), row.get("train_seconds"), row.get("val_auroc")]
+    return [name, *timing, with_ci(test.get("kappa"), ci.get("kappa")), with_ci(test.get("auroc"), ci.get("auroc"))]
 
 
 def auroc_cell(auroc: dict) -> str:
@@ -239,14 +244,34 @@ def summarise_accuracy(payload: dict) -> list[Table]:
         for r in runs:
             rows = [[model, *score_cells(scores)] for model, scores in r["models"].items()]
             tables.append((f"{name}, {r['init']}: test split, image level", ["model", *SCORE_HEADER], rows))
+    gains = payload.get("fusion_minus_single") or payload.get("fusion_minus_best_single", [])
+    chosen = [
+        [g["experiment"], g["init"], g["classifier"], g["fusion_kappa"], g["cv_chosen_single_kappa"]]
+        + [g["cv_chosen_single"], with_ci(g["delta_kappa_vs_cv_chosen"], g.get("delta_kappa_vs_cv_chosen_paired_ci"))]
+        + [with_ci(g["delta_auroc_vs_cv_chosen"], g.get("delta_auroc_vs_cv_chosen_paired_ci"))]
+        for g in gains
+        if "cv_chosen_single" in g
+    ]
+    chosen_header = ["experiment", "init", "classifier", "fusion kappa", "single kappa", "single chosen on CV"]
+    chosen_title = "fusion minus the single backbone chosen on CV, same classifier (test; paired 95% CI)"
+    tables.append((chosen_title, [*chosen_header, "Δ kappa [paired CI]", "Δ AUROC [paired CI]"], chosen))
+    chosen_means = [
+        [m["experiment"], m["init"], m["classifiers"], m["mean_delta_kappa_vs_cv_chosen"]]
+        + [m["positive_delta_kappa_vs_cv_chosen"], m["mean_delta_auroc_vs_cv_chosen"]]
+        + [m["positive_delta_auroc_vs_cv_chosen"]]
+        for m in payload.get("fusion_minus_cv_chosen_single_mean", [])
+    ]
+    means_header = ["experiment", "init", "classifiers", "mean Δ kappa", "Δ kappa > 0", "mean Δ AUROC", "Δ AUROC > 0"]
+    means_title = "fusion minus the single backbone chosen on CV, averaged over classifiers"
+    tables.append((means_title, means_header, chosen_means))
     gain = [
         [g["experiment"], g["init"], g["classifier"], g["fusion_kappa"], g["best_single_kappa"]]
         + [g["best_single_kappa_backbone"], with_ci(g["delta_kappa"], g.get("delta_kappa_paired_ci"))]
         + [with_ci(g["delta_auroc"], g.get("delta_auroc_paired_ci"))]
-        for g in payload["fusion_minus_best_single"]
+        for g in gains
     ]
     gain_header = ["experiment", "init", "classifier", "fusion kappa", "best single kappa", "best single"]
-    gain_title = "fusion minus best single backbone (test; paired 95% CI where the run recorded predictions)"
+    gain_title = "fusion minus the best single backbone on test (picked on test, so biased towards the singles)"
     tables.append((gain_title, [*gain_header, "Δ kappa [paired CI]", "Δ AUROC [paired CI]"], gain))
     init = [
         [g["experiment"], g["model"], g["delta_kappa"], g["delta_auroc"]] for g in payload["in_domain_minus_scratch"]

@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks import results_md
 from benchmarks._common import measure_command
-from benchmarks.accuracy import fusion_gain, init_gain, mean_gain
+from benchmarks.accuracy import fusion_gain, fusion_gain_summary, init_gain, mean_gain
 from benchmarks.end_to_end import stage_timings
 from benchmarks.scaling import linear_fit
 
@@ -23,7 +23,8 @@ def scores(kappa: float, auroc: float) -> dict:
 
 def accuracy_run(init: str, fusion: float) -> dict:
     models = {"a/lr": scores(0.30, 0.70), "b/lr": scores(0.40, 0.65), "fusion/lr": scores(fusion, 0.72)}
-    return {"experiment": "hand", "init": init, "selected": "fusion/lr", "models": models}
+    cv_scores = {"a/lr": 0.45, "b/lr": 0.35, "fusion/lr": 0.5}  # CV prefers a, the test split b
+    return {"experiment": "hand", "init": init, "selected": "fusion/lr", "cv_scores": cv_scores, "models": models}
 
 
 def write(folder: Path, name: str, payload: dict | str) -> None:
@@ -66,7 +67,8 @@ def results(tmp_path: Path) -> Path:
             "benchmark": "accuracy",
             "machine": MACHINE,
             "runs": runs,
-            "fusion_minus_best_single": [g for run in runs for g in fusion_gain(run)],
+            "fusion_minus_single": (gains := [g for run in runs for g in fusion_gain(run)]),
+            "fusion_minus_cv_chosen_single_mean": fusion_gain_summary(gains),
             "in_domain_minus_scratch": init_gain(runs),
             "in_domain_minus_scratch_mean": mean_gain(init_gain(runs)),
             "missing": ["leg__scratch"],
@@ -99,7 +101,9 @@ def test_targets_report_met_not_met_and_unmeasured(results: Path):
 
 def test_accuracy_summary_tables(results: Path):
     text = results_md.section("accuracy", json.loads((results / "accuracy.json").read_text()))
-    assert "| hand | in_domain | lr | 0.5 | 0.4 | b | 0.1 | 0.02 |" in text
+    assert "| hand | in_domain | lr | 0.5 | 0.3 | a | 0.2 | 0.02 |" in text  # against the single chosen on CV
+    assert "| hand | in_domain | lr | 0.5 | 0.4 | b | 0.1 | 0.02 |" in text  # against the best single on test
+    assert "| hand | scratch | 1 | -0.1 | 0 | 0.02 | 1 |" in text
     assert "| hand | fusion/lr | 0.3 | 0 |" in text
     assert "| hand | 3 | 0.1 | 1 | 0 | 0 |" in text
     assert "leg__scratch" in text
@@ -113,6 +117,15 @@ def test_fusion_gain_compares_with_the_best_single_backbone_per_metric():
     (gain,) = fusion_gain(accuracy_run("in_domain", 0.35))
     assert gain["best_single_kappa_backbone"] == "b" and gain["delta_kappa"] == pytest.approx(-0.05)
     assert gain["best_single_auroc_backbone"] == "a" and gain["delta_auroc"] == pytest.approx(0.02)
+
+
+def test_fusion_gain_also_compares_with_the_single_backbone_chosen_on_cv():
+    (gain,) = fusion_gain(accuracy_run("in_domain", 0.35))
+    assert gain["cv_chosen_single"] == "a"
+    assert gain["delta_kappa_vs_cv_chosen"] == pytest.approx(0.05)
+    assert gain["delta_auroc_vs_cv_chosen"] == pytest.approx(0.02)
+    (summary,) = fusion_gain_summary([gain])
+    assert summary["positive_delta_kappa_vs_cv_chosen"] == 1
 
 
 def test_stage_timings_read_computed_and_skipped_stages_from_run_log():

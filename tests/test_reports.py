@@ -206,11 +206,24 @@ def test_single_vs_fused_table_bolds_the_best_of_each_row(binary_run):
     rows = table_rows(section((run_dir / "report.md").read_text(), "Single backbones vs fusion"))
     test_kappa = {r["model"]: r["kappa"] for r in metrics["results"] if r["split"] == "test" and r["level"] == "study"}
     assert [row[0] for row in rows] == list(CLASSIFIERS)
-    for classifier, *cells, gain in rows:
+    for classifier, *cells, _ in rows:
         values = [test_kappa[f"{feature_set}/{classifier}"] for feature_set in (*BACKBONES, "fusion")]
         bold = [index for index, cell in enumerate(cells) if cell.startswith("**")]
         assert bold == [index for index, value in enumerate(values) if value == max(values)]
-        assert float(gain) == pytest.approx(values[-1] - max(values[:-1]), abs=1e-3)
+
+
+def test_fusion_gain_is_against_the_single_backbone_chosen_on_cv_not_on_test(binary_run):
+    run_dir, metrics, _ = binary_run
+    rows = table_rows(section((run_dir / "report.md").read_text(), "Single backbones vs fusion"))
+    test_kappa = {r["model"]: r["kappa"] for r in metrics["results"] if r["split"] == "test" and r["level"] == "study"}
+    cv_scores = metrics["selection"]["cv_scores"]
+    chose_differently = 0
+    for classifier, *_, gain in rows:
+        singles = [f"{backbone}/{classifier}" for backbone in BACKBONES]
+        chosen = max(singles, key=cv_scores.__getitem__)
+        chose_differently += chosen != max(singles, key=test_kappa.__getitem__)
+        assert float(gain) == pytest.approx(test_kappa[f"fusion/{classifier}"] - test_kappa[chosen], abs=1e-3)
+    assert chose_differently  # the fixture has a classifier where CV and test disagree, so the test can tell
 
 
 def test_fusion_vs_single_pairs_each_single_backbone_with_the_same_classifier():
@@ -299,7 +312,7 @@ def test_undefined_values_and_missing_records_do_not_crash(tmp_path):
     assert "—" in markdown and "0.500 [0.200, 0.800]" in markdown
     assert "no selection record" in markdown
     fusion_rows = table_rows(section(markdown, "Single backbones vs fusion"))
-    assert fusion_rows == [["lr", "—", "**0.200**", "0.100", "-0.100"]]
+    assert fusion_rows == [["lr", "—", "**0.200**", "0.100", "—"]]  # no CV scores: no single backbone to compare
     assert "plots/kappa_by_classifier.png" in paths and "plots/roc_selected.png" not in paths
     check_html_references(tmp_path)
     assert len(summary_lines(metrics)) >= 2

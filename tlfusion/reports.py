@@ -591,23 +591,20 @@ def _fusion_blocks(metrics: Mapping) -> list[_Block]:
     if not singles or FUSION not in feature_sets:
         return ["Needs at least one single-backbone model and one fusion model on the same split."]
     paired = _paired_gains(metrics, headline)
-    table = _Table(["classifier", *feature_sets, "fusion − best single"], [])
+    cv_scores = _cv_scores(metrics)
+    table = _Table(["classifier", *feature_sets, "fusion − single chosen on CV"], [])
     for classifier in classifiers:
         rows = [headline.rows.get(_model_name(fs, classifier), {}) for fs in feature_sets]
-        singles_by_value = {
-            fs: row.get(headline.metric)
-            for fs, row in zip(singles, rows[:-1], strict=True)
-            if _is_number(row.get(headline.metric))
-        }
-        best_single = _ranked(singles_by_value)[0] if singles_by_value else None
+        chosen = _cv_chosen_single(cv_scores, singles, classifier)
+        single_value = headline.rows.get(chosen, {}).get(headline.metric) if chosen else None
         fused = rows[-1].get(headline.metric)
-        gain = fused - singles_by_value[best_single] if best_single and _is_number(fused) else None
-        interval = paired.get((classifier, _model_name(best_single, classifier))) if best_single else None
-        gain_cell = _value_cell(gain, _signed(gain, interval))
+        gain = fused - single_value if _is_number(single_value) and _is_number(fused) else None
+        gain_cell = _value_cell(gain, _signed(gain, paired.get((classifier, chosen))))
         table.rows.append([_Cell(classifier, classifier), *_best_cells(rows, headline.metric), gain_cell])
     note = (
         f"Each cell is the {headline.label} of one feature set with one classifier; the best of each row is in bold. "
-        "The last column is fusion minus the best single backbone"
+        "The last column is fusion minus the single backbone a user would have picked without fusion: the one "
+        "with the best CV score for that classifier (picking the best on test would favour the single backbones)"
         + (
             ", with a paired patient-bootstrap 95% interval (both models on the same resamples): "
             "an interval that contains 0 is no evidence either way."
@@ -616,6 +613,13 @@ def _fusion_blocks(metrics: Mapping) -> list[_Block]:
         )
     )
     return [note, table]
+
+
+def _cv_chosen_single(cv_scores: Mapping[str, Any], singles: Sequence[str], classifier: str) -> str | None:
+    """The single-backbone model with ``classifier`` that has the best CV score; None without CV scores."""
+    scored = {_model_name(fs, classifier): cv_scores.get(_model_name(fs, classifier)) for fs in singles}
+    ranked = [name for name in _ranked(scored) if _is_number(scored[name])]
+    return ranked[0] if ranked else None
 
 
 def _signed(value: Any, ci: Sequence | None = None) -> str:
