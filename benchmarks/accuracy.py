@@ -149,20 +149,6 @@ def _delta(result: dict, sets: dict, classifier: str, single: str, metric: str, 
     return {key: round(sets["fusion"][metric] - sets[single][metric], 4), f"{key}_paired_ci": paired.get(metric)}
 
 
-def fusion_gain_summary(gains: list[dict]) -> list[dict]:
-    """Per (experiment, init): mean fusion minus CV-chosen single over classifiers, and how many are positive."""
-    summary = []
-    for key in dict.fromkeys((g["experiment"], g["init"]) for g in gains):
-        rows = [g for g in gains if (g["experiment"], g["init"]) == key]
-        row = {"experiment": key[0], "init": key[1], "classifiers": len(rows)}
-        for metric in ("kappa", "auroc"):
-            deltas = [g[f"delta_{metric}_vs_cv_chosen"] for g in rows]
-            row[f"mean_delta_{metric}_vs_cv_chosen"] = round(sum(deltas) / len(deltas), 4)
-            row[f"positive_delta_{metric}_vs_cv_chosen"] = sum(delta > 0 for delta in deltas)
-        summary.append(row)
-    return summary
-
-
 def init_gain(results: list[dict]) -> list[dict]:
     """Per experiment and model: in-domain minus scratch test kappa and AUROC."""
     found = {(r["experiment"], r["init"]): r for r in results}
@@ -180,16 +166,17 @@ def init_gain(results: list[dict]) -> list[dict]:
     return gains
 
 
-def mean_gain(gains: list[dict]) -> list[dict]:
-    """Per experiment: the in-domain minus scratch deltas averaged over models, and how many are positive."""
+def mean_deltas(gains: list[dict], keys: tuple[str, ...], count_name: str, suffix: str = "") -> list[dict]:
+    """Per distinct value of ``keys``: each metric's ``delta_METRIC{suffix}`` averaged over its rows, the number of
+    rows (as ``count_name``) and how many of them are above 0."""
     summary = []
-    for name in dict.fromkeys(g["experiment"] for g in gains):
-        rows = [g for g in gains if g["experiment"] == name]
-        row = {"experiment": name, "models": len(rows)}
+    for value in dict.fromkeys(tuple(g[key] for key in keys) for g in gains):
+        rows = [g for g in gains if tuple(g[key] for key in keys) == value]
+        row = dict(zip(keys, value, strict=True)) | {count_name: len(rows)}
         for metric in ("kappa", "auroc"):
-            deltas = [g[f"delta_{metric}"] for g in rows]
-            row[f"mean_delta_{metric}"] = round(sum(deltas) / len(deltas), 4)
-            row[f"positive_delta_{metric}"] = sum(delta > 0 for delta in deltas)
+            deltas = [g[f"delta_{metric}{suffix}"] for g in rows]
+            row[f"mean_delta_{metric}{suffix}"] = round(sum(deltas) / len(deltas), 4)
+            row[f"positive_delta_{metric}{suffix}"] = sum(delta > 0 for delta in deltas)
         summary.append(row)
     return summary
 
@@ -240,9 +227,11 @@ def main(argv: list[str] | None = None) -> dict:
         "carried_over": [f"{result['experiment']}__{result['init']}" for result in carried],
         "runs": results,
         "fusion_minus_single": (fusion_gains := [gain for result in results for gain in fusion_gain(result)]),
-        "fusion_minus_cv_chosen_single_mean": fusion_gain_summary(fusion_gains),
+        "fusion_minus_cv_chosen_single_mean": mean_deltas(
+            fusion_gains, ("experiment", "init"), "classifiers", "_vs_cv_chosen"
+        ),
         "in_domain_minus_scratch": init_gain(results),
-        "in_domain_minus_scratch_mean": mean_gain(init_gain(results)),
+        "in_domain_minus_scratch_mean": mean_deltas(init_gain(results), ("experiment",), "models"),
     }
     print("missing runs:", missing or "none")
     print("results:", write_result("accuracy", payload))

@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks import results_md
 from benchmarks._common import measure_command
-from benchmarks.accuracy import fusion_gain, fusion_gain_summary, init_gain, mean_gain
+from benchmarks.accuracy import fusion_gain, init_gain, mean_deltas
 from benchmarks.end_to_end import stage_timings
 from benchmarks.scaling import linear_fit
 
@@ -68,9 +68,11 @@ def results(tmp_path: Path) -> Path:
             "machine": MACHINE,
             "runs": runs,
             "fusion_minus_single": (gains := [g for run in runs for g in fusion_gain(run)]),
-            "fusion_minus_cv_chosen_single_mean": fusion_gain_summary(gains),
+            "fusion_minus_cv_chosen_single_mean": mean_deltas(
+                gains, ("experiment", "init"), "classifiers", "_vs_cv_chosen"
+            ),
             "in_domain_minus_scratch": init_gain(runs),
-            "in_domain_minus_scratch_mean": mean_gain(init_gain(runs)),
+            "in_domain_minus_scratch_mean": mean_deltas(init_gain(runs), ("experiment",), "models"),
             "missing": ["leg__scratch"],
         },
     )
@@ -124,7 +126,7 @@ def test_fusion_gain_also_compares_with_the_single_backbone_chosen_on_cv():
     assert gain["cv_chosen_single"] == "a"
     assert gain["delta_kappa_vs_cv_chosen"] == pytest.approx(0.05)
     assert gain["delta_auroc_vs_cv_chosen"] == pytest.approx(0.02)
-    (summary,) = fusion_gain_summary([gain])
+    (summary,) = mean_deltas([gain], ("experiment", "init"), "classifiers", "_vs_cv_chosen")
     assert summary["positive_delta_kappa_vs_cv_chosen"] == 1
 
 
