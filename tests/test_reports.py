@@ -222,7 +222,9 @@ def test_fusion_gain_is_against_the_single_backbone_chosen_on_cv_not_on_test(bin
         singles = [f"{backbone}/{classifier}" for backbone in BACKBONES]
         chosen = max(singles, key=cv_scores.__getitem__)
         chose_differently += chosen != max(singles, key=test_kappa.__getitem__)
-        assert float(gain) == pytest.approx(test_kappa[f"fusion/{classifier}"] - test_kappa[chosen], abs=1e-3)
+        value, versus = gain.split(" vs ")
+        assert versus == chosen.split("/")[0]
+        assert float(value) == pytest.approx(test_kappa[f"fusion/{classifier}"] - test_kappa[chosen], abs=1e-3)
     assert chose_differently  # the fixture has a classifier where CV and test disagree, so the test can tell
 
 
@@ -252,7 +254,8 @@ def test_fusion_gain_column_shows_the_paired_interval(tmp_path):
     markdown = (tmp_path / "report.md").read_text()
     assert "paired patient-bootstrap 95% interval" in section(markdown, "Single backbones vs fusion")
     for *_, gain in table_rows(section(markdown, "Single backbones vs fusion")):
-        value, low, high = (float(part) for part in gain.replace("[", "").replace("]", "").replace(",", "").split())
+        interval = gain.split(" vs ")[0].replace("[", "").replace("]", "").replace(",", "")
+        value, low, high = (float(part) for part in interval.split())
         assert low <= value <= high
 
 

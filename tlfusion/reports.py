@@ -599,7 +599,8 @@ def _fusion_blocks(metrics: Mapping) -> list[_Block]:
         single_value = headline.rows.get(chosen, {}).get(headline.metric) if chosen else None
         fused = rows[-1].get(headline.metric)
         gain = fused - single_value if _is_number(single_value) and _is_number(fused) else None
-        gain_cell = _value_cell(gain, _signed(gain, paired.get((classifier, chosen))))
+        label = _signed(gain, paired.get((classifier, chosen)))
+        gain_cell = _value_cell(gain, f"{label} vs {_split_model(chosen)[0]}" if _is_number(gain) else label)
         table.rows.append([_Cell(classifier, classifier), *_best_cells(rows, headline.metric), gain_cell])
     note = (
         f"Each cell is the {headline.label} of one feature set with one classifier; the best of each row is in bold. "
