@@ -7,6 +7,10 @@ Data sets (none of their evaluated images was seen by the in-domain backbones; c
 
 - ``covid``: COVID-19 vs No finding, covid/actualmed + covid/figure1, grouped by ``patientid`` (never used in
   pretraining). 5 queries per class: the "No finding" class has only 21 patients.
+- ``covid_actualmed``: the same task within Actualmed alone (21 COVID-19 vs 18 No finding patients), and
+  ``covid_source``: the COVID-19 patients only, Actualmed vs Figure 1. "No finding" is 18 Actualmed and 3 Figure 1
+  patients, so the set an image came from predicts its label in ``covid``; these two show how much of the
+  ``covid`` score that cue can carry (diagnostics, not tuned on).
 - ``kermany_test``: Kermany NORMAL vs PNEUMONIA, only the seed-0 patient-grouped test part that the pretraining
   dropped (``assign_splits(test_fraction=0.2, val_fraction=0.2, seed=0)``, grouped by ``patient_key``).
 - ``fracatlas_hand``: FracAtlas hand, fractured vs not (held out of pretraining); no patient ids, so each image
@@ -54,7 +58,7 @@ SHIPPED = {arch: ROOT / "saved_models" / f"{arch}_xray128" / "model.keras" for a
 # Pretrained on chest X-rays only (experiments/pretrain_chest.yaml: Kermany train/val + NIH), never on COVID.
 CHEST = ROOT / "saved_models" / "mobilenetv2_chest128" / "model.keras"
 WAYS, SHOTS, SEED = 2, 5, 0
-QUERIES = {"covid": 5, "kermany_test": 15, "fracatlas_hand": 15}
+QUERIES = {"covid": 5, "covid_actualmed": 5, "covid_source": 5, "kermany_test": 15, "fracatlas_hand": 15}
 DEVELOPMENT = ("kermany_test", "fracatlas_hand")
 # Mean AUROC over kermany_test and fracatlas_hand x in-domain (mobilenetv2, efficientnetb0, fusion), 2-way 5-shot
 # 15 queries, 300 episodes, seed 1 (a development seed): (power, centring, soft k-means steps, temperature).
@@ -70,23 +74,37 @@ DEV_SCREEN = {
     "l2 + episode centring + soft k-means 5 steps, T=10": 0.706,
 }
 COVID_LABELS = {"COVID-19": "covid", "No finding": "normal"}
+COVID_SOURCES = ("actualmed", "figure1")
 
 
 # ---------------------------------------------------------------------------------------------- data sets
 
 
-def covid_table() -> pd.DataFrame:
-    """COVID-19 vs No finding from Actualmed and Figure 1, one patient per ``patientid``."""
+def covid_table(sources: tuple[str, ...] = COVID_SOURCES) -> pd.DataFrame:
+    """COVID-19 vs No finding from the named sets (Actualmed, Figure 1), one patient per ``patientid``; the set each
+    image came from is in ``source``."""
     parts = [
         read_csv(
             DATA / "covid" / name / "metadata.csv",
             label_column="finding",
             patient_column="patientid",
             label_map=COVID_LABELS,
-        )
-        for name in ("actualmed", "figure1")
+        ).assign(source=name)
+        for name in sources
     ]
     return pd.concat(parts, ignore_index=True)
+
+
+def covid_actualmed_table() -> pd.DataFrame:
+    """COVID-19 vs No finding within Actualmed alone: the source held constant, so it cannot be the cue."""
+    return covid_table(("actualmed",))
+
+
+def covid_source_table() -> pd.DataFrame:
+    """COVID-19 images only, labelled by the set they came from: how well a cue other than the finding (the
+    hospital, scanner and processing) separates the two sets that make up ``covid``."""
+    covid = covid_table()
+    return covid[covid["label"] == "covid"].assign(label=lambda table: table["source"]).reset_index(drop=True)
 
 
 def kermany_test_table() -> pd.DataFrame:
@@ -113,6 +131,8 @@ def base_table() -> pd.DataFrame:
 
 DATASETS: dict[str, Callable[[], pd.DataFrame]] = {
     "covid": covid_table,
+    "covid_actualmed": covid_actualmed_table,
+    "covid_source": covid_source_table,
     "kermany_test": kermany_test_table,
     "fracatlas_hand": fracatlas_hand_table,
 }
