@@ -128,3 +128,20 @@ def test_run_end_to_end_then_rerun_skips_and_bundle_commands(tmp_path, folder_da
     capsys.readouterr()
     assert main(["predict", str(tampered), images[0]]) == 2
     assert "bundle.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("region", ["humerus", "wrist"])
+def test_shipped_mura_experiment_splits_the_official_layout_given_data_root(tmp_path, mura_tree, region):
+    """experiments/mura_<region>.yaml unchanged, with --data-root: train/val from `train` (patient-grouped),
+    test = the official `valid` split, one region only."""
+    experiment = Path(__file__).resolve().parents[1] / "experiments" / f"mura_{region}.yaml"
+    data_root = ["--data-root", str(mura_tree.parent)]
+    run = tmp_path / "run"
+    assert main(["data", str(experiment), *data_root]) == 0
+    assert main(["finetune", str(experiment), *data_root, "--out", str(run), "--set", "finetune.enabled=false"]) == 0
+    table = pd.read_csv(run / "data" / "table.csv", dtype={"patient": str})
+    assert set(table["region"]) == {region}
+    from_valid = table["path"].str.contains("/valid/")
+    assert (table.loc[from_valid, "split"] == "test").all() and (table.loc[~from_valid, "split"] != "test").all()
+    train, val = (set(table.loc[table["split"] == part, "patient"]) for part in ("train", "val"))
+    assert train and val and not train & val
