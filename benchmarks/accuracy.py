@@ -1,6 +1,7 @@
 """Accuracy: each backbone alone vs fusion, each classifier, in-domain vs scratch initialisation, on the test split.
 
-    python -m benchmarks.accuracy [--quick] [--experiments NAME ...] [--inits in_domain scratch] [--no-run]
+    python -m benchmarks.accuracy [--quick] [--experiments NAME ...] [--inits in_domain scratch] [--seeds 0 1 2]
+                                  [--no-run]
 
 For every (experiment, init) it runs `tlfusion run experiments/NAME.yaml --out runs/benchmarks/accuracy/NAME__INIT
 --set explain.enabled=false` (explanations do not change the scores; a finished run is re-used, as the pipeline
@@ -8,11 +9,12 @@ skips unchanged stages), `scratch` adding `--set backbones.I.weights=null` for e
 run's metrics.json: the image-level test rows (kappa, F1, accuracy, AUROC with patient-bootstrap 95% CIs), the
 model selected on the training split, fusion minus the single backbone chosen on CV and minus the best single
 backbone on test, per classifier (with paired 95% CIs where the run's predictions are on disk), and in-domain
-minus scratch per model. Runnable experiments on ../shared/data: fracatlas_hand, fracatlas_leg,
-kermany_pneumonia; `--quick` takes fracatlas_hand only. `--no-run` tabulates the runs already finished. One run per
-(experiment, init), seed 0: the CIs, not repeats, carry the uncertainty. Writes benchmarks/results/accuracy.json,
-keeping the results of (experiment, init) pairs from its earlier version that this invocation did not measure (listed in
-`carried_over`), so the experiments can be run one at a time.
+minus scratch per model. Runnable experiments on ../shared/data: fracatlas_hand, fracatlas_leg, kermany_pneumonia;
+`--quick` takes fracatlas_hand only. `--no-run` tabulates the runs already finished. `--seeds` repeats each
+(experiment, init) with `--set seed=N` (a new split, initialisation and CV folds; folder NAME__INIT__seedN): the
+CIs describe one split, the seeds how much the split moves the comparisons. Writes benchmarks/results/accuracy.json,
+keeping the runs of its earlier version that this invocation did not measure (listed in `carried_over`), so the
+experiments can be run one at a time.
 """
 
 from __future__ import annotations
@@ -43,27 +45,27 @@ def experiment_file(name: str) -> Path:
     return REPO / "experiments" / f"{name}.yaml"
 
 
-def overrides(name: str, init: str) -> list[str]:
-    """`--set` arguments: no explanations; for scratch, no initial weights for any backbone."""
-    sets = ["explain.enabled=false"]
+def overrides(name: str, init: str, seed: int = 0) -> list[str]:
+    """`--set` arguments: no explanations; for scratch, no initial weights for any backbone; a seed other than 0."""
+    sets = ["explain.enabled=false"] + ([f"seed={seed}"] if seed else [])
     if init == "scratch":
         backbones = yaml.safe_load(experiment_file(name).read_text())["backbones"]
         sets += [f"backbones.{index}.weights=null" for index in range(len(backbones))]
     return [argument for value in sets for argument in ("--set", value)]
 
 
-def run_dir(name: str, init: str) -> Path:
-    return RUNS / f"{name}__{init}"
+def run_dir(name: str, init: str, seed: int = 0) -> Path:
+    return RUNS / (f"{name}__{init}" + (f"__seed{seed}" if seed else ""))
 
 
-def run(name: str, init: str) -> dict:
-    """`tlfusion run` for one (experiment, init), its output appended to RUNS/NAME__INIT.out."""
-    folder = run_dir(name, init)
+def run(name: str, init: str, seed: int = 0) -> dict:
+    """`tlfusion run` for one (experiment, init, seed), its output appended to the run folder's name + `.out`."""
+    folder = run_dir(name, init, seed)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    command = ["tlfusion", "run", str(experiment_file(name)), "--out", str(folder), *overrides(name, init)]
+    command = ["tlfusion", "run", str(experiment_file(name)), "--out", str(folder), *overrides(name, init, seed)]
     with open(folder.parent / f"{folder.name}.out", "a") as log:
         measured = measure_command(command, cwd=REPO, stdout=log, stderr=log)
-    print(name, init, measured, flush=True)
+    print(name, init, seed, measured, flush=True)
     return measured
 
 
@@ -78,20 +80,21 @@ def test_rows(metrics: dict) -> dict[str, dict]:
     return rows
 
 
-def read_run(name: str, init: str) -> dict | None:
+def read_run(name: str, init: str, seed: int = 0) -> dict | None:
     """One finished run's test rows, selected model and stage timings (None when metrics.json is missing)."""
-    path = run_dir(name, init) / "metrics.json"
+    path = run_dir(name, init, seed) / "metrics.json"
     if not path.is_file():
         return None
     metrics = json.loads(path.read_text())
     return {
         "experiment": name,
         "init": init,
+        "seed": seed,
         "selected": metrics["selected"],
         "cv_scores": metrics.get("selection", {}).get("cv_scores", {}),
         "timings_s": metrics.get("timings", {}),
         "models": test_rows(metrics),
-        "fusion_vs_single": paired_intervals(metrics, run_dir(name, init)),
+        "fusion_vs_single": paired_intervals(metrics, run_dir(name, init, seed)),
     }
 
 
@@ -128,7 +131,7 @@ def fusion_gain(result: dict) -> list[dict]:
         singles = {features: scores for features, scores in sets.items() if features != "fusion"}
         if "fusion" not in sets or not singles:
             continue
-        row = {"experiment": result["experiment"], "init": result["init"], "classifier": classifier}
+        row = {key: result[key] for key in ("experiment", "init", "seed")} | {"classifier": classifier}
         chosen = max(singles, key=lambda features: result["cv_scores"].get(f"{features}/{classifier}", -1.0))
         row["cv_chosen_single"] = chosen
         for metric in ("kappa", "auroc"):
@@ -150,17 +153,17 @@ def _delta(result: dict, sets: dict, classifier: str, single: str, metric: str, 
 
 
 def init_gain(results: list[dict]) -> list[dict]:
-    """Per experiment and model: in-domain minus scratch test kappa and AUROC."""
-    found = {(r["experiment"], r["init"]): r for r in results}
+    """Per experiment, seed and model: in-domain minus scratch test kappa and AUROC."""
+    found = {(r["experiment"], r["seed"], r["init"]): r for r in results}
     gains = []
-    for name in dict.fromkeys(r["experiment"] for r in results):
-        in_domain, scratch = found.get((name, "in_domain")), found.get((name, "scratch"))
+    for name, seed in dict.fromkeys((r["experiment"], r["seed"]) for r in results):
+        in_domain, scratch = found.get((name, seed, "in_domain")), found.get((name, seed, "scratch"))
         if not in_domain or not scratch:
             continue
         for model in in_domain["models"]:
             if model in scratch["models"]:
                 a, b = in_domain["models"][model], scratch["models"][model]
-                row = {"experiment": name, "model": model}
+                row = {"experiment": name, "seed": seed, "model": model}
                 row.update({f"delta_{m}": round(a[m] - b[m], 4) for m in ("kappa", "auroc")})
                 gains.append(row)
     return gains
@@ -181,14 +184,17 @@ def mean_deltas(gains: list[dict], keys: tuple[str, ...], count_name: str, suffi
     return summary
 
 
+def run_key(result: dict) -> str:
+    return run_dir(result["experiment"], result["init"], result["seed"]).name
+
+
 def earlier_runs(measured: list[dict]) -> list[dict]:
-    """Runs in the earlier accuracy.json for (experiment, init) pairs not in `measured`."""
+    """Runs in the earlier accuracy.json for (experiment, init, seed) not in `measured`."""
     path = RESULTS_DIR / "accuracy.json"
     if not path.is_file():
         return []
-    fresh = {(result["experiment"], result["init"]) for result in measured}
-    earlier = json.loads(path.read_text()).get("runs", [])
-    return [result for result in earlier if (result["experiment"], result["init"]) not in fresh]
+    fresh = {run_key(result) for result in measured}
+    return [result for result in json.loads(path.read_text()).get("runs", []) if run_key(result) not in fresh]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -196,16 +202,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="fracatlas_hand only")
     parser.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, help="default: all three")
     parser.add_argument("--inits", nargs="+", choices=INITS, default=list(INITS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="experiment seeds (default: 0)")
     parser.add_argument("--no-run", action="store_true", help="tabulate finished runs only; start none")
     args = parser.parse_args(argv)
     names = args.experiments or (["fracatlas_hand"] if args.quick else list(EXPERIMENTS))
+    wanted = [(n, i, s) for n in names for s in args.seeds for i in args.inits]
     machine = machine_info(*PACKAGES)
     started = time.perf_counter()
-    runs = {} if args.no_run else {f"{n}__{i}": run(n, i) for n in names for i in args.inits}
-    results = [result for n in names for i in args.inits if (result := read_run(n, i))]
-    missing = [f"{n}__{i}" for n in names for i in args.inits if not read_run(n, i)]
+    runs = {} if args.no_run else {run_dir(*key).name: run(*key) for key in wanted}
+    results = [result for key in wanted if (result := read_run(*key))]
+    missing = [run_dir(*key).name for key in wanted if not read_run(*key)]
     carried = earlier_runs(results)
-    results = sorted(results + carried, key=lambda result: (EXPERIMENTS.index(result["experiment"]), result["init"]))
+    results = sorted(
+        results + carried, key=lambda r: (EXPERIMENTS.index(r["experiment"]), r["seed"], INITS.index(r["init"]))
+    )
+    init_gains = init_gain(results)
+    fusion_gains = [gain for result in results for gain in fusion_gain(result)]
     machine["load_average_1min_after"] = load_average()[0]
     payload = {
         "benchmark": "accuracy",
@@ -215,23 +227,25 @@ def main(argv: list[str] | None = None) -> dict:
             "experiments": list(dict.fromkeys(result["experiment"] for result in results)),
             "measured_now": names,
             "inits": args.inits,
+            "seeds_now": args.seeds,
             "overrides": {init: " ".join(overrides(names[0], init)) for init in args.inits},
             "runs_folder": str(RUNS.relative_to(REPO)),
             "split": "test, image level; CIs: patient bootstrap 95%",
-            "repeats": "one run per (experiment, init), seed 0",
+            "repeats": "one run per (experiment, init, seed)",
         },
         "notes": NOTES,
         "wall_s": round(time.perf_counter() - started, 1),
         "command_runs": runs,
         "missing": missing,
-        "carried_over": [f"{result['experiment']}__{result['init']}" for result in carried],
+        "carried_over": [run_key(result) for result in carried],
         "runs": results,
-        "fusion_minus_single": (fusion_gains := [gain for result in results for gain in fusion_gain(result)]),
+        "fusion_minus_single": fusion_gains,
         "fusion_minus_cv_chosen_single_mean": mean_deltas(
-            fusion_gains, ("experiment", "init"), "classifiers", "_vs_cv_chosen"
+            fusion_gains, ("experiment", "seed", "init"), "classifiers", "_vs_cv_chosen"
         ),
-        "in_domain_minus_scratch": init_gain(results),
-        "in_domain_minus_scratch_mean": mean_deltas(init_gain(results), ("experiment",), "models"),
+        "in_domain_minus_scratch": init_gains,
+        "in_domain_minus_scratch_mean": mean_deltas(init_gains, ("experiment", "seed"), "models"),
+        "in_domain_minus_scratch_mean_over_seeds": mean_deltas(init_gains, ("experiment",), "models"),
     }
     print("missing runs:", missing or "none")
     print("results:", write_result("accuracy", payload))

@@ -233,64 +233,79 @@ def summarise_end_to_end(payload: dict) -> list[Table]:
 
 
 def summarise_accuracy(payload: dict) -> list[Table]:
-    tables = []
+    runs = payload["runs"]
     selected = [
-        [r["experiment"], r["init"], r["selected"], *score_cells(r["models"].get(r["selected"], {}))]
-        for r in payload["runs"]
+        [r["experiment"], r["seed"], r["init"], r["selected"], *score_cells(r["models"][r["selected"]])] for r in runs
     ]
-    tables.append(("model selected on the training split (CV), its test scores", SELECTED_HEADER, selected))
-    for name in dict.fromkeys(r["experiment"] for r in payload["runs"]):
-        runs = [r for r in payload["runs"] if r["experiment"] == name]
-        for r in runs:
-            rows = [[model, *score_cells(scores)] for model, scores in r["models"].items()]
-            tables.append((f"{name}, {r['init']}: test split, image level", ["model", *SCORE_HEADER], rows))
-    gains = payload.get("fusion_minus_single") or payload.get("fusion_minus_best_single", [])
+    tables = [("model selected on the training split (CV), its test scores", SELECTED_HEADER, selected)]
+    for r in runs:
+        rows = [[model, *score_cells(scores)] for model, scores in r["models"].items()]
+        title = f"{r['experiment']}, seed {r['seed']}, {r['init']}: test split, image level"
+        tables.append((title, ["model", *SCORE_HEADER], rows))
+    run_header = ["experiment", "seed", "init"]
+    gains = payload["fusion_minus_single"]
     chosen = [
-        [g["experiment"], g["init"], g["classifier"], g["fusion_kappa"], g["cv_chosen_single_kappa"]]
-        + [g["cv_chosen_single"], with_ci(g["delta_kappa_vs_cv_chosen"], g.get("delta_kappa_vs_cv_chosen_paired_ci"))]
-        + [with_ci(g["delta_auroc_vs_cv_chosen"], g.get("delta_auroc_vs_cv_chosen_paired_ci"))]
+        [g["experiment"], g["seed"], g["init"], g["classifier"], g["fusion_kappa"], g["cv_chosen_single_kappa"]]
+        + [g["cv_chosen_single"], with_ci(g["delta_kappa_vs_cv_chosen"], g["delta_kappa_vs_cv_chosen_paired_ci"])]
+        + [with_ci(g["delta_auroc_vs_cv_chosen"], g["delta_auroc_vs_cv_chosen_paired_ci"])]
         for g in gains
-        if "cv_chosen_single" in g
     ]
-    chosen_header = ["experiment", "init", "classifier", "fusion kappa", "single kappa", "single chosen on CV"]
+    chosen_header = [*run_header, "classifier", "fusion kappa", "single kappa", "single chosen on CV"]
     chosen_title = "fusion minus the single backbone chosen on CV, same classifier (test; paired 95% CI)"
     tables.append((chosen_title, [*chosen_header, "Δ kappa [paired CI]", "Δ AUROC [paired CI]"], chosen))
-    chosen_means = [
-        [m["experiment"], m["init"], m["classifiers"], m["mean_delta_kappa_vs_cv_chosen"]]
-        + [m["positive_delta_kappa_vs_cv_chosen"], m["mean_delta_auroc_vs_cv_chosen"]]
-        + [m["positive_delta_auroc_vs_cv_chosen"]]
-        for m in payload.get("fusion_minus_cv_chosen_single_mean", [])
-    ]
-    means_header = ["experiment", "init", "classifiers", "mean Δ kappa", "Δ kappa > 0", "mean Δ AUROC", "Δ AUROC > 0"]
     means_title = "fusion minus the single backbone chosen on CV, averaged over classifiers"
-    tables.append((means_title, means_header, chosen_means))
-    gain = [
-        [g["experiment"], g["init"], g["classifier"], g["fusion_kappa"], g["best_single_kappa"]]
-        + [g["best_single_kappa_backbone"], with_ci(g["delta_kappa"], g.get("delta_kappa_paired_ci"))]
-        + [with_ci(g["delta_auroc"], g.get("delta_auroc_paired_ci"))]
+    tables.append(
+        mean_delta_table(means_title, payload["fusion_minus_cv_chosen_single_mean"], run_header, "_vs_cv_chosen")
+    )
+    best = [
+        [g["experiment"], g["seed"], g["init"], g["classifier"], g["fusion_kappa"], g["best_single_kappa"]]
+        + [g["best_single_kappa_backbone"], with_ci(g["delta_kappa"], g["delta_kappa_paired_ci"])]
+        + [with_ci(g["delta_auroc"], g["delta_auroc_paired_ci"])]
         for g in gains
     ]
-    gain_header = ["experiment", "init", "classifier", "fusion kappa", "best single kappa", "best single"]
-    gain_title = "fusion minus the best single backbone on test (picked on test, so biased towards the singles)"
-    tables.append((gain_title, [*gain_header, "Δ kappa [paired CI]", "Δ AUROC [paired CI]"], gain))
+    best_header = [*run_header, "classifier", "fusion kappa", "best single kappa", "best single"]
+    best_title = "fusion minus the best single backbone on test (picked on test, so biased towards the singles)"
+    tables.append((best_title, [*best_header, "Δ kappa [paired CI]", "Δ AUROC [paired CI]"], best))
     init = [
-        [g["experiment"], g["model"], g["delta_kappa"], g["delta_auroc"]] for g in payload["in_domain_minus_scratch"]
+        [g["experiment"], g["seed"], g["model"], g["delta_kappa"], g["delta_auroc"]]
+        for g in payload["in_domain_minus_scratch"]
     ]
-    tables.append(("in-domain minus scratch (test)", ["experiment", "model", "Δ kappa", "Δ AUROC"], init))
-    means = [
-        [m["experiment"], m["models"], m["mean_delta_kappa"], m["positive_delta_kappa"], m["mean_delta_auroc"]]
-        + [m["positive_delta_auroc"]]
-        for m in payload.get("in_domain_minus_scratch_mean", [])
-    ]
-    mean_header = ["experiment", "models", "mean Δ kappa", "Δ kappa > 0", "mean Δ AUROC", "Δ AUROC > 0"]
-    tables.append(("in-domain minus scratch, averaged over models", mean_header, means))
+    tables.append(("in-domain minus scratch (test)", ["experiment", "seed", "model", "Δ kappa", "Δ AUROC"], init))
+    tables.append(
+        mean_delta_table(
+            "in-domain minus scratch, averaged over models",
+            payload["in_domain_minus_scratch_mean"],
+            ["experiment", "seed"],
+        )
+    )
+    tables.append(
+        mean_delta_table(
+            "in-domain minus scratch, averaged over models and seeds",
+            payload["in_domain_minus_scratch_mean_over_seeds"],
+            ["experiment"],
+        )
+    )
     if payload.get("missing"):
         tables.append(("runs not finished", ["run"], [[name] for name in payload["missing"]]))
     return tables
 
 
+def mean_delta_table(title: str, means: list[dict], keys: list[str], suffix: str = "") -> Table:
+    """One row per summary of `benchmarks.accuracy.mean_deltas`: its keys, the count, each metric's mean delta and
+    how many deltas are above 0."""
+    count = next((name for name in ("models", "classifiers") if means and name in means[0]), "n")
+    header = [*keys, count, "mean Δ kappa", "Δ kappa > 0", "mean Δ AUROC", "Δ AUROC > 0"]
+    rows = [
+        [m[key] for key in keys]
+        + [m.get(count)]
+        + [m[f"{kind}_delta_{metric}{suffix}"] for metric in ("kappa", "auroc") for kind in ("mean", "positive")]
+        for m in means
+    ]
+    return title, header, rows
+
+
 SCORE_HEADER = ["n", "kappa [95% CI]", "F1 [95% CI]", "accuracy [95% CI]", "AUROC [95% CI]"]
-SELECTED_HEADER = ["experiment", "init", "selected", *SCORE_HEADER]
+SELECTED_HEADER = ["experiment", "seed", "init", "selected", *SCORE_HEADER]
 
 
 def score_cells(scores: dict) -> list:

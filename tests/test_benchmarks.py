@@ -24,7 +24,8 @@ def scores(kappa: float, auroc: float) -> dict:
 def accuracy_run(init: str, fusion: float) -> dict:
     models = {"a/lr": scores(0.30, 0.70), "b/lr": scores(0.40, 0.65), "fusion/lr": scores(fusion, 0.72)}
     cv_scores = {"a/lr": 0.45, "b/lr": 0.35, "fusion/lr": 0.5}  # CV prefers a, the test split b
-    return {"experiment": "hand", "init": init, "selected": "fusion/lr", "cv_scores": cv_scores, "models": models}
+    run = {"experiment": "hand", "init": init, "seed": 0, "selected": "fusion/lr", "cv_scores": cv_scores}
+    return run | {"models": models}
 
 
 def write(folder: Path, name: str, payload: dict | str) -> None:
@@ -69,10 +70,11 @@ def results(tmp_path: Path) -> Path:
             "runs": runs,
             "fusion_minus_single": (gains := [g for run in runs for g in fusion_gain(run)]),
             "fusion_minus_cv_chosen_single_mean": mean_deltas(
-                gains, ("experiment", "init"), "classifiers", "_vs_cv_chosen"
+                gains, ("experiment", "seed", "init"), "classifiers", "_vs_cv_chosen"
             ),
             "in_domain_minus_scratch": init_gain(runs),
-            "in_domain_minus_scratch_mean": mean_deltas(init_gain(runs), ("experiment",), "models"),
+            "in_domain_minus_scratch_mean": mean_deltas(init_gain(runs), ("experiment", "seed"), "models"),
+            "in_domain_minus_scratch_mean_over_seeds": mean_deltas(init_gain(runs), ("experiment",), "models"),
             "missing": ["leg__scratch"],
         },
     )
@@ -103,11 +105,12 @@ def test_targets_report_met_not_met_and_unmeasured(results: Path):
 
 def test_accuracy_summary_tables(results: Path):
     text = results_md.section("accuracy", json.loads((results / "accuracy.json").read_text()))
-    assert "| hand | in_domain | lr | 0.5 | 0.3 | a | 0.2 | 0.02 |" in text  # against the single chosen on CV
-    assert "| hand | in_domain | lr | 0.5 | 0.4 | b | 0.1 | 0.02 |" in text  # against the best single on test
-    assert "| hand | scratch | 1 | -0.1 | 0 | 0.02 | 1 |" in text
-    assert "| hand | fusion/lr | 0.3 | 0 |" in text
-    assert "| hand | 3 | 0.1 | 1 | 0 | 0 |" in text
+    assert "| hand | 0 | in_domain | lr | 0.5 | 0.3 | a | 0.2 | 0.02 |" in text  # against the single chosen on CV
+    assert "| hand | 0 | in_domain | lr | 0.5 | 0.4 | b | 0.1 | 0.02 |" in text  # against the best single on test
+    assert "| hand | 0 | scratch | 1 | -0.1 | 0 | 0.02 | 1 |" in text
+    assert "| hand | 0 | fusion/lr | 0.3 | 0 |" in text
+    assert "| hand | 0 | 3 | 0.1 | 1 | 0 | 0 |" in text  # per seed
+    assert "| hand | 3 | 0.1 | 1 | 0 | 0 |" in text  # over seeds
     assert "leg__scratch" in text
 
 
@@ -126,7 +129,7 @@ def test_fusion_gain_also_compares_with_the_single_backbone_chosen_on_cv():
     assert gain["cv_chosen_single"] == "a"
     assert gain["delta_kappa_vs_cv_chosen"] == pytest.approx(0.05)
     assert gain["delta_auroc_vs_cv_chosen"] == pytest.approx(0.02)
-    (summary,) = mean_deltas([gain], ("experiment", "init"), "classifiers", "_vs_cv_chosen")
+    (summary,) = mean_deltas([gain], ("experiment", "seed", "init"), "classifiers", "_vs_cv_chosen")
     assert summary["positive_delta_kappa_vs_cv_chosen"] == 1
 
 
@@ -149,3 +152,12 @@ def test_measure_command_reports_exit_code_and_memory():
     measured = measure_command([sys.executable, "-c", "import sys; b = bytearray(64 * 2**20); sys.exit(3)"])
     assert measured["returncode"] == 3
     assert measured["peak_rss_mib"] >= 64
+
+
+def test_in_domain_minus_scratch_pairs_runs_of_the_same_seed():
+    runs = [accuracy_run("in_domain", 0.50), accuracy_run("scratch", 0.20)]
+    runs += [run | {"seed": 1} for run in (accuracy_run("in_domain", 0.40), accuracy_run("scratch", 0.35))]
+    gains = {(g["seed"], g["model"]): g["delta_kappa"] for g in init_gain(runs)}
+    assert gains[(0, "fusion/lr")] == pytest.approx(0.30) and gains[(1, "fusion/lr")] == pytest.approx(0.05)
+    (over_seeds,) = mean_deltas(init_gain(runs), ("experiment",), "models")
+    assert over_seeds["models"] == 6 and over_seeds["positive_delta_kappa"] == 2
