@@ -235,7 +235,9 @@ def summarise_end_to_end(payload: dict) -> list[Table]:
 def summarise_accuracy(payload: dict) -> list[Table]:
     runs = payload["runs"]
     selected = [
-        [r["experiment"], r["seed"], r["init"], r["selected"], *score_cells(r["models"][r["selected"]])] for r in runs
+        [r["experiment"], r["seed"], r["init"], r["selected"], *score_cells(r["models"][r["selected"]])]
+        + [max(r["test_images_seen_in_pretraining"].values(), default=0)]
+        for r in runs
     ]
     tables = [("model selected on the training split (CV), its test scores", SELECTED_HEADER, selected)]
     for r in runs:
@@ -305,7 +307,7 @@ def mean_delta_table(title: str, means: list[dict], keys: list[str], suffix: str
 
 
 SCORE_HEADER = ["n", "kappa [95% CI]", "F1 [95% CI]", "accuracy [95% CI]", "AUROC [95% CI]"]
-SELECTED_HEADER = ["experiment", "seed", "init", "selected", *SCORE_HEADER]
+SELECTED_HEADER = ["experiment", "seed", "init", "selected", *SCORE_HEADER, "test images seen in pretraining"]
 
 
 def score_cells(scores: dict) -> list:

@@ -145,3 +145,41 @@ def test_shipped_mura_experiment_splits_the_official_layout_given_data_root(tmp_
     assert (table.loc[from_valid, "split"] == "test").all() and (table.loc[~from_valid, "split"] != "test").all()
     train, val = (set(table.loc[table["split"] == part, "patient"]) for part in ("train", "val"))
     assert train and val and not train & val
+
+
+def pretrained_on(folder: Path, images: list[Path]) -> Path:
+    """A tiny MobileNetV2 weights file with a `seen_images.txt` listing ``images``, as `tlfusion pretrain` writes."""
+    from tlfusion.backbones import build_backbone
+    from tlfusion.data.images import file_sha256
+
+    folder.mkdir(parents=True)
+    path = folder / "model.keras"
+    build_backbone("mobilenetv2", 32, alpha=0.35).save(path)
+    (folder / "seen_images.txt").write_text("".join(f"{file_sha256(image)}  {image.name}\n" for image in images))
+    return path
+
+
+def test_a_backbone_pretrained_on_test_images_is_recorded_and_flagged(tmp_path, folder_dataset):
+    weights = pretrained_on(tmp_path / "pretrained", sorted(folder_dataset.rglob("*.png")))
+    backbone = {**TINY_BACKBONE, "weights": str(weights)}
+    changes = {"backbones": [backbone], "finetune": {"enabled": False}, "explain": {"enabled": False}}
+    run = tmp_path / "run"
+    assert main(["run", str(tiny_experiment(tmp_path, folder_dataset, **changes)), "--out", str(run)]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    test_images = (pd.read_csv(run / "data" / "table.csv")["split"] == "test").sum()
+    assert metrics["test_images_seen_in_pretraining"] == {"mobilenetv2": test_images} and test_images > 0
+    assert "pretrained on test images (mobilenetv2 on" in (run / "report.md").read_text()
+    assert "test scores are optimistic" in (run / "run.log").read_text()
+
+
+def test_fewshot_refuses_images_the_extractor_was_trained_on(tmp_path, folder_dataset, capsys):
+    weights = pretrained_on(tmp_path / "pretrained", [next(folder_dataset.rglob("*.png"))])
+    changes = {
+        "task": "fewshot",
+        "backbones": [{**TINY_BACKBONE, "weights": str(weights)}],
+        "split": {"test_fraction": None, "val_fraction": 0},
+        "fewshot": {"shots": 2, "queries": 2, "episodes": 4, "shots_curve": [1]},
+    }
+    experiment = str(tiny_experiment(tmp_path, folder_dataset, **changes))
+    assert main(["run", experiment, "--out", str(tmp_path / "run")]) == 2
+    assert "1 evaluated image(s) were in its training data" in capsys.readouterr().err

@@ -316,8 +316,12 @@ class Pipeline:
                 self.experiment.seed,
             ),
             "data": summarise(self.table),
+            "test_images_seen_in_pretraining": seen_in_training(
+                self.experiment, self.backbone_keys, self.table[self.table["split"] == "test"]
+            ),
             "timings": self.timings,
         }
+        warn_if_test_seen(metrics["test_images_seen_in_pretraining"])
         write_json(self.run_dir / "metrics.json", metrics)
         for line in _summary(metrics):
             log.info(line)
@@ -364,7 +368,7 @@ class Pipeline:
         from tlfusion.fewshot import plot_shots_curve, run_fewshot, shots_curve
 
         spec, table = self.experiment.fewshot, self.table
-        check_unseen(self.experiment, self.backbone_keys, table, self.run_dir)
+        check_unseen(self.experiment, self.backbone_keys, table)
         X, block_sizes = self.load_features(self.backbone_keys)
         if len(block_sizes) > 1:  # stateless per-block L2: nothing is fitted on the evaluated images
             X = FeatureFusion(block_sizes=block_sizes, standardize=False, l2=True).fit_transform(X)
@@ -678,25 +682,41 @@ def _summary(metrics: dict) -> list[str]:
     return summary_lines(metrics)
 
 
-def check_unseen(experiment: Experiment, keys: list[str], table: pd.DataFrame, run_dir: Path) -> None:
-    """Refuse a few-shot evaluation on images a backbone was trained on (its `seen_images.txt`)."""
-    evaluated = set(table["sha256"])
+def seen_in_training(experiment: Experiment, keys: list[str], table: pd.DataFrame) -> dict[str, int]:
+    """Backbone key -> how many of the table's images are in its weights' `seen_images.txt` (backbones without a
+    local weights file are left out; a weights file without the list is warned about and left out)."""
+    images = set(table["sha256"])
+    seen = {}
     for key, entry in zip(keys, experiment.backbones, strict=True):
         if not entry.weights or entry.weights == "imagenet":
             continue
         seen_file = Path(entry.weights).parent / "seen_images.txt"
         if not seen_file.is_file():
-            log.warning(
-                "%s: no seen_images.txt beside %s: cannot check that the evaluated images are unseen",
-                key,
-                entry.weights,
-            )
+            log.warning("%s: no seen_images.txt beside %s: cannot check what it was trained on", key, entry.weights)
             continue
-        overlap = evaluated & set(seen_file.read_text().split())
-        if overlap:
+        seen[key] = len(images & {line.split()[0] for line in seen_file.read_text().splitlines() if line.strip()})
+    return seen
+
+
+def check_unseen(experiment: Experiment, keys: list[str], table: pd.DataFrame) -> None:
+    """Refuse a few-shot evaluation on images a backbone was trained on (its `seen_images.txt`)."""
+    for key, count in seen_in_training(experiment, keys, table).items():
+        if count:
             raise InputError(
-                f"backbones.{key}: {len(overlap)} evaluated image(s) were in its training data "
-                f"({seen_file}); use an extractor pretrained with this data set held out"
+                f"backbones.{key}: {count} evaluated image(s) were in its training data (seen_images.txt beside "
+                f"its weights); use an extractor pretrained with this data set held out"
+            )
+
+
+def warn_if_test_seen(seen: dict[str, int]) -> None:
+    """A loud warning per backbone that was trained on test images: its scores there are optimistic."""
+    for key, count in seen.items():
+        if count:
+            log.warning(
+                "backbones.%s was pretrained on %d test image(s) (identical files, by sha256): test scores are "
+                "optimistic; hold the test images out of pretraining or change the split",
+                key,
+                count,
             )
 
 

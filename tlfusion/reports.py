@@ -519,7 +519,12 @@ def _data_blocks(metrics: Mapping) -> list[_Block]:
         f" Brackets hold bootstrap confidence intervals; {MISSING} marks a value that is undefined or not recorded."
     )
     data = metrics.get("data") or {}
-    return [intro, [f"{key}: {_describe(value)}" for key, value in data.items()] or "No data summary recorded."]
+    blocks = [intro, [f"{key}: {_describe(value)}" for key, value in data.items()] or "No data summary recorded."]
+    seen = {key: count for key, count in (metrics.get("test_images_seen_in_pretraining") or {}).items() if count}
+    if seen:
+        pretrained_on = ", ".join(f"{key} on {count}" for key, count in seen.items())
+        blocks.append(f"WARNING: backbones pretrained on test images ({pretrained_on}): test scores are optimistic.")
+    return blocks
 
 
 def _selected_blocks(metrics: Mapping) -> list[_Block]:
