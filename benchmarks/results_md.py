@@ -246,28 +246,14 @@ def summarise_accuracy(payload: dict) -> list[Table]:
         tables.append((title, ["model", *SCORE_HEADER], rows))
     run_header = ["experiment", "seed", "init"]
     gains = payload["fusion_minus_single"]
-    chosen = [
-        [g["experiment"], g["seed"], g["init"], g["classifier"], g["fusion_kappa"], g["cv_chosen_single_kappa"]]
-        + [g["cv_chosen_single"], with_ci(g["delta_kappa_vs_cv_chosen"], g["delta_kappa_vs_cv_chosen_paired_ci"])]
-        + [with_ci(g["delta_auroc_vs_cv_chosen"], g["delta_auroc_vs_cv_chosen_paired_ci"])]
-        for g in gains
-    ]
-    chosen_header = [*run_header, "classifier", "fusion kappa", "single kappa", "single chosen on CV"]
     chosen_title = "fusion minus the single backbone chosen on CV, same classifier (test; paired 95% CI)"
-    tables.append((chosen_title, [*chosen_header, "Δ kappa [paired CI]", "Δ AUROC [paired CI]"], chosen))
+    tables.append(fusion_gain_table(chosen_title, gains, "cv_chosen_single", "cv_chosen_single", "_vs_cv_chosen"))
     means_title = "fusion minus the single backbone chosen on CV, averaged over classifiers"
     tables.append(
         mean_delta_table(means_title, payload["fusion_minus_cv_chosen_single_mean"], run_header, "_vs_cv_chosen")
     )
-    best = [
-        [g["experiment"], g["seed"], g["init"], g["classifier"], g["fusion_kappa"], g["best_single_kappa"]]
-        + [g["best_single_kappa_backbone"], with_ci(g["delta_kappa"], g["delta_kappa_paired_ci"])]
-        + [with_ci(g["delta_auroc"], g["delta_auroc_paired_ci"])]
-        for g in gains
-    ]
-    best_header = [*run_header, "classifier", "fusion kappa", "best single kappa", "best single"]
     best_title = "fusion minus the best single backbone on test (picked on test, so biased towards the singles)"
-    tables.append((best_title, [*best_header, "Δ kappa [paired CI]", "Δ AUROC [paired CI]"], best))
+    tables.append(fusion_gain_table(best_title, gains, "best_single", "best_single_kappa_backbone"))
     init = [
         [g["experiment"], g["seed"], g["model"], g["delta_kappa"], g["delta_auroc"]]
         for g in payload["in_domain_minus_scratch"]
@@ -290,6 +276,18 @@ def summarise_accuracy(payload: dict) -> list[Table]:
     if payload.get("missing"):
         tables.append(("runs not finished", ["run"], [[name] for name in payload["missing"]]))
     return tables
+
+
+def fusion_gain_table(title: str, gains: list[dict], single: str, backbone: str, suffix: str = "") -> Table:
+    """One row per (run, classifier): fusion's kappa, the compared single backbone's (``{single}_kappa``, named by
+    ``backbone``), and the kappa and AUROC differences ``delta_METRIC{suffix}`` with their paired CIs."""
+    header = ["experiment", "seed", "init", "classifier", "fusion kappa", "single kappa", "single"]
+    rows = [
+        [g["experiment"], g["seed"], g["init"], g["classifier"], g["fusion_kappa"], g[f"{single}_kappa"], g[backbone]]
+        + [with_ci(g[f"delta_{m}{suffix}"], g[f"delta_{m}{suffix}_paired_ci"]) for m in ("kappa", "auroc")]
+        for g in gains
+    ]
+    return title, [*header, "Δ kappa [paired CI]", "Δ AUROC [paired CI]"], rows
 
 
 def mean_delta_table(title: str, means: list[dict], keys: list[str], suffix: str = "") -> Table:
