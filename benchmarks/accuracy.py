@@ -226,8 +226,9 @@ def main(argv: list[str] | None = None) -> dict:
     machine = machine_info(*PACKAGES)
     started = time.perf_counter()
     runs = {} if args.no_run else {run_dir(*key).name: run(*key) for key in wanted}
-    results = [result for key in wanted if (result := read_run(*key))]
-    missing = [run_dir(*key).name for key in wanted if not read_run(*key)]
+    found = {key: read_run(*key) for key in wanted}
+    results = [result for result in found.values() if result]
+    missing = [run_dir(*key).name for key, result in found.items() if not result]
     carried = earlier_runs(results)
     results = sorted(
         results + carried, key=lambda r: (EXPERIMENTS.index(r["experiment"]), r["seed"], INITS.index(r["init"]))

@@ -644,22 +644,19 @@ def fusion_vs_single(
     differences with paired patient-bootstrap CIs (both models scored on the same resamples)."""
     from tlfusion.metrics import paired_bootstrap_delta
 
+    if not n_boot:
+        return []
     test = predictions[predictions["split"] == "test"].sort_values("path", kind="stable")
-    models = {model: rows for model, rows in test.groupby("model", sort=False)}
+    levels = {model: evaluation_levels(rows, study_aggregation) for model, rows in test.groupby("model", sort=False)}
     comparisons = []
-    for fused, fused_rows in models.items():
+    for fused in levels:
         feature_set, _, classifier = fused.partition("/")
-        if feature_set != "fusion" or not n_boot:
+        if feature_set != "fusion":
             continue
-        for single, single_rows in models.items():
+        for single in levels:
             if single == fused or single.partition("/")[2] != classifier:
                 continue
-            pairs = zip(
-                evaluation_levels(fused_rows, study_aggregation),
-                evaluation_levels(single_rows, study_aggregation),
-                strict=True,
-            )
-            for (level, y, p_fused, groups), (_, _, p_single, _) in pairs:
+            for (level, y, p_fused, groups), (_, _, p_single, _) in zip(levels[fused], levels[single], strict=True):
                 delta = paired_bootstrap_delta(
                     y, p_fused, p_single, groups, thresholds[fused], thresholds[single], n_boot, seed
                 )
