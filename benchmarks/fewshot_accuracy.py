@@ -14,19 +14,24 @@ Data sets (none of their evaluated images was seen by the in-domain backbones; c
 - ``kermany_test``: Kermany NORMAL vs PNEUMONIA, only the seed-0 patient-grouped test part that the pretraining
   dropped (``assign_splits(test_fraction=0.2, val_fraction=0.2, seed=0)``, grouped by ``patient_key``).
 - ``fracatlas_hand``: FracAtlas hand, fractured vs not (held out of pretraining); no patient ids, so each image
-  is its own group.
+  is its own group, except that identical files under two ids (21 sets in hand) form one group.
 
 Extractors (128 px, pooled penultimate features via ``tlfusion.features.extract_features`` with a cache under
 ``.cache/fewshot_accuracy``): the shipped in-domain MobileNetV2 and EfficientNetB0, their fusion (per-block L2,
 as the pipeline's few-shot stage does), the same three with random weights ("scratch", seed 0), and
 ``chest/mobilenetv2``, pretrained on chest X-rays only (experiments/pretrain_chest.yaml: the Kermany and NIH
-training parts; it saw the NIH base set but none of the evaluated images).
+training parts; it saw the NIH base set but none of the evaluated images). Each is run with the penultimate
+features alone (``stages=1``) and with multi-scale features (``stages=2``: the pooled outputs of the last two
+resolution stages, each L2-normalised; the few-shot default, see below); the extractor name carries the count.
 
 No test-set selection: feature transforms (power 0.5, centring on the support / episode / NIH base mean) and
 transductive soft k-means prototype refinement were screened on the development sets ``kermany_test`` and
 ``fracatlas_hand`` only (300 episodes, seed 1; see ``DEV_SCREEN``). None beat the L2-normalised (cosine)
-prototype by more than 0.003 mean AUROC and refinement lost 0.03-0.05, so no new default was adopted; COVID is
-reported for every registered classifier, none selected on it. Writes benchmarks/results/fewshot_accuracy.json.
+prototype by more than 0.003 mean AUROC and refinement lost 0.03-0.05, so none was adopted. Multi-scale features
+were screened the same way (``STAGES_SCREEN``): 2 stages gained 0.016 mean AUROC over every classifier and
+in-domain extractor (0.033 for the default ``prototype``), 3 and 4 slightly less, so the few-shot experiments
+use ``features.stages: 2``. COVID is reported for every registered classifier, none selected on it. Writes
+benchmarks/results/fewshot_accuracy.json.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from sklearn.base import BaseEstimator
 from benchmarks._common import machine_info, write_result
 from tlfusion.data.images import file_sha256
 from tlfusion.data.sources import read_csv
-from tlfusion.data.splits import assign_splits
+from tlfusion.data.splits import assign_splits, content_groups
 from tlfusion.fewshot import FEWSHOT_CLASSIFIERS, evaluate_episodes, make_fewshot_classifier, sample_episodes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,6 +78,10 @@ DEV_SCREEN = {
     "power 0.5 + support centring + l2 + soft k-means 5 steps, T=10": 0.727,
     "l2 + episode centring + soft k-means 5 steps, T=10": 0.706,
 }
+# Mean AUROC over kermany_test and fracatlas_hand x in-domain (mobilenetv2, efficientnetb0, fusion) x every
+# registered classifier (and, second, the default `prototype` alone), 300 episodes, seed 1, per `stages`.
+STAGES_SCREEN = {1: (0.743, 0.728), 2: (0.758, 0.761), 3: (0.756, 0.758), 4: (0.754, 0.756)}
+STAGES = (1, 2)
 COVID_LABELS = {"COVID-19": "covid", "No finding": "normal"}
 COVID_SOURCES = ("actualmed", "figure1")
 
@@ -140,7 +149,7 @@ DATASETS: dict[str, Callable[[], pd.DataFrame]] = {
 
 def seen_overlap(table: pd.DataFrame) -> dict[str, int]:
     """How many of the table's images each shipped backbone saw in pretraining (must all be 0)."""
-    hashes = {file_sha256(path) for path in table["path"]}
+    hashes = set(table["sha256"])
     shipped = {**SHIPPED, "chest/mobilenetv2": CHEST}
     return {
         name: len(hashes & set((path.parent / "seen_images.txt").read_text().split())) for name, path in shipped.items()
@@ -164,10 +173,10 @@ def scratch_model(arch: str) -> Path:
     return path
 
 
-def features(model: Path, paths: list[str]) -> np.ndarray:
+def features(model: Path, paths: list[str], stages: int) -> np.ndarray:
     from tlfusion.features import extract_features
 
-    return extract_features(model, paths, IMAGE_SIZE, cache_dir=CACHE, progress=False)
+    return extract_features(model, paths, IMAGE_SIZE, cache_dir=CACHE, progress=False, stages=stages)
 
 
 def l2_rows(X: np.ndarray) -> np.ndarray:
@@ -175,13 +184,14 @@ def l2_rows(X: np.ndarray) -> np.ndarray:
 
 
 def extractor_features(paths: list[str]) -> dict[str, np.ndarray]:
-    """Feature matrix per extractor name ("in_domain/mobilenetv2", ..., "scratch/fusion")."""
+    """Feature matrix per extractor name ("in_domain/mobilenetv2 stages=1", ..., "scratch/fusion stages=2")."""
     out = {}
-    for start, model_of in (("in_domain", SHIPPED.__getitem__), ("scratch", scratch_model)):
-        blocks = {arch: features(model_of(arch), paths) for arch in ARCHITECTURES}
-        out.update({f"{start}/{arch}": block for arch, block in blocks.items()})
-        out[f"{start}/fusion"] = np.hstack([l2_rows(block) for block in blocks.values()])  # per-block L2
-    out["chest/mobilenetv2"] = features(CHEST, paths)
+    for stages in STAGES:
+        for start, model_of in (("in_domain", SHIPPED.__getitem__), ("scratch", scratch_model)):
+            blocks = {arch: features(model_of(arch), paths, stages) for arch in ARCHITECTURES}
+            out.update({f"{start}/{arch} stages={stages}": block for arch, block in blocks.items()})
+            out[f"{start}/fusion stages={stages}"] = np.hstack([l2_rows(block) for block in blocks.values()])
+        out[f"chest/mobilenetv2 stages={stages}"] = features(CHEST, paths, stages)
     return out
 
 
@@ -202,10 +212,11 @@ def summary(scores: dict) -> dict:
 
 def run_dataset(name: str, episodes: int, base_paths: list[str]) -> dict:
     table = DATASETS[name]()
+    table["sha256"] = [file_sha256(path) for path in table["path"]]
     overlap = seen_overlap(table)
     if any(overlap.values()):
         raise SystemExit(f"{name}: {overlap} evaluated images were seen in pretraining")
-    y, groups = table["label"].astype(str).to_numpy(), table["patient"].astype(str).to_numpy()
+    y, groups = table["label"].astype(str).to_numpy(), content_groups(table)  # identical images: one patient
     sampled = sample_episodes(y, groups, WAYS, SHOTS, QUERIES[name], episodes, seed=SEED)
     all_features = extractor_features(list(table["path"]))
     base = extractor_features(base_paths)
@@ -218,7 +229,7 @@ def run_dataset(name: str, episodes: int, base_paths: list[str]) -> dict:
         results[extractor] = rows
         best = max(rows, key=lambda c: rows[c]["auroc"]["mean"])
         print(
-            f"{name:15s} {extractor:26s} ({time.perf_counter() - started:5.1f} s) "
+            f"{name:15s} {extractor:34s} ({time.perf_counter() - started:5.1f} s) "
             + " ".join(f"{c}={r['auroc']['mean']:.3f}" for c, r in rows.items())
             + f"  [max {best}]"
         )
@@ -254,6 +265,9 @@ def main(argv: list[str] | None = None) -> dict:
             "development_sets": list(DEVELOPMENT),
             "dev_screen_mean_auroc": DEV_SCREEN,
             "dev_screen_decision": "none adopted (gain <= 0.003 AUROC); decided on the development sets only",
+            "stages": list(STAGES),
+            "stages_screen_mean_auroc_all_classifiers_and_prototype": STAGES_SCREEN,
+            "stages_decision": "stages=2 for few-shot experiments; decided on the development sets only",
             "quick": quick,
         },
         "datasets": datasets,

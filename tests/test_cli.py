@@ -6,10 +6,12 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
+from tlfusion.backbones import build_backbone
 from tlfusion.cli import build_parser, main
 
 TINY_BACKBONE = {"name": "mobilenetv2", "options": {"alpha": 0.35}}
@@ -183,3 +185,27 @@ def test_fewshot_refuses_images_the_extractor_was_trained_on(tmp_path, folder_da
     experiment = str(tiny_experiment(tmp_path, folder_dataset, **changes))
     assert main(["run", experiment, "--out", str(tmp_path / "run")]) == 2
     assert "1 evaluated image(s) were in its training data" in capsys.readouterr().err
+
+
+def test_fewshot_run_and_command_with_multiscale_features(tmp_path, folder_dataset, capsys):
+    changes = {
+        "task": "fewshot",
+        "backbones": [TINY_BACKBONE],
+        "split": {"test_fraction": None, "val_fraction": 0},
+        "features": {"stages": 2},
+        "fewshot": {"shots": 2, "queries": 2, "episodes": 20, "shots_curve": [1, 2]},
+    }
+    experiment = str(tiny_experiment(tmp_path, folder_dataset, **changes))
+    run = tmp_path / "run"
+    assert main(["run", experiment, "--out", str(run)]) == 0
+    result = json.loads((run / "fewshot.json").read_text())
+    assert result["episodes"] == 20 and 0 <= result["auroc"]["mean"] <= 1
+    assert (run / "plots" / "fewshot_auroc_vs_shots.png").stat().st_size > 0
+    model = build_backbone("mobilenetv2", 32, alpha=0.35)
+    widths = [model.get_layer(name).output.shape[-1] for name in ("block_13_expand_relu", "out_relu")]
+    assert np.load(run / "features" / "mobilenetv2.npy").shape == (24, sum(widths))
+
+    args = ["fewshot", "--data", experiment, "--stages", "1", "--episodes", "20", "--queries", "2", "--shots", "2"]
+    assert main([*args, "--out", str(tmp_path / "single")]) == 0
+    assert np.load(tmp_path / "single" / "features" / "mobilenetv2.npy").shape == (24, widths[-1])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["episodes"] == 20

@@ -73,6 +73,13 @@ def test_binary_needs_positive_class_and_bad_yaml(tmp_path, folder_dataset):
         load_experiment(bad)
 
 
+def test_multiscale_features_are_for_fewshot_experiments_only(tmp_path, folder_dataset):
+    with pytest.raises(InputError, match=r"features.stages > 1 .* is for few-shot experiments; a binary"):
+        load_experiment(write_experiment(tmp_path, folder_dataset, features={"stages": 2}))
+    fewshot = load_experiment(write_experiment(tmp_path, folder_dataset, task="fewshot", features={"stages": 2}))
+    assert fewshot.features.stages == 2
+
+
 def test_shipped_experiments_validate():
     folder = Path(__file__).resolve().parents[1] / "experiments"
     for path in sorted(folder.glob("*.yaml")):

@@ -280,6 +280,25 @@ def test_assign_splits_uses_official_test_split():
     assert set(split.loc[split["split"] == "test", "patient"]) == {f"p{i}" for i in range(8)}
 
 
+def test_identical_images_under_different_patients_share_a_part_and_the_rest_is_unchanged():
+    table = _table(images_per_patient=1).assign(sha256=lambda t: t["path"])
+    plain = splits.assign_splits(table.drop(columns="sha256"), test_fraction=0.2, val_fraction=0.25, seed=3)
+    tested, trained = plain.index[plain["split"] == "test"][:2], plain.index[plain["split"] == "train"][:2]
+    table.loc[tested, "sha256"] = table.loc[trained, "sha256"].to_numpy()  # two test images copy train ones
+    joined = splits.assign_splits(table, test_fraction=0.2, val_fraction=0.25, seed=3)
+    assert (joined.loc[tested, "split"] == "train").all()
+    others = table.index.difference(tested)
+    assert joined.loc[others, "split"].tolist() == plain.loc[others, "split"].tolist()
+
+
+def test_content_groups_join_patients_through_shared_images():
+    table = pd.DataFrame({"patient": ["a", "b", "c", "d", "e"], "sha256": ["x", "y", "x", "z", "y"]})
+    assert splits.content_groups(table).tolist() == ["a", "b", "a", "d", "b"]
+    chained = pd.DataFrame({"patient": ["a", "a", "b", "c"], "sha256": ["x", "y", "y", "x"]})
+    assert splits.content_groups(chained).tolist() == ["a", "a", "a", "a"]
+    assert splits.content_groups(table.drop(columns="sha256")).tolist() == ["a", "b", "c", "d", "e"]
+
+
 def test_leakage_check_refuses_shared_patient():
     table = _table().assign(split="train")
     table.loc[0, "split"] = "test"

@@ -9,10 +9,11 @@ import keras
 import numpy as np
 import pytest
 from keras import layers
+from sklearn.preprocessing import normalize
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from tlfusion import features
-from tlfusion.backbones import XrayInput, build_backbone
+from tlfusion.backbones import XrayInput, build_backbone, feature_model, stage_layer_names
 from tlfusion.errors import InputError
 from tlfusion.features import FeatureCache, FeatureFusion, extract_features, fuse
 
@@ -150,6 +151,56 @@ def test_auto_engine_falls_back_to_keras_and_says_why(pngs, monkeypatch, caplog)
     np.testing.assert_array_equal(result, extract_features(model, pngs, SIZE, engine="keras"))
 
 
+def branchy_backbone(size: int = 16) -> keras.Model:
+    """Three resolution stages; the middle one ends at an Add whose branches must not be taken for its end."""
+    image = keras.Input((size, size, 1), name="image")
+    x = XrayInput("tf", name="xray_input")(image)
+    stem = layers.Conv2D(4, 3, padding="same", activation="relu", name="stem")(x)
+    padded = layers.ZeroPadding2D(1, name="pad")(stem)
+    down = layers.Conv2D(6, 3, strides=2, activation="relu", name="down")(padded)
+    left = layers.Conv2D(6, 3, padding="same", activation="relu", name="left")(down)
+    right = layers.Conv2D(6, 1, activation="relu", name="right")(down)
+    merged = layers.Add(name="merge")([left, right])
+    deeper = layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="deeper")(merged)
+    pooled = layers.GlobalAveragePooling2D(name="features")(deeper)
+    return keras.Model(image, layers.Dense(1, name="head")(pooled), name="tlfusion_branchy")
+
+
+def test_stages_end_at_block_outputs_not_inside_branches_or_padding():
+    model = branchy_backbone()
+    assert stage_layer_names(model, 3) == ["stem", "merge", "deeper"]
+    assert stage_layer_names(model, 1) == ["deeper"]
+    with pytest.raises(InputError, match="has 3 resolution stages; asked for 4"):
+        stage_layer_names(model, 4)
+
+
+def test_stages_of_a_real_architecture():
+    model = build_backbone("mobilenetv2", 32, alpha=0.35)
+    assert stage_layer_names(model, 3) == ["block_6_expand_relu", "block_13_expand_relu", "out_relu"]
+
+
+def test_multiscale_features_are_unit_norm_stage_blocks_ending_with_the_penultimate():
+    model = branchy_backbone()
+    images = np.random.default_rng(0).uniform(0, 255, (3, 16, 16, 1)).astype(np.float32)
+    multiscale = np.asarray(feature_model(model, stages=2).predict_on_batch(images))
+    penultimate = np.asarray(feature_model(model).predict_on_batch(images))
+    assert multiscale.shape == (3, 6 + 8)
+    np.testing.assert_allclose(np.linalg.norm(multiscale[:, :6], axis=1), 1, rtol=1e-5)
+    np.testing.assert_allclose(multiscale[:, 6:], normalize(penultimate), rtol=1e-5, atol=1e-6)
+
+
+def test_stages_have_their_own_cache_entry_and_onnx_graph(tmp_path, pngs, sent_to_model):
+    model, cache = tiny_backbone(), tmp_path / "cache"
+    single = extract_features(model, pngs, SIZE, cache_dir=cache, engine="onnx")
+    by_onnx = extract_features(model, pngs, SIZE, cache_dir=cache, engine="onnx", stages=2)
+    by_keras = extract_features(model, pngs, SIZE, engine="keras", stages=2)
+    assert sent_to_model == [5, 5, 5] and single.shape == (5, 16) and by_onnx.shape == (5, 16 + 16)
+    np.testing.assert_allclose(by_onnx, by_keras, atol=1e-4, rtol=0)
+    assert len(list((cache / "onnx").glob("*.onnx"))) == 2
+    extract_features(model, pngs, SIZE, cache_dir=cache, engine="onnx", stages=2)
+    assert sent_to_model == [5, 5, 5]
+
+
 def test_bad_requests_raise_input_error(tmp_path, pngs):
     model = tiny_backbone()
     with pytest.raises(InputError, match="image size 32 differs from the model's 24"):
@@ -160,6 +211,8 @@ def test_bad_requests_raise_input_error(tmp_path, pngs):
         extract_features(model, pngs, SIZE, engine="tensorrt")
     with pytest.raises(InputError, match="model file not found"):
         extract_features(tmp_path / "nope.keras", pngs, SIZE)
+    with pytest.raises(InputError, match="stages must be a positive integer; got 0"):
+        extract_features(model, pngs, SIZE, stages=0)
 
 
 def test_fuse_concatenates_blocks_and_reports_their_sizes():

@@ -199,9 +199,50 @@ def transfer_weights(source: keras.Model, target: keras.Model) -> None:
         layer.set_weights(donor.get_weights())
 
 
-def feature_model(model: keras.Model) -> keras.Model:
-    """The sub-graph image -> pooled penultimate features."""
-    return keras.Model(model.input, model.get_layer(FEATURES_LAYER).output, name=f"{model.name}_features")
+def feature_model(model: keras.Model, stages: int = 1) -> keras.Model:
+    """The sub-graph image -> pooled penultimate features.
+
+    With `stages` > 1, the output is multi-scale: the pooled outputs of the last `stages` resolution stages
+    (`stage_layer_names`), each L2-normalised, concatenated shallowest first (the last block is `features`).
+    """
+    if stages == 1:
+        return keras.Model(model.input, model.get_layer(FEATURES_LAYER).output, name=f"{model.name}_features")
+    *earlier, _ = stage_layer_names(model, stages)
+    pooled = [layers.GlobalAveragePooling2D()(model.get_layer(name).output) for name in earlier]
+    blocks = [layers.UnitNormalization()(block) for block in [*pooled, model.get_layer(FEATURES_LAYER).output]]
+    return keras.Model(model.input, layers.Concatenate()(blocks), name=f"{model.name}_features_{stages}_stages")
+
+
+def stage_layer_names(model: keras.Model, stages: int) -> list[str]:
+    """The layers that end the model's last `stages` resolution stages, shallowest first.
+
+    A stage is a spatial size; it ends at its deepest layer that every path from the input to the Grad-CAM layer
+    passes through (a block output, never a layer inside a branch or skipped by a shortcut). Padding layers do
+    not start a stage. The last stage ends at the Grad-CAM layer.
+    """
+    if not isinstance(stages, int) or stages < 1:
+        raise InputError(f"stages must be a positive integer; got {stages!r}")
+    ends: dict[tuple[int, int], str] = {}
+    for name in _dominators(model, gradcam_layer_name(model)):
+        layer = model.get_layer(name)
+        shape = layer.output.shape
+        if len(shape) == 4 and not isinstance(layer, layers.ZeroPadding2D):
+            ends[(shape[1], shape[2])] = name  # dict order: first time a size is met; value: its deepest layer
+    if stages > len(ends):
+        raise InputError(f"model {model.name!r} has {len(ends)} resolution stages; asked for {stages}")
+    return list(ends.values())[-stages:]
+
+
+def _dominators(model: keras.Model, target: str) -> list[str]:
+    """Layers (in model order, `target` included) that every path from the input to `target` passes through."""
+    dominators: dict[str, set[str]] = {}
+    for layer in model.layers:  # a functional model lists its layers in topological order
+        parents = [node.operation.name for node in layer._inbound_nodes[0].parent_nodes]
+        shared = set.intersection(*(dominators[parent] for parent in parents)) if parents else set()
+        dominators[layer.name] = shared | {layer.name}
+        if layer.name == target:
+            return [layer.name for layer in model.layers if layer.name in dominators[target]]
+    raise InputError(f"model {model.name!r} has no layer {target!r}")
 
 
 def gradcam_layer_name(model: keras.Model) -> str:

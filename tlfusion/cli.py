@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     fewshot.add_argument("--queries", type=int, default=15)
     fewshot.add_argument("--episodes", type=int, default=600)
     fewshot.add_argument("--classifier", default="prototype")
+    fewshot.add_argument(
+        "--stages", type=int, help="resolution stages pooled per backbone (with --data; default: the experiment's)"
+    )
     fewshot.add_argument("--seed", type=int, default=0)
     fewshot.add_argument("--out", required=True)
     fewshot.set_defaults(handler=cmd_fewshot)

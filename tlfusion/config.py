@@ -98,6 +98,8 @@ class FeaturesSpec(Strict):
     pca: int | float | None = None
     engine: Literal["auto", "keras", "onnx"] = "auto"
     batch_size: int = Field(32, ge=1)
+    stages: int = Field(1, ge=1)
+    """Resolution stages pooled per backbone (`tlfusion.backbones.feature_model`); more than one: few-shot only."""
 
 
 class ClassifySpec(Strict):
@@ -188,6 +190,15 @@ class Experiment(Strict):
     def _binary_needs_positive(self) -> Experiment:
         if self.task == "binary" and not self.positive_class:
             raise ValueError("a binary experiment needs 'positive_class' (the label that counts as positive)")
+        return self
+
+    @model_validator(mode="after")
+    def _stages_for_fewshot(self) -> Experiment:
+        if self.features.stages > 1 and self.task != "fewshot":
+            raise ValueError(
+                "features.stages > 1 (multi-scale features) is for few-shot experiments; "
+                f"a {self.task} experiment's bundle and classifiers use the penultimate features"
+            )
         return self
 
 

@@ -65,13 +65,15 @@ def extract_features(
     cache_dir: str | Path | None = None,
     engine: str = "auto",
     progress: bool = True,
+    stages: int = 1,
 ) -> np.ndarray:
     """Pooled penultimate features [n, d] (float32) of the images at `paths`, in order.
 
     `model` is a tlfusion backbone or its `.keras` file. With `cache_dir`, features already cached for the same
     model, preprocessing and image content are read back and only the other images are extracted (each distinct
     image content once). `engine` "auto" runs ONNX Runtime when the conversion succeeds and Keras otherwise
-    (the reason is logged); "onnx" and "keras" force one.
+    (the reason is logged); "onnx" and "keras" force one. `stages` > 1 gives multi-scale features
+    (`tlfusion.backbones.feature_model`).
     """
     if engine not in ENGINES:
         raise InputError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
@@ -80,7 +82,7 @@ def extract_features(
     paths = [str(path) for path in paths]
     if not paths:
         raise InputError("paths: no images to extract features from")
-    source = ModelSource(model)
+    source = ModelSource(model, stages)
     if cache_dir is None:
         return _compute(source, paths, image_size, clahe, batch_size, engine, None, progress)
 
@@ -98,18 +100,24 @@ def extract_features(
 
 
 class ModelSource:
-    """A backbone given as a model or a `.keras` file: its cache key now, the Keras model only when needed."""
+    """A backbone given as a model or a `.keras` file, and how many stages its features pool: its cache key now,
+    the Keras model only when needed."""
 
-    def __init__(self, model: keras.Model | str | Path):
+    def __init__(self, model: keras.Model | str | Path, stages: int = 1):
+        if not isinstance(stages, Integral) or stages < 1:
+            raise InputError(f"stages must be a positive integer; got {stages!r}")
+        self.stages = int(stages)
         if isinstance(model, keras.Model):
             self._model: keras.Model | None = model
-            self.key = weights_sha256(model)
+            key = weights_sha256(model)
         else:
             self._path = Path(model)
             if not self._path.is_file():
                 raise InputError(f"{self._path}: model file not found")
             self._model = None
-            self.key = file_sha256(self._path)
+            key = file_sha256(self._path)
+        # One-stage keys stay the plain model hash, so caches written before `stages` existed remain valid.
+        self.key = key if self.stages == 1 else f"{key}-stages{self.stages}"
 
     @property
     def model(self) -> keras.Model:
@@ -179,12 +187,12 @@ def _new_runner(source: ModelSource, engine: str, cache_dir: Path | None) -> tup
             )
         else:
             return onnx_runner(graph)
-    return keras_runner(source.model)
+    return keras_runner(source.model, source.stages)
 
 
-def keras_runner(model: keras.Model) -> tuple[BatchRunner, int]:
+def keras_runner(model: keras.Model, stages: int = 1) -> tuple[BatchRunner, int]:
     """A runner images [n, s, s, 1] -> features [n, d] through the Keras feature sub-model, and its input size."""
-    extractor = feature_model(model)
+    extractor = feature_model(model, stages)
     return (lambda batch: np.asarray(extractor.predict_on_batch(batch))), int(model.input.shape[1])
 
 
@@ -211,31 +219,31 @@ def cached_onnx_graph(source: ModelSource, cache_dir: Path | None = None) -> byt
     path = None if cache_dir is None else onnx_cache_path(cache_dir, source.key)
     if path is not None and path.is_file():
         return path.read_bytes()
-    graph = onnx_graph(source.model)
+    graph = onnx_graph(source.model, source.stages)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes(path, graph)
     return graph
 
 
-def onnx_graph(model: keras.Model) -> bytes:
+def onnx_graph(model: keras.Model, stages: int = 1) -> bytes:
     """The feature sub-model as a serialised ONNX graph, checked against Keras on random images.
 
     A mismatch beyond `ONNX_TOLERANCE` raises RuntimeError.
     """
-    graph = export_onnx(model)
-    _check_onnx_matches_keras(_new_session(graph), model)
+    extractor = feature_model(model, stages)
+    graph = export_onnx(extractor)
+    _check_onnx_matches_keras(_new_session(graph), extractor)
     return graph
 
 
-def export_onnx(model: keras.Model) -> bytes:
-    """The feature sub-model as a serialised ONNX graph (one input, batch size free) via tf2onnx."""
+def export_onnx(extractor: keras.Model) -> bytes:
+    """A feature sub-model (`feature_model`) as a serialised ONNX graph (one input, batch size free) via tf2onnx."""
     import tensorflow as tf
     import tf2onnx
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    extractor = feature_model(model)
-    spec = tf.TensorSpec((None, *model.input.shape[1:]), tf.float32, name=INPUT_NAME)
+    spec = tf.TensorSpec((None, *extractor.input.shape[1:]), tf.float32, name=INPUT_NAME)
     function = tf.function(lambda images: extractor(images, training=False)).get_concrete_function(spec)
     # tf2onnx.convert.from_function turns captured constants (e.g. EfficientNet's Normalization mean) into extra
     # graph inputs; freezing the function first makes them constants.
@@ -259,9 +267,9 @@ def _new_session(graph: bytes):
     return onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
 
-def _check_onnx_matches_keras(session, model: keras.Model) -> None:
-    images = np.random.default_rng(0).uniform(0, 255, (2, *model.input.shape[1:])).astype(np.float32)
-    expected = np.asarray(feature_model(model).predict_on_batch(images))
+def _check_onnx_matches_keras(session, extractor: keras.Model) -> None:
+    images = np.random.default_rng(0).uniform(0, 255, (2, *extractor.input.shape[1:])).astype(np.float32)
+    expected = np.asarray(extractor.predict_on_batch(images))
     actual = session.run(None, {session.get_inputs()[0].name: images})[0]
     if not np.allclose(actual, expected, rtol=ONNX_TOLERANCE, atol=ONNX_TOLERANCE):
         raise RuntimeError(f"ONNX features differ from Keras by up to {np.abs(actual - expected).max():.2g}")

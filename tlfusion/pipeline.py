@@ -199,6 +199,7 @@ class Pipeline:
                 batch_size=experiment.features.batch_size,
                 cache_dir=self.run_dir / "cache",
                 engine=experiment.features.engine,
+                stages=experiment.features.stages,
             )
             write_atomic(self.feature_path(key), lambda temp, f=features: np.save(temp.open("wb"), f))
             log.info("features %s: %s", key, features.shape)
@@ -364,6 +365,7 @@ class Pipeline:
 
     # ----------------------------------------------------------------- few-shot
     def stage_fewshot(self) -> None:
+        from tlfusion.data.splits import content_groups
         from tlfusion.features import FeatureFusion
         from tlfusion.fewshot import plot_shots_curve, run_fewshot, shots_curve
 
@@ -372,7 +374,7 @@ class Pipeline:
         X, block_sizes = self.load_features(self.backbone_keys)
         if len(block_sizes) > 1:  # stateless per-block L2: nothing is fitted on the evaluated images
             X = FeatureFusion(block_sizes=block_sizes, standardize=False, l2=True).fit_transform(X)
-        y, groups = table["label"].astype(str).to_numpy(), table["patient"].astype(str).to_numpy()
+        y, groups = table["label"].astype(str).to_numpy(), content_groups(table)  # identical images: one patient
         keep = np.isin(y, spec.classes) if spec.classes else np.ones(len(y), bool)
         if (table["split"] == "test").any():  # a defined test split is the evaluated pool
             keep &= (table["split"] == "test").to_numpy()
@@ -867,9 +869,13 @@ def _experiment_features(args: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     overrides = ["task=fewshot"]
     if args.backbone:
         overrides.append(f"backbones=[{{name: {args.backbone}}}]")
+    if args.stages is not None:
+        overrides.append(f"features.stages={args.stages}")
     experiment = load_experiment(args.data, overrides, args.data_root)
     pipeline = Pipeline(experiment, Path(args.out))
     pipeline.run(until="extract")
+    from tlfusion.data.splits import content_groups
+
     X, _ = pipeline.load_features(pipeline.backbone_keys)
     table = pipeline.table
-    return X, table["label"].astype(str).to_numpy(), table["patient"].astype(str).to_numpy()
+    return X, table["label"].astype(str).to_numpy(), content_groups(table)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from tlfusion.errors import InputError
+
+log = logging.getLogger("tlfusion")
 
 
 def _check_two_classes(labels: np.ndarray, what: str) -> None:
@@ -32,6 +36,30 @@ def grouped_holdout(labels, groups, fraction: float, seed: int = 0) -> tuple[np.
     return grouped_folds(labels, groups, max(2, round(1 / fraction)), seed)[0]
 
 
+SPLIT_ORDER = ("train", "val", "test")
+
+
+def content_groups(table: pd.DataFrame, group_column: str = "patient", content_column: str = "sha256") -> np.ndarray:
+    """Per row, its `group_column` group joined with every group that holds an identical image (same
+    `content_column`, e.g. a file's sha256): identical files under different ids count as one patient. A joined
+    group is named after its first row's group; without `content_column`, the groups are returned as they are."""
+    groups = table[group_column].astype(str).to_numpy()
+    if content_column not in table.columns:
+        return groups
+    parent: dict[str, str] = {}
+
+    def root(group: str) -> str:
+        while parent.get(group, group) != group:
+            group = parent[group]
+        return group
+
+    for rows in table.groupby(content_column, sort=False).indices.values():
+        first = root(groups[rows[0]])
+        for other in {root(groups[row]) for row in rows[1:]} - {first}:
+            parent[other] = first
+    return np.array([root(group) for group in groups], dtype=object)
+
+
 def assign_splits(
     table: pd.DataFrame,
     test_fraction: float | None = 0.2,
@@ -39,12 +67,14 @@ def assign_splits(
     group_column: str = "patient",
     seed: int = 0,
     test_values: tuple[str, ...] = (),
+    content_column: str = "sha256",
 ) -> pd.DataFrame:
     """Copy of `table` whose `split` column is train / val / test, grouped by `group_column`.
 
     With `test_values`, rows whose existing split is one of them form the test set (e.g. MURA's official
     `valid`); otherwise `test_fraction` of the patients are held out. `val_fraction` of the remaining patients
-    form the validation part used for early stopping.
+    form the validation part used for early stopping. When the table has `content_column`, identical images are
+    kept in one part (`join_identical_images`).
     """
     table = table.copy()
     label_key = table["label"].astype(str).to_numpy()
@@ -63,7 +93,24 @@ def assign_splits(
         is_val[rest[held]] = True
     table["split"] = np.where(is_test, "test", np.where(is_val, "val", "train"))
     check_no_leakage(table, group_column)
+    if content_column in table.columns:
+        joined = join_identical_images(table["split"].to_numpy(), content_groups(table, group_column))
+        moved = int((joined != table["split"].to_numpy()).sum())
+        if moved:
+            log.info("split: %d image(s) moved to the part holding an identical copy of them", moved)
+        table["split"] = joined
     return table
+
+
+def join_identical_images(split: np.ndarray, joined_groups: np.ndarray) -> np.ndarray:
+    """`split` with each joined group (`content_groups`) moved whole into the earliest part any of it is in
+    (train, then val, then test): an image never sits in test while its identical copy trains the model.
+
+    Groups with no copy elsewhere keep their part, so the patient-grouped assignment changes only for copies.
+    """
+    rank = pd.Series(split).map({part: i for i, part in enumerate(SPLIT_ORDER)})
+    earliest = rank.groupby(joined_groups).transform("min").to_numpy()
+    return np.asarray(SPLIT_ORDER, dtype=object)[earliest]
 
 
 def check_no_leakage(table: pd.DataFrame, group_column: str = "patient") -> None:
