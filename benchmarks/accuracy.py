@@ -37,8 +37,9 @@ NOTES = [
     "The shipped in-domain backbones saw the seed-0 training parts of Kermany and FracAtlas leg in pretraining",
     "(never their seed-0 test parts); FracAtlas hand was held out entirely, so hand is the true transfer target and",
     "the only experiment run at other seeds: another seed moves Kermany and leg images the backbones were trained on",
-    "into the test part (test_images_seen_in_pretraining counts them per run). FracAtlas holds some identical files",
-    "under two ids, so 2 leg test images at seed 0 equal pretraining images.",
+    "into the test part (test_images_seen_in_pretraining counts them per run). FracAtlas holds identical files",
+    "under two ids (21 sets in hand, 4 in leg); a copy split from its twin joins the twin's earlier part (train,",
+    "then val, then test), so no test image has a copy in training.",
     "Test sets are small (hand 156 images, Kermany ~170): differences inside the CIs are not evidence.",
 ]
 PACKAGES = ("tensorflow-cpu", "tensorflow", "keras", "scikit-learn", "xgboost", "numpy")
