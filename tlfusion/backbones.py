@@ -237,6 +237,7 @@ def _dominators(model: keras.Model, target: str) -> list[str]:
     """Layers (in model order, `target` included) that every path from the input to `target` passes through."""
     dominators: dict[str, set[str]] = {}
     for layer in model.layers:  # a functional model lists its layers in topological order
+        # Keras 3 has no public accessor for a layer's parents; flat tlfusion models call each layer once.
         parents = [node.operation.name for node in layer._inbound_nodes[0].parent_nodes]
         shared = set.intersection(*(dominators[parent] for parent in parents)) if parents else set()
         dominators[layer.name] = shared | {layer.name}
