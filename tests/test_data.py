@@ -291,6 +291,12 @@ def test_identical_images_under_different_patients_share_a_part_and_the_rest_is_
     assert joined.loc[others, "split"].tolist() == plain.loc[others, "split"].tolist()
 
 
+def test_summary_counts_identical_image_copies():
+    table = _table(n_patients=4, images_per_patient=1).assign(split="train")
+    assert "identical_image_copies" not in sources.summarise(table)
+    assert sources.summarise(table.assign(sha256=["x", "y", "x", "x"]))["identical_image_copies"] == 2
+
+
 def test_content_groups_join_patients_through_shared_images():
     table = pd.DataFrame({"patient": ["a", "b", "c", "d", "e"], "sha256": ["x", "y", "x", "z", "y"]})
     assert splits.content_groups(table).tolist() == ["a", "b", "a", "d", "b"]

@@ -291,9 +291,11 @@ def read_sources(specs: Sequence[Any]) -> pd.DataFrame:
 
 
 def summarise(table: pd.DataFrame) -> dict[str, Any]:
-    """Counts per class, region and split, and patient/study counts: what `tlfusion data` prints."""
+    """Counts per class, region and split, and patient/study counts: what `tlfusion data` prints. A table with
+    file hashes (`sha256`) also counts the images that repeat an earlier one (`identical_image_copies`)."""
     label_column = "label" if "label" in table.columns else "labels"
     labels = table[label_column] if label_column == "label" else table[label_column].explode().fillna("No Finding")
+    copies = {"identical_image_copies": int(table["sha256"].duplicated().sum())} if "sha256" in table.columns else {}
     return {
         "images": len(table),
         "patients": int(table["patient"].nunique()),
@@ -304,4 +306,5 @@ def summarise(table: pd.DataFrame) -> dict[str, Any]:
         "patients_per_class": table.explode(label_column).groupby(label_column)["patient"].nunique().to_dict()
         if label_column == "label"
         else {},
+        **copies,
     }
