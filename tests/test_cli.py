@@ -209,3 +209,19 @@ def test_fewshot_run_and_command_with_multiscale_features(tmp_path, folder_datas
     assert main([*args, "--out", str(tmp_path / "single")]) == 0
     assert np.load(tmp_path / "single" / "features" / "mobilenetv2.npy").shape == (24, widths[-1])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["episodes"] == 20
+
+
+def test_identical_files_under_two_names_are_one_patient_in_one_part(tmp_path, folder_dataset):
+    from tlfusion.config import load_experiment
+    from tlfusion.pipeline import Pipeline
+
+    for i in range(4):  # four abnormal images copied under new names
+        shutil.copy(folder_dataset / "abnormal" / f"img{i}.png", folder_dataset / "abnormal" / f"copy{i}.png")
+    pipeline = Pipeline(load_experiment(tiny_experiment(tmp_path, folder_dataset)), tmp_path / "run")
+    pipeline.run(until="data")
+    table = pipeline.table.assign(name=lambda t: t["path"].map(lambda path: Path(path).stem))
+    for i in range(4):
+        twins = table[table["name"].isin([f"img{i}", f"copy{i}"]) & table["path"].str.contains("abnormal")]
+        assert len(twins) == 2 and twins["patient"].nunique() == 1 and twins["split"].nunique() == 1
+    summary = json.loads((tmp_path / "run" / "data" / "summary.json").read_text())
+    assert summary["identical_image_copies"] == 4 and summary["patients"] == 12  # the copies add no patient

@@ -111,11 +111,12 @@ class Pipeline:
         return self._table
 
     def data_fingerprint(self) -> str:
-        columns = [c for c in ("sha256", "label", "labels", "split") if c in self.table.columns]
+        columns = [c for c in ("sha256", "label", "labels", "split", "patient") if c in self.table.columns]
         return _digest(self.table[columns].astype(str).values.tolist())
 
     def stage_data(self) -> None:
         from tlfusion.data.sources import read_sources, summarise
+        from tlfusion.data.splits import content_groups
 
         experiment = self.experiment
         table = read_sources(experiment.data)
@@ -123,6 +124,8 @@ class Pipeline:
         if experiment.task == "binary":
             table = with_binary_target(table, experiment.positive_class)
         table = _assign(table, experiment)
+        # Identical files under two patients are one patient from here on: CV folds, bootstrap and episodes.
+        table["patient"] = content_groups(table)
         if "labels" in table.columns:
             table["labels"] = table["labels"].map("|".join)
         write_atomic(self.run_dir / "data" / "table.csv", lambda temp: table.to_csv(temp, index=False))
@@ -365,7 +368,6 @@ class Pipeline:
 
     # ----------------------------------------------------------------- few-shot
     def stage_fewshot(self) -> None:
-        from tlfusion.data.splits import content_groups
         from tlfusion.features import FeatureFusion
         from tlfusion.fewshot import plot_shots_curve, run_fewshot, shots_curve
 
@@ -374,7 +376,7 @@ class Pipeline:
         X, block_sizes = self.load_features(self.backbone_keys)
         if len(block_sizes) > 1:  # stateless per-block L2: nothing is fitted on the evaluated images
             X = FeatureFusion(block_sizes=block_sizes, standardize=False, l2=True).fit_transform(X)
-        y, groups = table["label"].astype(str).to_numpy(), content_groups(table)  # identical images: one patient
+        y, groups = table["label"].astype(str).to_numpy(), table["patient"].astype(str).to_numpy()
         keep = np.isin(y, spec.classes) if spec.classes else np.ones(len(y), bool)
         if (table["split"] == "test").any():  # a defined test split is the evaluated pool
             keep &= (table["split"] == "test").to_numpy()
@@ -874,8 +876,6 @@ def _experiment_features(args: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     experiment = load_experiment(args.data, overrides, args.data_root)
     pipeline = Pipeline(experiment, Path(args.out))
     pipeline.run(until="extract")
-    from tlfusion.data.splits import content_groups
-
     X, _ = pipeline.load_features(pipeline.backbone_keys)
     table = pipeline.table
-    return X, table["label"].astype(str).to_numpy(), content_groups(table)
+    return X, table["label"].astype(str).to_numpy(), table["patient"].astype(str).to_numpy()
