@@ -53,6 +53,7 @@ from tlfusion.data.images import file_sha256
 from tlfusion.data.sources import read_csv
 from tlfusion.data.splits import assign_splits, content_groups
 from tlfusion.fewshot import FEWSHOT_CLASSIFIERS, evaluate_episodes, make_fewshot_classifier, sample_episodes
+from tlfusion.training import SEEN_IMAGES, read_seen_images
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
@@ -151,9 +152,7 @@ def seen_overlap(table: pd.DataFrame) -> dict[str, int]:
     """How many of the table's images each shipped backbone saw in pretraining (must all be 0)."""
     hashes = set(table["sha256"])
     shipped = {**SHIPPED, "chest/mobilenetv2": CHEST}
-    return {
-        name: len(hashes & set((path.parent / "seen_images.txt").read_text().split())) for name, path in shipped.items()
-    }
+    return {name: len(hashes & read_seen_images(path.parent / SEEN_IMAGES)) for name, path in shipped.items()}
 
 
 # --------------------------------------------------------------------------------------------- extractors

@@ -35,7 +35,7 @@ from tlfusion.data.sources import read_csv
 from tlfusion.data.splits import content_groups, grouped_folds, join_identical_images
 from tlfusion.errors import InputError
 from tlfusion.metrics import binary_metrics, bootstrap_ci, choose_threshold, paired_bootstrap_delta
-from tlfusion.training import finetune
+from tlfusion.training import SEEN_IMAGES, finetune, read_seen_images
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_CSV = ROOT.parent / "shared" / "data" / "fracatlas" / "dataset.csv"
@@ -164,8 +164,7 @@ def run_init(init: str, table: pd.DataFrame, settings: dict, seed: int) -> dict:
 
 def leaked_images(table: pd.DataFrame) -> int:
     """How many hand images the in-domain checkpoint saw in pretraining (must be 0)."""
-    seen = {line.split()[0] for line in (PRETRAINED.parent / "seen_images.txt").read_text().splitlines()}
-    return int(table["sha256"].isin(seen).sum())
+    return int(table["sha256"].isin(read_seen_images(PRETRAINED.parent / SEEN_IMAGES)).sum())
 
 
 def run_seed(seed: int, settings: dict) -> dict:

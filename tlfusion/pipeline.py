@@ -686,16 +686,18 @@ def _summary(metrics: dict) -> list[str]:
 def seen_in_training(experiment: Experiment, keys: list[str], table: pd.DataFrame) -> dict[str, int]:
     """Backbone key -> how many of the table's images are in its weights' `seen_images.txt` (backbones without a
     local weights file are left out; a weights file without the list is warned about and left out)."""
+    from tlfusion.training import SEEN_IMAGES, read_seen_images
+
     images = set(table["sha256"])
     seen = {}
     for key, entry in zip(keys, experiment.backbones, strict=True):
         if not entry.weights or entry.weights == "imagenet":
             continue
-        seen_file = Path(entry.weights).parent / "seen_images.txt"
+        seen_file = Path(entry.weights).parent / SEEN_IMAGES
         if not seen_file.is_file():
             log.warning("%s: no seen_images.txt beside %s: cannot check what it was trained on", key, entry.weights)
             continue
-        seen[key] = len(images & {line.split()[0] for line in seen_file.read_text().splitlines() if line.strip()})
+        seen[key] = len(images & read_seen_images(seen_file))
     return seen
 
 

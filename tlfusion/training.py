@@ -456,6 +456,11 @@ def _write_seen_images(path: Path, paths: pd.Series) -> None:
     write_atomic(path, lambda temp: Path(temp).write_text("".join(lines)))
 
 
+def read_seen_images(path: str | Path) -> set[str]:
+    """The sha256 of every image listed in a `seen_images.txt` written by `_write_seen_images`."""
+    return {line.split()[0] for line in Path(path).read_text().splitlines() if line.strip()}
+
+
 # --- outputs ----------------------------------------------------------------------------------------------------
 
 
