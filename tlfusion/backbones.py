@@ -20,6 +20,7 @@ import keras
 from keras import layers
 
 from tlfusion.errors import InputError
+from tlfusion.imagenet import has_offline_weights, load_imagenet_weights
 
 FEATURES_LAYER = "features"
 HEAD_LAYER = "head"
@@ -41,6 +42,7 @@ REGISTRY: dict[str, BackboneSpec] = {
     "inceptionv3": BackboneSpec(keras.applications.InceptionV3, "tf"),
     "xception": BackboneSpec(keras.applications.Xception, "tf"),
     "efficientnetb0": BackboneSpec(keras.applications.EfficientNetB0, "raw"),
+    "mobilenet": BackboneSpec(keras.applications.MobileNet, "tf"),
     "mobilenetv2": BackboneSpec(keras.applications.MobileNetV2, "tf"),
     "convnexttiny": BackboneSpec(keras.applications.ConvNeXtTiny, "raw"),
 }
@@ -95,7 +97,8 @@ def build_backbone(
 ) -> keras.Model:
     """A flat classification model: image -> XrayInput -> architecture -> `features` -> dropout -> `head` logits.
 
-    `weights` is None (random init), "imagenet" (downloaded by Keras; needs network), or a local `.keras` /
+    `weights` is None (random init), "imagenet" (offline from the shipped files for `mobilenet` and `mobilenetv2`,
+    downloaded by Keras for the others), or a local `.keras` /
     `.weights.h5` file saved by tlfusion for the same architecture (any image size, any head: the head is rebuilt
     when its size differs). `options` go to the keras.applications constructor (e.g. `alpha=0.35`).
     """
@@ -108,23 +111,21 @@ def build_backbone(
     dropped = layers.Dropout(dropout, name="head_dropout")(features)
     logits = layers.Dense(num_outputs, name=HEAD_LAYER)(dropped)
     model = keras.Model(image, logits, name=f"{MODEL_PREFIX}{name}")
-    if weights is not None and str(weights) != "imagenet":
+    if str(weights) == "imagenet" and has_offline_weights(name):
+        load_imagenet_weights(model, name)
+    elif weights is not None and str(weights) != "imagenet":
         transfer_weights(load_model_file(weights, expected=name, **options), model)
     return model
 
 
 def _application(spec: BackboneSpec, name: str, tensor, weights, options: dict) -> keras.Model:
+    download = str(weights) == "imagenet" and not has_offline_weights(name)
     try:
-        return spec.builder(
-            include_top=False,
-            input_tensor=tensor,
-            weights="imagenet" if str(weights) == "imagenet" else None,
-            **options,
-        )
+        return spec.builder(include_top=False, input_tensor=tensor, weights="imagenet" if download else None, **options)
     except TypeError as error:
         raise InputError(f"backbone {name}: bad option(s) {sorted(options)} ({error})") from None
     except Exception as error:
-        if str(weights) == "imagenet":
+        if download:
             raise InputError(
                 f"backbone {name}: could not load ImageNet weights ({type(error).__name__}); they are downloaded "
                 "from the internet on first use: go online once, or pass a local weights file"
