@@ -1,4 +1,4 @@
-"""Runs an experiment's stages in order; each is skipped when its inputs (config + data + upstream) are unchanged.
+"""Runs an experiment's stages in order; each is skipped when its config, data, code and upstream are unchanged.
 
 Binary task:     data -> finetune -> extract -> fit (+ bundle) -> evaluate -> explain -> report
 Few-shot task:   data -> extract -> fewshot
@@ -21,6 +21,7 @@ from tlfusion.config import Experiment
 from tlfusion.data.sources import CHESTXRAY14_FINDINGS
 from tlfusion.errors import InputError
 from tlfusion.fileio import write_atomic, write_json
+from tlfusion.stage_code import code_key
 
 log = logging.getLogger("tlfusion")
 
@@ -101,7 +102,7 @@ class Pipeline:
         config = self.experiment.model_dump()
         sections = {name: config[name] for name in STAGE_SECTIONS[stage]}
         fingerprint = self.data_fingerprint() if stage == "data" and self._table is not None else ""
-        return _digest(stage, upstream, sections, fingerprint)
+        return _digest(stage, upstream, sections, fingerprint, code_key(stage))
 
     # ----------------------------------------------------------------- data
     @property
