@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: machine description and atomic JSON result files."""
+"""Helpers shared by the benchmarks: machine description, the git commit measured and atomic JSON result files."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ from pathlib import Path
 from tlfusion.fileio import write_json
 
 RESULTS_DIR = Path(__file__).parent / "results"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def machine_info(*packages: str) -> dict:
-    """Platform, CPU count, 1-minute load average (shared machines skew timings), Python version
-    and the installed versions of ``packages`` (distribution names)."""
+    """Platform, CPU count, 1-minute load average (shared machines skew timings), Python version, the installed
+    versions of ``packages`` (distribution names) and the git commit the benchmark runs at (``git_state``)."""
     versions = {}
     for package in packages:
         try:
@@ -33,11 +34,36 @@ def machine_info(*packages: str) -> dict:
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
         "packages": versions,
+        "git": git_state(),
+    }
+
+
+def git(*args: str) -> str | None:
+    """Output of ``git ARGS`` in the repository, stripped; None outside a git checkout or when git fails."""
+    try:
+        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return done.stdout.strip()
+
+
+def git_state() -> dict:
+    """The commit checked out and the tracked files that differ from it (``dirty``: any); a result records it so
+    RESULTS.md can tell rows measured at HEAD from older ones. Commit and ``dirty`` are None outside a checkout."""
+    changed = git("diff", "--name-only", "HEAD")
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": None if changed is None else bool(changed),
+        "dirty_paths": changed.splitlines() if changed else [],
     }
 
 
 def write_result(name: str, payload: dict) -> Path:
-    """Write ``payload`` to ``benchmarks/results/NAME.json`` atomically."""
+    """Write ``payload`` to ``benchmarks/results/NAME.json`` atomically; when HEAD moved since ``machine_info``
+    recorded it, the commit now is added as ``machine.git.commit_at_end`` (the run mixed two commits' code)."""
+    recorded = payload.get("machine", {}).get("git")
+    if recorded and recorded.get("commit") != (now := git("rev-parse", "HEAD")):
+        recorded["commit_at_end"] = now
     return write_json(RESULTS_DIR / f"{name}.json", payload)
 
 

@@ -4,7 +4,10 @@
 
 One section per result file: what the benchmark measures (the first line of its module's docstring), the command
 that reproduces it, the machine and its load, the settings, tables of the key numbers and, where the JSON has a
-``targets`` mapping, each target with met / not met. Known benchmarks get a hand-picked table (``SUMMARISERS``);
+``targets`` mapping, each target with met / not met. Every table ends with a "measured at" column: the commit the
+row was measured at (``machine.git``, or a row's own ``git``), marked "(not HEAD)" when the code differs from HEAD's
+(another commit, uncommitted changes, a row carried over from an earlier invocation, or no commit recorded), with a
+sentence under the table saying how many rows that is. Known benchmarks get a hand-picked table (``SUMMARISERS``);
 any other JSON falls back to a generic rendering: scalars become a two-column table and every mapping (or list)
 of records becomes a table with one row per record.
 """
@@ -16,9 +19,10 @@ import ast
 import json
 import math
 from collections.abc import Callable, Iterable
+from functools import cache
 from pathlib import Path
 
-from benchmarks._common import RESULTS_DIR
+from benchmarks._common import RESULTS_DIR, git
 
 BENCHMARKS_DIR = Path(__file__).parent
 META_KEYS = ("benchmark", "machine", "settings", "targets", "quick", "notes")
@@ -68,6 +72,79 @@ def flatten(node, prefix: str = "") -> dict:
     for key, value in items:
         flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     return flat
+
+
+# ----------------------------------------------------------------- where each row was measured
+MEASURED_AT = "measured at"
+NOT_HEAD = "(not HEAD)"
+NOT_MEASURED = "not measured"
+CARRIED_OVER = {"carried_over": True}
+
+
+@cache
+def head_commit() -> str | None:
+    return git("rev-parse", "HEAD")
+
+
+def is_code(path: str) -> bool:
+    """Files whose change can change a measurement: all but result files and markdown."""
+    return not (path.startswith("benchmarks/results/") or path.endswith(".md"))
+
+
+@cache
+def same_code_as_head(commit: str) -> bool:
+    """True when no code file differs between ``commit`` and HEAD (False when git cannot tell)."""
+    changed = git("diff", "--name-only", commit, "HEAD")
+    return changed is not None and not any(is_code(path) for path in changed.splitlines())
+
+
+def commit_cell(record: dict | None) -> str:
+    """One git record (``benchmarks._common.git_state``) as a cell: the short commit, marked unless HEAD's code."""
+    if not record or not record.get("commit"):
+        return f"{'carried over, ' if record and record.get('carried_over') else ''}not recorded {NOT_HEAD}"
+    commit, short = record["commit"], record["commit"][:7]
+    if record.get("commit_at_end"):
+        return f"{short}…{record['commit_at_end'][:7]}, HEAD moved during the run {NOT_HEAD}"
+    dirty = record.get("dirty_paths")
+    code_changed = any(map(is_code, dirty)) if dirty is not None else record.get("dirty")
+    if code_changed:
+        return f"{short} + uncommitted changes {NOT_HEAD}"
+    if commit == head_commit():
+        return f"{short} (HEAD)"
+    return f"{short} (same code as HEAD)" if same_code_as_head(commit) else f"{short} {NOT_HEAD}"
+
+
+def measured_at(records: Iterable[dict | None]) -> str:
+    """The cell for a row computed from runs with these git records."""
+    return "; ".join(dict.fromkeys(commit_cell(record) for record in records)) or commit_cell(None)
+
+
+def file_git(payload: dict) -> dict | None:
+    return payload.get("machine", {}).get("git")
+
+
+def with_measured_at(table: Table, cells: Iterable[str]) -> Table:
+    title, header, rows = table
+    return title, [*header, MEASURED_AT], [[*row, cell] for row, cell in zip(rows, cells, strict=True)]
+
+
+def measured_at_note(rows: list[list]) -> str:
+    """The sentence under a table: how many of its rows were not measured with HEAD's code."""
+    if all(row[-1] == NOT_MEASURED for row in rows):
+        return ""
+    stale = sum(NOT_HEAD in str(row[-1]) for row in rows)
+    head = (head_commit() or "unknown")[:7]
+    if not stale:
+        return f"All rows measured with the code of HEAD ({head}, when this file was generated)."
+    return f"**{stale} of {len(rows)} rows not measured with the code of HEAD** ({head}, when this file was generated)."
+
+
+MEASURED_AT_HELP = (
+    'The last column of every table, "measured at", is the commit the row was measured at: "(HEAD)" or "(same '
+    'code as HEAD)" when only results and markdown changed since; "(not HEAD)" when the code differed from HEAD\'s: '
+    "an older commit, uncommitted changes to code, a row carried over from an earlier invocation of the benchmark, "
+    'or a result from before commits were recorded ("not recorded"). Re-run a benchmark to measure its rows at HEAD.'
+)
 
 
 # ----------------------------------------------------------------- generic rendering
@@ -137,15 +214,33 @@ def summarise_finetune(payload: dict) -> list[Table]:
             rows += [[seed, init, *recipe_cells(recipe, row, result)] for recipe, row in _recipes(result).items()]
         paired = run.get("in_domain_minus_scratch") or {}
         deltas += [[seed, metric, d["delta"], d["ci"]] for metric, d in paired.items()]
-    tables = [("test split", header, rows)]
-    tables.append(("in-domain minus scratch, same test images", ["seed", "metric", "delta", "paired 95% CI"], deltas))
+    cell = seed_cell(payload)
+    tables = [with_measured_at(("test split", header, rows), (cell([row[0]]) for row in rows))]
+    delta_header = ["seed", "metric", "delta", "paired 95% CI"]
+    delta_table = ("in-domain minus scratch, same test images", delta_header, deltas)
+    tables.append(with_measured_at(delta_table, (cell([row[0]]) for row in deltas)))
     summary = [
-        [metric, s["mean"], f"{s['seeds_above_0']} of {len(s['per_seed'])}", s["seeds_with_ci_above_0"]]
+        [
+            metric,
+            s["mean"],
+            f"{s['seeds_above_0']} of {len(s['per_seed'])}",
+            s["seeds_with_ci_above_0"],
+            cell(s["per_seed"]),
+        ]
         for metric, s in payload.get("in_domain_minus_scratch_over_seeds", {}).items()
     ]
-    summary_header = ["metric", "mean delta", "seeds above 0", "seeds with CI above 0"]
+    summary_header = ["metric", "mean delta", "seeds above 0", "seeds with CI above 0", MEASURED_AT]
     tables.append(("in-domain minus scratch over seeds", summary_header, summary))
     return tables
+
+
+def seed_cell(payload: dict) -> Callable[[Iterable[str]], str]:
+    """The "measured at" cell of a row from these seeds; seeds not in ``settings.seeds_run_now`` were carried over."""
+    now = payload.get("settings", {}).get("seeds_run_now")
+    gits = {
+        seed: row_git(run, payload, now is not None and int(seed) not in now) for seed, run in payload["seeds"].items()
+    }
+    return lambda seeds: measured_at(gits[str(seed)] for seed in seeds)
 
 
 def _recipes(result: dict) -> dict[str, dict]:
@@ -233,49 +328,61 @@ def summarise_end_to_end(payload: dict) -> list[Table]:
 
 
 def summarise_accuracy(payload: dict) -> list[Table]:
-    runs = payload["runs"]
+    runs, cell = payload["runs"], accuracy_cell(payload)
     selected = [
         [r["experiment"], r["seed"], r["init"], r["selected"], *score_cells(r["models"][r["selected"]])]
         + [max(r["test_images_seen_in_pretraining"].values(), default=0)]
         for r in runs
     ]
-    tables = [("model selected on the training split (CV), its test scores", SELECTED_HEADER, selected)]
+    tables = [("model selected on the training split (CV), its test scores", SELECTED_HEADER, selected, runs)]
     for r in runs:
         rows = [[model, *score_cells(scores)] for model, scores in r["models"].items()]
         title = f"{r['experiment']}, seed {r['seed']}, {r['init']}: test split, image level"
-        tables.append((title, ["model", *SCORE_HEADER], rows))
+        tables.append((title, ["model", *SCORE_HEADER], rows, [r] * len(rows)))
     run_header = ["experiment", "seed", "init"]
-    gains = payload["fusion_minus_single"]
+    gains, chosen_means = payload["fusion_minus_single"], payload["fusion_minus_cv_chosen_single_mean"]
     chosen_title = "fusion minus the single backbone chosen on CV, same classifier (test; paired 95% CI)"
-    tables.append(fusion_gain_table(chosen_title, gains, "cv_chosen_single", "cv_chosen_single", "_vs_cv_chosen"))
+    tables.append(
+        (*fusion_gain_table(chosen_title, gains, "cv_chosen_single", "cv_chosen_single", "_vs_cv_chosen"), gains)
+    )
     means_title = "fusion minus the single backbone chosen on CV, averaged over classifiers"
-    tables.append(
-        mean_delta_table(means_title, payload["fusion_minus_cv_chosen_single_mean"], run_header, "_vs_cv_chosen")
-    )
+    tables.append((*mean_delta_table(means_title, chosen_means, run_header, "_vs_cv_chosen"), chosen_means))
     best_title = "fusion minus the best single backbone on test (picked on test, so biased towards the singles)"
-    tables.append(fusion_gain_table(best_title, gains, "best_single", "best_single_kappa_backbone"))
-    init = [
-        [g["experiment"], g["seed"], g["model"], g["delta_kappa"], g["delta_auroc"]]
-        for g in payload["in_domain_minus_scratch"]
-    ]
-    tables.append(("in-domain minus scratch (test)", ["experiment", "seed", "model", "Δ kappa", "Δ AUROC"], init))
-    tables.append(
-        mean_delta_table(
-            "in-domain minus scratch, averaged over models",
-            payload["in_domain_minus_scratch_mean"],
-            ["experiment", "seed"],
-        )
-    )
-    tables.append(
-        mean_delta_table(
-            "in-domain minus scratch, averaged over models and seeds",
-            payload["in_domain_minus_scratch_mean_over_seeds"],
-            ["experiment"],
-        )
-    )
+    tables.append((*fusion_gain_table(best_title, gains, "best_single", "best_single_kappa_backbone"), gains))
+    init_gains = payload["in_domain_minus_scratch"]
+    init = [[g["experiment"], g["seed"], g["model"], g["delta_kappa"], g["delta_auroc"]] for g in init_gains]
+    init_header = ["experiment", "seed", "model", "Δ kappa", "Δ AUROC"]
+    tables.append(("in-domain minus scratch (test)", init_header, init, init_gains))
+    per_seed, over_seeds = payload["in_domain_minus_scratch_mean"], payload["in_domain_minus_scratch_mean_over_seeds"]
+    per_seed_title = "in-domain minus scratch, averaged over models"
+    tables.append((*mean_delta_table(per_seed_title, per_seed, ["experiment", "seed"]), per_seed))
+    over_seeds_title = "in-domain minus scratch, averaged over models and seeds"
+    tables.append((*mean_delta_table(over_seeds_title, over_seeds, ["experiment"]), over_seeds))
+    measured = [with_measured_at(table, map(cell, records)) for *table, records in tables]
     if payload.get("missing"):
-        tables.append(("runs not finished", ["run"], [[name] for name in payload["missing"]]))
-    return tables
+        measured.append(
+            ("runs not finished", ["run", MEASURED_AT], [[name, NOT_MEASURED] for name in payload["missing"]])
+        )
+    return measured
+
+
+def accuracy_cell(payload: dict) -> Callable[[dict], str]:
+    """The "measured at" cell of a row from the runs matching its experiment, init and seed (those it has)."""
+    from benchmarks.accuracy import run_key
+
+    carried = set(payload.get("carried_over", []))
+    gits = [(run, row_git(run, payload, run_key(run) in carried)) for run in payload["runs"]]
+
+    def cell(row: dict) -> str:
+        keys = [key for key in ("experiment", "init", "seed") if key in row]
+        return measured_at(record for run, record in gits if all(run[key] == row[key] for key in keys))
+
+    return cell
+
+
+def row_git(row: dict, payload: dict, carried_over: bool) -> dict | None:
+    """A row's own git record; else, unless it was carried over from an earlier invocation, the file's."""
+    return row.get("git") or (CARRIED_OVER if carried_over else file_git(payload))
 
 
 def fusion_gain_table(title: str, gains: list[dict], single: str, backbone: str, suffix: str = "") -> Table:
@@ -398,6 +505,7 @@ def section(name: str, payload: dict) -> str:
         f"Reproduce: `python -m benchmarks.{name}{' --quick' if quick else ''}`"
         + (" (this result is from a `--quick` run)" if quick else ""),
         machine_line(payload),
+        commit_line(name, payload),
         settings_line(payload),
         notes_line(payload),
     ]
@@ -405,11 +513,26 @@ def section(name: str, payload: dict) -> str:
         tables = SUMMARISERS.get(name, generic_tables)(payload)
     except (KeyError, TypeError, IndexError):
         tables = generic_tables(payload)
-    for title, header, rows in tables:
-        parts += [f"**{title}**", markdown_table(header, rows)]
     if payload.get("targets"):
-        parts += ["**targets**", markdown_table(["target", "bound", "measured", "status"], target_rows(payload))]
+        tables.append(("targets", ["target", "bound", "measured", "status"], target_rows(payload)))
+    file_cell = commit_cell(file_git(payload))
+    for title, header, rows in tables:
+        if MEASURED_AT not in header:
+            title, header, rows = with_measured_at((title, header, rows), [file_cell] * len(rows))
+        parts += [f"**{title}**", markdown_table(header, rows), measured_at_note(rows)]
     return "\n\n".join(part for part in parts if part)
+
+
+def commit_line(name: str, payload: dict) -> str:
+    """The commit the file's run started at, its uncommitted changes, or why none is known."""
+    record = file_git(payload)
+    if record and record.get("commit"):
+        dirty = ", ".join(record.get("dirty_paths") or []) or "none"
+        return f"Run at commit {record['commit'][:7]}; uncommitted changes to tracked files: {dirty}."
+    committed = git("log", "-1", "--format=%h", "--", f"benchmarks/results/{name}.json")
+    return "Commit: not recorded (this result predates commit recording" + (
+        f"; the result file was last committed in {committed})." if committed else ")."
+    )
 
 
 def load_results(results_dir: Path) -> dict[str, dict]:
@@ -429,6 +552,7 @@ def render(results: dict[str, dict]) -> str:
         "# Benchmark results",
         "Generated by `python -m benchmarks.results_md` from `benchmarks/results/*.json`; do not edit by hand. "
         "Timings come from a shared 2-core machine: read them with the load average next to them.",
+        MEASURED_AT_HELP,
     ]
     if not results:
         head.append("No result files yet: run `python -m benchmarks.NAME` first.")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from benchmarks import results_md
-from benchmarks._common import measure_command
+from benchmarks import _common, results_md
+from benchmarks._common import git_state, measure_command, write_result
 from benchmarks.accuracy import fusion_gain, init_gain, mean_deltas
 from benchmarks.end_to_end import stage_timings
 from benchmarks.scaling import linear_fit
@@ -162,3 +163,114 @@ def test_in_domain_minus_scratch_pairs_runs_of_the_same_seed():
     assert gains[(0, "fusion/lr")] == pytest.approx(0.30) and gains[(1, "fusion/lr")] == pytest.approx(0.05)
     (over_seeds,) = mean_deltas(init_gain(runs), ("experiment",), "models")
     assert over_seeds["models"] == 6 and over_seeds["positive_delta_kappa"] == 2
+
+
+HEAD, SAME_CODE, OLD = "a" * 40, "b" * 40, "c" * 40
+
+
+@pytest.fixture
+def fake_head(monkeypatch):
+    monkeypatch.setattr(results_md, "head_commit", lambda: HEAD)
+    monkeypatch.setattr(results_md, "same_code_as_head", lambda commit: commit == SAME_CODE)
+
+
+def git_repo(folder: Path, monkeypatch) -> callable:
+    """An empty git repository the benchmark helpers read; returns a `git ARGS` runner for it."""
+    folder.mkdir()
+    monkeypatch.setattr(_common, "REPO", folder)
+
+    def run(*args: str) -> str:
+        command = ["git", "-C", str(folder), "-c", "user.name=t", "-c", "user.email=t@t", *args]
+        return subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip()
+
+    run("init", "-q")
+    return run
+
+
+def commit_file(run, folder: Path, name: str, text: str) -> str:
+    (folder / name).write_text(text)
+    run("add", name)
+    run("commit", "-q", "-m", name)
+    return run("rev-parse", "HEAD")
+
+
+def test_git_state_records_the_commit_and_uncommitted_changes(tmp_path, monkeypatch):
+    assert (
+        git_state()["commit"]
+        == subprocess.check_output(["git", "-C", str(_common.REPO), "rev-parse", "HEAD"], text=True).strip()
+    )
+    run = git_repo(tmp_path / "repo", monkeypatch)
+    commit = commit_file(run, tmp_path / "repo", "code.py", "x = 1\n")
+    assert git_state() == {"commit": commit, "dirty": False, "dirty_paths": []}
+    (tmp_path / "repo" / "code.py").write_text("x = 2\n")
+    assert git_state() == {"commit": commit, "dirty": True, "dirty_paths": ["code.py"]}
+    monkeypatch.setattr(_common, "REPO", tmp_path)  # not a checkout
+    assert git_state() == {"commit": None, "dirty": None, "dirty_paths": []}
+
+
+def test_write_result_notes_a_head_that_moved_during_the_run(tmp_path, monkeypatch):
+    run = git_repo(tmp_path / "repo", monkeypatch)
+    monkeypatch.setattr(_common, "RESULTS_DIR", tmp_path / "results")
+    commit_file(run, tmp_path / "repo", "code.py", "x = 1\n")
+    payload = {"machine": {"git": git_state()}}
+    write_result("same", payload)
+    assert "commit_at_end" not in json.loads((tmp_path / "results" / "same.json").read_text())["machine"]["git"]
+    moved = commit_file(run, tmp_path / "repo", "code.py", "x = 2\n")
+    write_result("moved", payload)
+    assert json.loads((tmp_path / "results" / "moved.json").read_text())["machine"]["git"]["commit_at_end"] == moved
+
+
+def test_same_code_as_head_ignores_results_and_markdown_only(tmp_path, monkeypatch):
+    run = git_repo(tmp_path / "repo", monkeypatch)
+    (tmp_path / "repo" / "benchmarks" / "results").mkdir(parents=True)
+    code = commit_file(run, tmp_path / "repo", "code.py", "x = 1\n")
+    commit_file(run, tmp_path / "repo", "benchmarks/results/r.json", "{}")
+    docs = commit_file(run, tmp_path / "repo", "README.md", "text")
+    assert results_md.same_code_as_head.__wrapped__(code)
+    commit_file(run, tmp_path / "repo", "code.py", "x = 2\n")
+    assert not results_md.same_code_as_head.__wrapped__(docs)
+    assert not results_md.same_code_as_head.__wrapped__("f" * 40)  # unknown to git: cannot vouch for it
+
+
+@pytest.mark.parametrize(
+    ("record", "cell"),
+    [
+        ({"commit": HEAD, "dirty": False, "dirty_paths": []}, "aaaaaaa (HEAD)"),
+        ({"commit": SAME_CODE, "dirty": False, "dirty_paths": []}, "bbbbbbb (same code as HEAD)"),
+        ({"commit": OLD, "dirty": False, "dirty_paths": []}, "ccccccc (not HEAD)"),
+        ({"commit": HEAD, "dirty": True, "dirty_paths": ["README.md"]}, "aaaaaaa (HEAD)"),
+        ({"commit": HEAD, "dirty": True, "dirty_paths": ["tlfusion/x.py"]}, "aaaaaaa + uncommitted changes (not HEAD)"),
+        ({"commit": HEAD, "commit_at_end": OLD}, "aaaaaaa…ccccccc, HEAD moved during the run (not HEAD)"),
+        (None, "not recorded (not HEAD)"),
+        (results_md.CARRIED_OVER, "carried over, not recorded (not HEAD)"),
+    ],
+)
+def test_commit_cell_marks_what_was_not_measured_with_heads_code(fake_head, record, cell):
+    assert results_md.commit_cell(record) == cell
+
+
+def test_every_table_says_where_each_row_was_measured(results: Path, fake_head):
+    payload = json.loads((results / "fewshot_speed.json").read_text())
+    payload["machine"]["git"] = {"commit": OLD, "dirty": False, "dirty_paths": ["tlfusion/x.py"]}
+    text = results_md.section("fewshot_speed", payload)
+    assert "| prototype | 200 | 0.5 | 0.7 | ccccccc + uncommitted changes (not HEAD) |" in text
+    assert "**2 of 2 rows not measured with the code of HEAD** (aaaaaaa" in text
+    assert "uncommitted changes to tracked files: tlfusion/x.py" in text
+    made_up = results_md.section("made_up", json.loads((results / "made_up.json").read_text()))
+    assert (
+        "Commit: not recorded" in made_up and "| speed_s | ≤ 2 | 3 | **not met** | not recorded (not HEAD) |" in made_up
+    )
+
+
+def test_accuracy_rows_carried_over_from_an_earlier_invocation_are_marked(results: Path, fake_head):
+    payload = json.loads((results / "accuracy.json").read_text())
+    payload["machine"]["git"] = {"commit": HEAD, "dirty": False, "dirty_paths": []}
+    payload["carried_over"] = ["hand__scratch"]
+    text = results_md.section("accuracy", payload)
+    assert "| hand | 0 | in_domain | fusion/lr | 10 | 0.5 [0.4, 0.9] |" in text
+    selected = text.split("**model selected")[1].split("**hand")[0]
+    assert "| 0 | aaaaaaa (HEAD) |" in selected and "| 0 | carried over, not recorded (not HEAD) |" in selected
+    assert "**1 of 2 rows not measured with the code of HEAD**" in selected
+    both = "| aaaaaaa (HEAD); carried over, not recorded (not HEAD) |"  # in-domain minus scratch uses both runs
+    assert f"| hand | 0 | fusion/lr | 0.3 | 0 {both}" in text
+    assert text.endswith("| leg__scratch | not measured |")  # no "measured with HEAD" sentence for it
