@@ -40,6 +40,7 @@ import skops.io
 from sklearn.base import BaseEstimator
 from skops.io.exceptions import UntrustedTypesFoundException
 from xgboost import XGBClassifier, XGBModel
+from xgboost.core import XGBoostError
 
 from tlfusion import __version__
 from tlfusion.backbones import FEATURES_LAYER, image_size_of, load_model_file
@@ -66,6 +67,16 @@ TRUSTED_TYPES = [
 """Types beyond skops' default trusted sklearn/numpy types that the classifier registry and fusion produce."""
 _XGB_MARKER = "tlfusion:xgboost-model:"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_INFO_TYPES: dict[str, type | tuple[type, ...]] = {
+    "backbones": list,
+    "class_names": list,
+    "threshold": (int, float),
+    "image_size": int,
+    "clahe": bool,
+    "xgboost_models": int,
+    "meta": dict,
+}
+"""bundle.json keys beyond format and format_version, and the JSON types their values must have."""
 
 
 @dataclass
@@ -91,8 +102,7 @@ class Bundle:
         if not self.models:
             raise InputError("bundle: needs at least one backbone")
         for name, model in self.models.items():
-            if not _NAME.fullmatch(name):
-                raise InputError(f"bundle: backbone name {name!r} must be letters, digits, '_', '-' or '.'")
+            check_backbone_name(name, "bundle")
             if FEATURES_LAYER not in {layer.name for layer in model.layers}:
                 raise InputError(f"bundle: backbone {name!r} has no '{FEATURES_LAYER}' layer")
             if image_size_of(model) != self.image_size:
@@ -142,6 +152,12 @@ class Bundle:
             self._runners[name] = run
         run = self._runners[name]
         return np.concatenate([run(images[i : i + PREDICT_BATCH]) for i in range(0, len(images), PREDICT_BATCH)])
+
+
+def check_backbone_name(name: Any, where: str) -> None:
+    """Raise InputError unless `name` can name files in a bundle: letters, digits, '_', '-', '.', no '..'."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise InputError(f"{where}: backbone name {name!r} must be letters, digits, '_', '-' or '.' (no '..')")
 
 
 def check_class_names(bundle: Bundle, names: Sequence[str]) -> None:
@@ -214,35 +230,79 @@ def _move_into_place(staging: Path, target: Path) -> None:
 
 
 def load_bundle(folder: str | Path) -> Bundle:
-    """Load a bundle after checking every file against its manifest (missing, altered or extra -> InputError)."""
+    """Load a bundle after checking every file against its manifest (missing, altered or extra -> InputError).
+
+    Every file is opened through `_Listed`, so nothing the manifest does not list is read, and names from
+    bundle.json are checked before any path is built from them.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: bundle folder not found")
     if not (folder / MANIFEST).is_file():
         raise InputError(f"{folder}: not a tlfusion bundle (no {MANIFEST})")
     manifest = _read_json(folder / MANIFEST)
-    _verify_files(folder, manifest.get("files", {}))
+    listed = _Listed(folder, _manifest_files(folder / MANIFEST, manifest.get("files")))
+    _verify_files(folder, listed.files)
     _warn_on_other_versions(folder, manifest.get("versions", {}))
-    info = _read_json(folder / INFO)
+    info = _read_info(listed(INFO))
+    names = info["backbones"]
+    xgb_models = [_load_xgboost(listed, i) for i in range(info["xgboost_models"])]
+    return Bundle(
+        models={name: load_model_file(listed(f"backbones/{name}.keras")) for name in names},
+        fusion=_load_skops(listed("fusion.skops")),
+        classifier=_put_back_xgboost(_load_skops(listed("classifier.skops")), xgb_models),
+        threshold=info["threshold"],
+        class_names=info["class_names"],
+        image_size=info["image_size"],
+        clahe=info["clahe"],
+        meta=info["meta"],
+        onnx_graphs={name: listed(f"backbones/{name}.onnx").read_bytes() for name in names if listed.has_onnx(name)},
+    )
+
+
+@dataclass
+class _Listed:
+    """The paths of a bundle's files, handed out only for names its manifest lists."""
+
+    folder: Path
+    files: dict[str, str]
+
+    def __call__(self, name: str) -> Path:
+        if name not in self.files:
+            raise InputError(f"{self.folder / name}: not listed in the bundle's {MANIFEST}; not read")
+        return self.folder / name
+
+    def has_onnx(self, backbone: str) -> bool:
+        return f"backbones/{backbone}.onnx" in self.files
+
+
+def _manifest_files(path: Path, files: Any) -> dict[str, str]:
+    """The manifest's `files` (relative POSIX name -> sha256), refusing other types and names that leave the bundle."""
+    if not isinstance(files, dict) or not all(isinstance(d, str) for d in files.values()):
+        raise InputError(f"{path}: 'files' must map file names to sha256 strings")
+    for name in files:
+        parts = name.split("/")
+        if name.startswith("/") or "\\" in name or any(part in ("", ".", "..") for part in parts):
+            raise InputError(f"{path}: file name {name!r} is not a plain path inside the bundle")
+    return files
+
+
+def _read_info(path: Path) -> dict:
+    """bundle.json, its format, keys and value types checked (backbone and class names included)."""
+    info = _read_json(path)
     if info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
-        raise InputError(f"{folder / INFO}: not a {FORMAT} version {FORMAT_VERSION}")
-    try:
-        models = {name: load_model_file(folder / "backbones" / f"{name}.keras") for name in info["backbones"]}
-        onnx_files = {name: folder / "backbones" / f"{name}.onnx" for name in info["backbones"]}
-        xgb_models = [_load_xgboost(folder / "xgboost", i) for i in range(info["xgboost_models"])]
-        return Bundle(
-            models=models,
-            fusion=_load_skops(folder / "fusion.skops"),
-            classifier=_put_back_xgboost(_load_skops(folder / "classifier.skops"), xgb_models),
-            threshold=info["threshold"],
-            class_names=info["class_names"],
-            image_size=info["image_size"],
-            clahe=info["clahe"],
-            meta=info["meta"],
-            onnx_graphs={name: path.read_bytes() for name, path in onnx_files.items() if path.is_file()},
-        )
-    except KeyError as error:
-        raise InputError(f"{folder / INFO}: missing key {error}") from None
+        raise InputError(f"{path}: not a {FORMAT} version {FORMAT_VERSION}")
+    for key, kind in _INFO_TYPES.items():
+        if key not in info:
+            raise InputError(f"{path}: missing key {key!r}")
+        value = info[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise InputError(f"{path}: {key} has the wrong type ({type(value).__name__})")
+    for name in info["backbones"]:
+        check_backbone_name(name, str(path))
+    if not all(isinstance(name, str) for name in info["class_names"]):
+        raise InputError(f"{path}: class_names must be strings")
+    return info
 
 
 def _verify_files(folder: Path, listed: dict[str, str]) -> None:
@@ -297,6 +357,8 @@ def _load_skops(path: Path) -> Any:
         return skops.io.load(path, trusted=TRUSTED_TYPES)
     except UntrustedTypesFoundException as error:
         raise InputError(f"{path}: holds types outside tlfusion's allow-list ({error})") from None
+    except Exception as error:  # a pickle, a truncated zip or a bad schema: all mean "not a skops file we wrote"
+        raise InputError(f"{path}: not a readable skops file ({type(error).__name__}: {error})") from None
 
 
 def _save_xgboost(model: XGBModel, folder: Path, index: int) -> None:
@@ -309,11 +371,18 @@ def _save_xgboost(model: XGBModel, folder: Path, index: int) -> None:
         model.save_model(folder / f"{index}.ubj")
 
 
-def _load_xgboost(folder: Path, index: int) -> XGBClassifier:
-    spec = _read_json(folder / f"{index}.json")
+def _load_xgboost(listed: _Listed, index: int) -> XGBClassifier:
+    path = listed(f"xgboost/{index}.json")
+    spec = _read_json(path)
+    if not isinstance(spec.get("params"), dict) or not isinstance(spec.get("fitted"), bool):
+        raise InputError(f"{path}: needs 'params' (an object) and 'fitted' (true or false)")
     model = XGBClassifier(**spec["params"])
     if spec["fitted"]:
-        model.load_model(folder / f"{index}.ubj")
+        booster = listed(f"xgboost/{index}.ubj")
+        try:
+            model.load_model(booster)
+        except (XGBoostError, UnicodeError) as error:  # XGBoost's message may quote the file's bytes: not shown
+            raise InputError(f"{booster}: not an XGBoost model file ({type(error).__name__})") from None
     return model
 
 
@@ -380,6 +449,9 @@ def _write_json(path: Path, content: dict, what: str) -> None:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        content = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise InputError(f"{path}: unreadable JSON ({error})") from None
+    if not isinstance(content, dict):
+        raise InputError(f"{path}: expected a JSON object, not {type(content).__name__}")
+    return content

@@ -85,6 +85,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from tlfusion.pipeline import predict_images
 
+    if args.out and Path(args.out).is_dir():
+        raise InputError(f"--out {args.out}: is a folder; give the CSV file to write")
     predict_images(args.bundle, args.images, args.out, skip_bad=args.skip_bad)
     return 0
 
@@ -226,7 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except InputError as error:
-        print(f"tlfusion: error: {error}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(error).splitlines())  # one line, whatever a library said
+        print(f"tlfusion: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tlfusion: interrupted", file=sys.stderr)

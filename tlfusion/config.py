@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +41,8 @@ class DataSpec(Strict):
     filters: dict[str, str | list[str]] = Field(default_factory=dict)
     label_map: dict[str, str] | None = None
     findings: list[str] | None = None
+    follow_symlinks: bool = False
+    """Read files whose links lead out of `root` (by default no file outside the data root is read)."""
 
     @model_validator(mode="after")
     def _csv_needed(self) -> DataSpec:
@@ -202,11 +205,38 @@ class Experiment(Strict):
         return self
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a mapping with the same key twice (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` keys are overridden, not duplicated
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            if isinstance(key, Hashable):
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """Safe YAML (no python tags, no duplicate keys); an error raises InputError naming `where`, on one line."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        mark = getattr(error, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        raise InputError(f"{where}: not valid YAML ({problem}{line})") from None
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise InputError(f"--set {text!r}: expected key=value")
     key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value)
+    return key.strip().split("."), parse_yaml(value, f"--set {key.strip()}")
 
 
 def apply_override(raw: dict, text: str) -> None:
@@ -247,9 +277,10 @@ def load_experiment(
     if not path.is_file():
         raise InputError(f"{path}: experiment file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise InputError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}: not a UTF-8 text file (byte {error.start}); an experiment is YAML text") from None
+    raw = parse_yaml(text, str(path))
     if not isinstance(raw, dict):
         raise InputError(f"{path}: expected a mapping of settings at the top level")
     for text in overrides:

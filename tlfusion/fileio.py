@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tlfusion.errors import InputError
+
+LOCK = ".lock"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
@@ -50,3 +56,41 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def remove_leftovers(folder: str | Path) -> None:
+    """Remove what killed writers left under `folder`: `write_atomic` temp files (`.<stem>.*.tmp*`) and
+    `bundle.save_bundle` staging / replaced folders (`.<name>.*.partial`, `.<name>.*.old`). Only for a caller that
+    holds `folder`'s lock, so that no writer is still using them."""
+    for leftover in Path(folder).rglob(".*.tmp*"):
+        if leftover.is_file() and not leftover.is_symlink():
+            leftover.unlink()
+    for pattern in (".*.partial", ".*.old"):
+        for leftover in Path(folder).rglob(pattern):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover)
+
+
+@contextmanager
+def locked(folder: str | Path) -> Iterator[None]:
+    """Hold an exclusive OS lock (`fcntl.flock` on `folder/.lock`) for the block; the OS releases it when the
+    process ends, however it ends. A folder another process holds raises InputError naming the holder."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            message = f"{folder}: in use by another tlfusion run ({holder}); wait for it or use another --out"
+            raise InputError(message) from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)

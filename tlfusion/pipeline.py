@@ -20,7 +20,7 @@ import pandas as pd
 from tlfusion.config import Experiment
 from tlfusion.data.sources import CHESTXRAY14_FINDINGS
 from tlfusion.errors import InputError
-from tlfusion.fileio import write_atomic, write_json
+from tlfusion.fileio import locked, remove_leftovers, write_atomic, write_json
 from tlfusion.stage_code import code_key
 
 log = logging.getLogger("tlfusion")
@@ -75,15 +75,24 @@ class Pipeline:
 
     # ----------------------------------------------------------------- running
     def run(self, until: str | None = None) -> None:
+        """Run the stages up to `until` holding the run folder's lock; a killed run's leftovers are removed first."""
+        with locked(self.run_dir):
+            remove_leftovers(self.run_dir)
+            self._run_stages(until)
+
+    def _run_stages(self, until: str | None) -> None:
         setup_logging(self.run_dir)
         stages = STAGES[self.experiment.task]
         if until is not None and until not in stages:
             raise InputError(f"stage {until!r} does not exist for a {self.experiment.task} experiment")
-        state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+        state = _read_state(self.state_path)
         upstream = ""
         for stage in stages:
             key = self._stage_key(stage, upstream)
             if stage == "data" or self.force or state.get(stage) != key:
+                if stage != "data":  # recorded done only after it completes: a kill re-runs it and those after it
+                    state = {name: done for name, done in state.items() if name not in stages[stages.index(stage) :]}
+                    write_json(self.state_path, state)
                 started = time.perf_counter()
                 log.info("stage %s ...", stage)
                 getattr(self, f"stage_{stage}")()
@@ -209,7 +218,7 @@ class Pipeline:
             log.info("features %s: %s", key, features.shape)
 
     def load_features(self, keys: list[str]) -> tuple[np.ndarray, list[int]]:
-        blocks = [np.load(self.feature_path(key)) for key in keys]
+        blocks = [_load_array(self.feature_path(key)) for key in keys]
         return np.hstack(blocks), [block.shape[1] for block in blocks]
 
     # ----------------------------------------------------------------- fit
@@ -550,6 +559,25 @@ def scan_with_cache(paths: list[str], cache_path: Path, skip_bad: bool) -> tuple
     return [fresh[p] if p in fresh else cache[s] for p, s in zip(paths, stamps, strict=True)], bad
 
 
+def _read_state(path: Path) -> dict[str, str]:
+    """The run folder's stage record (`.stages.json`): stage -> key of its last completed run."""
+    try:
+        state = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: unreadable stage record ({error}); delete it to re-run every stage") from None
+    if not isinstance(state, dict):
+        raise InputError(f"{path}: not a stage record; delete it to re-run every stage")
+    return state
+
+
+def _load_array(path: Path) -> np.ndarray:
+    """A cached `.npy` array; pickled objects are refused, never loaded."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: not a plain numeric array ({error}); re-run with --force") from None
+
+
 def with_binary_target(table: pd.DataFrame, positive: str) -> pd.DataFrame:
     """Add `y` (1 for the positive class); the data must have exactly two classes."""
     classes = sorted(table["label"].astype(str).unique())
@@ -746,13 +774,14 @@ def predict_images(bundle_dir: str, inputs: list[str], out: str | None, skip_bad
     import sys
 
     from tlfusion.bundle import load_bundle
-    from tlfusion.data.images import IMAGE_SUFFIXES, scan_images
+    from tlfusion.data.images import scan_images
+    from tlfusion.data.sources import image_files
 
     paths: list[str] = []
     for item in map(Path, inputs):
-        if item.is_dir():
-            paths += sorted(str(p) for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif item.is_file():
+        if item.is_dir():  # entries that are not regular files are listed for scan_images to refuse by name
+            paths += [str(p) for p in image_files(item, follow_symlinks=True)]
+        elif item.exists() or item.is_symlink():
             paths.append(str(item))
         else:
             raise InputError(f"{item}: no such file or folder")

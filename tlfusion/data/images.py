@@ -7,6 +7,9 @@ three channels and applies the architecture's normalisation, so one decoded imag
 from __future__ import annotations
 
 import hashlib
+import io
+import os
+import stat
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,6 +23,30 @@ from tlfusion.errors import InputError
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"} | DICOM_SUFFIXES
 MAX_PIXELS = 400_000_000
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+
+def _not_regular(mode: int) -> str | None:
+    """Why a file of this `st_mode` is not read ("a folder", "a FIFO", "a device", ...), or None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for test, kind in _KINDS if test(mode)), "a device")
+
+
+def read_regular(path: str | Path) -> bytes:
+    """The bytes of a regular file. A folder, FIFO, device, socket or dangling link raises InputError naming it,
+    without reading it (the file is checked before opening, and opened non-blocking and checked again)."""
+    try:
+        why = _not_regular(os.stat(path).st_mode)
+        if why is None:
+            handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            with os.fdopen(handle, "rb") as file:
+                why = _not_regular(os.fstat(handle).st_mode)
+                if why is None:
+                    return file.read()
+    except OSError as error:
+        raise InputError(f"{path}: cannot read ({error.strerror})") from None
+    raise InputError(f"{path}: not a regular file ({why}); not read")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -54,12 +81,12 @@ def _to_gray(pixels: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY)
 
 
-def _read_dicom(path: Path) -> np.ndarray:
+def _read_dicom(data: bytes) -> np.ndarray:
     """Pixel data with rescale slope/intercept and VOI LUT applied; MONOCHROME1 inverted."""
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    dataset = pydicom.dcmread(path)
+    dataset = pydicom.dcmread(io.BytesIO(data))
     pixels = apply_voi_lut(apply_modality_lut(dataset.pixel_array, dataset), dataset).astype(np.float32)
     if pixels.ndim == 3 and getattr(dataset, "SamplesPerPixel", 1) == 1:
         pixels = pixels[0]
@@ -72,17 +99,16 @@ def _read_dicom(path: Path) -> np.ndarray:
 def read_gray(path: str | Path) -> np.ndarray:
     """Decode one image file to a 2-D float32 array in [0, 255]; an unreadable file raises InputError naming it."""
     path = Path(path)
+    data = read_regular(path)
+    if not data:
+        raise InputError(f"{path}: empty file")
     try:
         if path.suffix.lower() in DICOM_SUFFIXES:
-            return _read_dicom(path)
-        raw = np.fromfile(path, dtype=np.uint8)
-        if raw.size == 0:
-            raise InputError(f"{path}: empty file")
-        pixels = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
-    except InputError:
-        raise
+            return _read_dicom(data)
+        pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     except Exception as error:  # decoders raise many types; all mean "this file is not an image we can read"
-        raise InputError(f"{path}: cannot decode image ({type(error).__name__}: {error})") from None
+        reason = " ".join(str(error).split())  # OpenCV's messages span lines
+        raise InputError(f"{path}: cannot decode image ({type(error).__name__}: {reason})") from None
     if pixels is None or pixels.size == 0:
         raise InputError(f"{path}: cannot decode image (not an image, truncated or unsupported format)")
     if pixels.size > MAX_PIXELS:

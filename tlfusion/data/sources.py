@@ -7,6 +7,7 @@ a string; for multi-label sources `labels`, a tuple of findings, with `df.attrs[
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -40,16 +41,52 @@ CHESTXRAY14_FINDINGS = (
 NO_FINDING = "No Finding"
 
 
-def resolve_inside(root: Path, relative: str, what: str) -> Path:
-    """`root / relative`, refusing a path that escapes `root` (e.g. `../../etc/passwd`)."""
-    resolved = (root / relative).resolve()
-    if not resolved.is_relative_to(root.resolve()):
+def resolve_inside(root: Path, relative: str, what: str, follow_symlinks: bool = False) -> Path:
+    """`root / relative` as an absolute path, refusing one that escapes `root` (e.g. `../../etc/passwd`), and, unless
+    `follow_symlinks`, one whose links lead out of it."""
+    path = Path(os.path.abspath(root / relative))
+    if not path.is_relative_to(os.path.abspath(root)):
         raise InputError(f"{what}: path {relative!r} escapes the data root {root}")
-    return resolved
+    _check_link(path, root, what, follow_symlinks)
+    return path
+
+
+def _check_link(path: Path, root: Path, what: str, follow_symlinks: bool) -> None:
+    """Refuse a path inside `root` whose links lead out of it, unless `follow_symlinks` (`data.follow_symlinks`)."""
+    target = os.path.realpath(path)
+    if not follow_symlinks and not Path(target).is_relative_to(os.path.realpath(root)):
+        raise InputError(
+            f"{what}: {path} links outside the data root {root} (to {target}); "
+            "set data.follow_symlinks: true to read it"
+        )
+
+
+def image_files(folder: Path, root: Path | None = None, follow_symlinks: bool = False) -> list[Path]:
+    """Every entry under `folder` whose name has an image suffix, sorted, with its path inside the data set.
+
+    Entries that are not regular files (folders named `*.png`, FIFOs, devices, dangling links) are listed too, so
+    that decoding refuses them by name. Unless `follow_symlinks`, a link out of `root` (default: `folder`) is an
+    error and linked folders are not entered (one inside the root holds files listed under their own path); with
+    it, linked folders are entered once each.
+    """
+    root = Path(root or folder)
+    _check_link(folder, root, "data.root", follow_symlinks)
+    found, entered = [], set()
+    for top, folders, names in os.walk(folder, followlinks=follow_symlinks):
+        if follow_symlinks and os.path.realpath(top) in entered:
+            folders.clear()
+            continue
+        entered.add(os.path.realpath(top))
+        for name in sorted(folders + names):
+            path = Path(top, name)
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                _check_link(path, root, "data.root", follow_symlinks)
+                found.append(path)
+    return sorted(found)
 
 
 def _require_dir(root: str | Path, what: str) -> Path:
-    root = Path(root)
+    root = Path(os.path.abspath(root))
     if not root.is_dir():
         raise InputError(f"{what}: data folder not found: {root}")
     return root
@@ -70,21 +107,18 @@ def _require_columns(table: pd.DataFrame, columns: Iterable[str | None], csv_pat
         raise InputError(f"{csv_path}: missing column(s) {missing}; columns are {list(table.columns)}")
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-
-
 def _finish(rows: pd.DataFrame, what: str) -> pd.DataFrame:
     if rows.empty:
         raise InputError(f"{what}: no images found")
     return rows.reset_index(drop=True)
 
 
-def read_mura(root: str | Path, regions: Sequence[str] | None = None) -> pd.DataFrame:
+def read_mura(root: str | Path, regions: Sequence[str] | None = None, follow_symlinks: bool = False) -> pd.DataFrame:
     """The official MURA-v1.1 layout: `{train,valid}/XR_<REGION>/patientNNNNN/studyN_{positive,negative}/imageN.png`.
 
     Labels are study-level ("abnormal"/"normal"), taken from the study folder name and cross-checked against
     `*_labeled_studies.csv` where present. `regions` filters by region name (`humerus`, `XR_WRIST`, ...).
+    `follow_symlinks` as in `image_files`.
     """
     root = _require_dir(root, "mura")
     wanted = {r.lower().removeprefix("xr_") for r in regions} if regions else None
@@ -96,7 +130,7 @@ def read_mura(root: str | Path, regions: Sequence[str] | None = None) -> pd.Data
             if wanted is not None and region not in wanted:
                 continue
             for study_dir in sorted(region_dir.glob("patient*/*")):
-                rows.extend(_mura_study_rows(study_dir, split, region, study_labels))
+                rows.extend(_mura_study_rows(root, study_dir, split, region, study_labels, follow_symlinks))
     if not rows:
         raise InputError(f"mura: no images under {root}/{{train,valid}}/XR_* (regions={list(regions or [])})")
     return _finish(pd.DataFrame(rows, columns=COLUMNS), "mura")
@@ -116,7 +150,9 @@ def _mura_labeled_studies(root: Path) -> dict[str, str]:
     return labels
 
 
-def _mura_study_rows(study_dir: Path, split: str, region: str, study_labels: dict[str, str]) -> list[list]:
+def _mura_study_rows(
+    root: Path, study_dir: Path, split: str, region: str, study_labels: dict[str, str], follow_symlinks: bool
+) -> list[list]:
     match = MURA_STUDY.match(study_dir.name)
     if not study_dir.is_dir():
         return []
@@ -128,16 +164,17 @@ def _mura_study_rows(study_dir: Path, split: str, region: str, study_labels: dic
         raise InputError(f"{study_dir}: folder says {label} but labeled_studies CSV says {study_labels[key]}")
     patient = study_dir.parent.name
     study = f"{region}/{patient}/{match['study']}"
-    return [[str(p.resolve()), label, patient, study, split, region] for p in _image_files(study_dir)]
+    return [[str(p), label, patient, study, split, region] for p in image_files(study_dir, root, follow_symlinks)]
 
 
-def read_folder(root: str | Path) -> pd.DataFrame:
-    """One sub-folder per class (images anywhere below it); each image is its own patient and study."""
+def read_folder(root: str | Path, follow_symlinks: bool = False) -> pd.DataFrame:
+    """One sub-folder per class (images anywhere below it); each image is its own patient and study.
+    `follow_symlinks` as in `image_files`."""
     root = _require_dir(root, "folder")
     rows = []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for image in _image_files(class_dir):
-            rows.append([str(image.resolve()), class_dir.name, image.stem, image.stem, "", ""])
+        for image in image_files(class_dir, root, follow_symlinks):
+            rows.append([str(image), class_dir.name, image.stem, image.stem, "", ""])
     return _finish(pd.DataFrame(rows, columns=COLUMNS), f"folder {root}")
 
 
@@ -152,8 +189,10 @@ def read_csv(
     region_column: str | None = None,
     filters: Mapping[str, str | Sequence[str]] | None = None,
     label_map: Mapping[str, str] | None = None,
+    follow_symlinks: bool = False,
 ) -> pd.DataFrame:
-    """A CSV with one row per image. Paths resolve against `root` (default: the CSV's folder).
+    """A CSV with one row per image. Paths resolve against `root` (default: the CSV's folder) and may not leave it
+    (through links neither, unless `follow_symlinks`).
 
     `filters` keeps rows whose column equals a value (or is in a list); `label_map` renames labels and drops rows
     whose label it does not list. Without a patient column each image is its own patient.
@@ -168,7 +207,7 @@ def read_csv(
         table = table[table[label_column].isin(label_map)]
     rows = pd.DataFrame(
         {
-            "path": [str(resolve_inside(root, p, str(csv_path))) for p in table[path_column]],
+            "path": [str(resolve_inside(root, p, str(csv_path), follow_symlinks)) for p in table[path_column]],
             "label": table[label_column].map(label_map) if label_map else table[label_column],
         }
     )
@@ -198,12 +237,14 @@ def read_chestxray14(
     root: str | Path | None = None,
     findings: Sequence[str] = CHESTXRAY14_FINDINGS,
     split_lists: bool = True,
+    follow_symlinks: bool = False,
 ) -> pd.DataFrame:
     """`Data_Entry_2017.csv`-style multi-label findings (`Finding Labels` joined by `|`).
 
     Images are found through a `path` column when present, else by `Image Index` anywhere under `root`
     (the official release spreads them over `images_0NN/images/`). The official `train_val_list.txt` /
-    `test_list.txt` beside the CSV set `split` when `split_lists` is on and they exist.
+    `test_list.txt` beside the CSV set `split` when `split_lists` is on and they exist. Paths stay inside `root`
+    (through links too, unless `follow_symlinks`).
     """
     csv_path = Path(csv)
     root = Path(root) if root is not None else csv_path.parent
@@ -211,10 +252,10 @@ def read_chestxray14(
     _require_columns(table, ["Finding Labels", "Patient ID"], csv_path)
     labels = [_parse_findings(text, findings, csv_path) for text in table["Finding Labels"]]
     if "path" in table.columns:
-        paths = [str(resolve_inside(root, p, str(csv_path))) for p in table["path"]]
+        paths = [str(resolve_inside(root, p, str(csv_path), follow_symlinks)) for p in table["path"]]
     else:
         _require_columns(table, ["Image Index"], csv_path)
-        index = {p.name: str(p.resolve()) for p in _image_files(root)}
+        index = {p.name: str(p) for p in image_files(Path(os.path.abspath(root)), follow_symlinks=follow_symlinks)}
         missing = [name for name in table["Image Index"] if name not in index]
         if missing:
             raise InputError(f"{csv_path}: {len(missing)} images not found under {root}, e.g. {missing[0]}")
@@ -255,16 +296,17 @@ READERS = {"mura": read_mura, "folder": read_folder, "csv": read_csv, "chestxray
 
 def read_source(spec: Any) -> pd.DataFrame:
     """Read one `config.DataSpec` (format + root + reader options) with the matching reader."""
-    root = Path(spec.root)
+    root, follow = Path(spec.root), spec.follow_symlinks
     if spec.format == "mura":
-        return read_mura(root, regions=spec.regions)
+        return read_mura(root, regions=spec.regions, follow_symlinks=follow)
     if spec.format == "folder":
-        return read_folder(root)
+        return read_folder(root, follow_symlinks=follow)
+    csv = resolve_inside(root, spec.csv, "data.csv", follow)
     if spec.format == "chestxray14":
         findings = spec.findings or CHESTXRAY14_FINDINGS
-        return read_chestxray14(resolve_inside(root, spec.csv, "data.csv"), root, findings=findings)
+        return read_chestxray14(csv, root, findings=findings, follow_symlinks=follow)
     return read_csv(
-        resolve_inside(root, spec.csv, "data.csv"),
+        csv,
         root,
         path_column=spec.path_column,
         label_column=spec.label_column,
@@ -274,6 +316,7 @@ def read_source(spec: Any) -> pd.DataFrame:
         region_column=spec.region_column,
         filters=spec.filters,
         label_map=spec.label_map,
+        follow_symlinks=follow,
     )
 
 

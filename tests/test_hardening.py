@@ -1,0 +1,370 @@
+"""Bad and odd inputs through the real `tlfusion` entry point: exit 2, one line naming the file or key, no hang,
+nothing read outside the data root or the bundle's manifest, no leftovers; run-folder locking and crash leftovers."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import write_png, xray_like
+from xgboost import XGBClassifier
+
+from tlfusion import bundle as bundle_module
+from tlfusion.backbones import build_backbone, feature_model
+from tlfusion.bundle import Bundle, save_bundle
+from tlfusion.cli import main
+from tlfusion.data.images import file_sha256
+from tlfusion.features import FeatureFusion
+from tlfusion.fileio import locked
+from tlfusion.pipeline import Pipeline
+
+SIZE = 32
+
+
+@contextmanager
+def deadline(seconds: int):
+    """Fail instead of hanging: a blocked open() or read() is interrupted by SIGALRM."""
+
+    def expire(*_):
+        raise TimeoutError(f"still running after {seconds} s (blocked on a FIFO?)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    """`tlfusion ARGV` in-process: (exit code, stderr)."""
+    capsys.readouterr()
+    with deadline(120):
+        code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err.strip()
+
+
+def assert_one_line_error(code: int, error: str, *names: str) -> None:
+    lines = error.splitlines()
+    assert code == 2, error
+    assert len(lines) == 1 and lines[0].startswith("tlfusion: error: "), error
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+
+
+def experiment_file(folder: Path, data: dict, text: str | None = None) -> Path:
+    raw = {
+        "name": "hard",
+        "positive_class": "abnormal",
+        "data": data,
+        "split": {"test_fraction": 0.25, "val_fraction": 0.25},
+        "image": {"size": SIZE},
+        "backbones": [{"name": "mobilenetv2", "options": {"alpha": 0.35}}],
+        "finetune": {"enabled": False},
+        "features": {"engine": "keras"},
+    }
+    path = folder / "hard.yaml"
+    path.write_text(text if text is not None else yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture
+def experiment(tmp_path, folder_dataset) -> Path:
+    return experiment_file(tmp_path, {"format": "folder", "root": str(folder_dataset)})
+
+
+# ----------------------------------------------------------------------------- non-regular files
+
+
+@pytest.fixture
+def odd_entries(folder_dataset) -> list[str]:
+    """A FIFO, a folder and a dangling link, each named like an image, inside the data set."""
+    normal = folder_dataset / "normal"
+    os.mkfifo(normal / "pipe.png")
+    (normal / "folder.png").mkdir()
+    (normal / "gone.png").symlink_to(normal / "deleted.png")
+    return ["pipe.png", "folder.png", "gone.png"]
+
+
+def test_data_set_fifo_folder_and_dangling_link_are_named_never_read(tmp_path, experiment, odd_entries, capsys):
+    code, error = run_cli(capsys, "finetune", experiment, "--out", tmp_path / "a")
+    assert_one_line_error(code, error, "folder.png", "not a regular file (a folder)")
+    code, _ = run_cli(capsys, "finetune", experiment, "--out", tmp_path / "b", "--skip-bad")
+    assert code == 0
+    skipped = json.loads((tmp_path / "b" / "data" / "skipped.json").read_text())
+    reasons = {Path(row["path"]).name: row["reason"] for row in skipped}
+    assert set(reasons) == set(odd_entries)
+    assert "a FIFO" in reasons["pipe.png"] and "No such file" in reasons["gone.png"]
+    summary = json.loads((tmp_path / "b" / "data" / "summary.json").read_text())
+    assert summary["images"] == 24
+
+
+# ----------------------------------------------------------------------------- data root
+
+
+@pytest.fixture
+def outside_image(tmp_path) -> Path:
+    return write_png(tmp_path / "outside" / "secret.png", xray_like(7))
+
+
+def test_folder_data_does_not_follow_links_out_of_the_root_unless_asked(
+    tmp_path, experiment, folder_dataset, outside_image, capsys
+):
+    (folder_dataset / "normal" / "linked.png").symlink_to(outside_image)
+    code, error = run_cli(capsys, "data", experiment)
+    assert_one_line_error(code, error, "linked.png", "data.follow_symlinks")
+    capsys.readouterr()
+    assert main(["data", str(experiment), "--set", "data.follow_symlinks=true"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 25
+
+
+def test_followed_link_is_named_by_its_data_set_path(tmp_path, folder_dataset, outside_image, capsys):
+    (folder_dataset / "normal" / "linked.png").symlink_to(outside_image)
+    experiment = experiment_file(tmp_path, {"format": "folder", "root": str(folder_dataset), "follow_symlinks": True})
+    assert main(["finetune", str(experiment), "--out", str(tmp_path / "run")]) == 0
+    table = (tmp_path / "run" / "data" / "table.csv").read_text()
+    assert str(folder_dataset / "normal" / "linked.png") in table and str(outside_image) not in table
+
+
+def test_linked_class_folder_out_of_the_root_is_refused(tmp_path, experiment, folder_dataset, outside_image, capsys):
+    (folder_dataset / "other").symlink_to(outside_image.parent, target_is_directory=True)
+    code, error = run_cli(capsys, "data", experiment)
+    assert_one_line_error(code, error, "other", "links outside the data root")
+
+
+def test_csv_data_follows_the_same_rule(tmp_path, folder_dataset, outside_image, capsys):
+    (folder_dataset / "linked.png").symlink_to(outside_image)
+    rows = [f"normal/img{i}.png,normal" for i in range(4)] + [f"abnormal/img{i}.png,abnormal" for i in range(4)]
+    (folder_dataset / "labels.csv").write_text("path,label\n" + "\n".join([*rows, "linked.png,normal"]) + "\n")
+    data = {"format": "csv", "root": str(folder_dataset), "csv": "labels.csv"}
+    experiment = experiment_file(tmp_path, data)
+    code, error = run_cli(capsys, "data", experiment)
+    assert_one_line_error(code, error, "labels.csv", "linked.png", "data.follow_symlinks")
+    assert run_cli(capsys, "data", experiment, "--set", "data.follow_symlinks=true")[0] == 0
+
+
+# ----------------------------------------------------------------------------- experiment files and --set
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)), "not a UTF-8 text file"),
+        ("name: caf\xe9\n".encode("latin-1"), "not a UTF-8 text file"),
+        (b"name: a\npositive_class: b\nname: c\n", "duplicate key 'name' at line 3"),
+    ],
+    ids=["elf", "latin-1", "duplicate-key"],
+)
+def test_unreadable_experiment_file_exits_2(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    code, error = run_cli(capsys, "data", path)
+    assert_one_line_error(code, error, "bad.yaml", message)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("finetune.epochs=[1", "--set finetune.epochs"),
+        ("name=!!python/object/apply:os.system [echo owned]", "--set name"),
+        ("split={test_fraction: 0.1, test_fraction: 0.2}", "duplicate key 'test_fraction'"),
+    ],
+    ids=["invalid-yaml", "python-tag", "duplicate-key"],
+)
+def test_bad_set_value_exits_2(experiment, capsys, override, key):
+    code, error = run_cli(capsys, "data", experiment, "--set", override)
+    assert_one_line_error(code, error, key)
+
+
+def test_decompression_bomb_error_is_one_line(tmp_path, experiment, folder_dataset, capsys):
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 40000, 40000, 8, 0, 0, 0, 0)  # 1.6 gigapixels, 8-bit grayscale
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 4001))
+    (folder_dataset / "normal" / "bomb.png").write_bytes(bomb + chunk(b"IEND", b""))
+    code, error = run_cli(capsys, "finetune", experiment, "--out", tmp_path / "run")
+    assert_one_line_error(code, error, "bomb.png")
+    assert error.endswith(")") and "CV_IO_MAX_IMAGE_PIXELS" in error
+
+
+# ----------------------------------------------------------------------------- bundles and predict
+
+
+@pytest.fixture(scope="module")
+def saved_bundle(tmp_path_factory) -> Path:
+    """A tiny bundle with an XGBoost classifier (so it has xgboost/0.ubj)."""
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (16, SIZE, SIZE, 1)).astype(np.float32)
+    images[::2] *= 0.3
+    model = build_backbone("mobilenetv2", SIZE, alpha=0.35)
+    X = feature_model(model).predict(images, verbose=0)
+    fusion = FeatureFusion(block_sizes=[X.shape[1]]).fit(X)
+    classifier = XGBClassifier(n_estimators=4, max_depth=2, n_jobs=1).fit(fusion.transform(X), np.tile([0, 1], 8))
+    bundle = Bundle({"tiny": model}, fusion, classifier, 0.5, ["normal", "abnormal"], SIZE)
+    return save_bundle(bundle, tmp_path_factory.mktemp("bundle") / "bundle")
+
+
+@pytest.fixture
+def bundle(saved_bundle, tmp_path) -> Path:
+    return shutil.copytree(saved_bundle, tmp_path / "bundle")
+
+
+def rehash(bundle: Path, files: dict | None = None) -> None:
+    """Re-write the manifest as a deliberate editor would: every file's current sha256 (or `files` as given)."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    listed = sorted(p for p in bundle.rglob("*") if p.is_file() and p.name != "manifest.json")
+    manifest["files"] = files or {p.relative_to(bundle).as_posix(): file_sha256(p) for p in listed}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def edit_info(bundle: Path, **changes) -> None:
+    info = json.loads((bundle / "bundle.json").read_text())
+    (bundle / "bundle.json").write_text(json.dumps({**info, **changes}))
+    rehash(bundle)
+
+
+@pytest.fixture
+def image(tmp_path) -> Path:
+    return write_png(tmp_path / "images" / "one.png", xray_like(1))
+
+
+def test_predict_on_a_folder_with_a_fifo_names_it_and_does_not_hang(saved_bundle, image, tmp_path, capsys):
+    os.mkfifo(image.parent / "pipe.png")
+    code, error = run_cli(capsys, "predict", saved_bundle, image.parent)
+    assert_one_line_error(code, error, "pipe.png", "a FIFO")
+    out = tmp_path / "predictions.csv"
+    code, error = run_cli(capsys, "predict", saved_bundle, image.parent, "--skip-bad", "--out", out)
+    assert code == 0 and "skipped" in error and "pipe.png" in error
+    assert out.read_text().count("\n") == 2  # header and one.png
+
+
+def test_predict_out_pointing_at_a_folder_exits_2(saved_bundle, image, tmp_path, capsys):
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    code, error = run_cli(capsys, "predict", saved_bundle, image, "--out", folder)
+    assert_one_line_error(code, error, "--out", "a_folder")
+    assert list(folder.iterdir()) == []
+
+
+def test_backbone_name_leaving_the_bundle_is_refused_before_any_load(bundle, image, tmp_path, capsys, monkeypatch):
+    outside = tmp_path / "outside" / "x.keras"
+    shutil.copytree(bundle / "backbones", outside.parent)
+    (outside.parent / "tiny.keras").rename(outside)
+    edit_info(bundle, backbones=["../../outside/x"])
+    opened = []
+    monkeypatch.setattr(bundle_module, "load_model_file", lambda path, *a, **k: opened.append(path))
+    code, error = run_cli(capsys, "predict", bundle, image)
+    assert_one_line_error(code, error, "bundle.json", "../../outside/x")
+    assert opened == []
+
+
+def test_file_the_manifest_does_not_list_is_not_opened(bundle, image, capsys):
+    shutil.copy(bundle / "backbones" / "tiny.keras", bundle / "extra.keras")
+    edit_info(bundle, backbones=["tiny", "ghost"])
+    code, error = run_cli(capsys, "predict", bundle, image)
+    assert_one_line_error(code, error, "ghost.keras", "not listed")
+
+
+def test_manifest_name_with_dot_dot_is_refused(bundle, image, capsys):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    rehash(bundle, {**manifest["files"], "backbones/../../x": "0" * 64})
+    code, error = run_cli(capsys, "predict", bundle, image)
+    assert_one_line_error(code, error, "manifest.json", "backbones/../../x")
+
+
+@pytest.mark.parametrize("target", ["fusion.skops", "classifier.skops", "xgboost/0.ubj"])
+def test_pickle_in_place_of_a_model_file_is_refused(bundle, image, capsys, target):
+    (bundle / target).write_bytes(pickle.dumps({"never": "loaded"}))
+    rehash(bundle)
+    code, error = run_cli(capsys, "predict", bundle, image)
+    assert_one_line_error(code, error, target)
+
+
+def test_manifest_that_is_a_list_is_refused(bundle, image, capsys):
+    (bundle / "manifest.json").write_text("[]")
+    code, error = run_cli(capsys, "predict", bundle, image)
+    assert_one_line_error(code, error, "manifest.json", "JSON object")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("threshold", "high"), ("image_size", "32"), ("class_names", "ab"), ("backbones", "tiny"), ("clahe", 1)],
+)
+def test_bundle_json_with_wrong_types_is_refused(bundle, image, capsys, key, value):
+    edit_info(bundle, **{key: value})
+    code, error = run_cli(capsys, "predict", bundle, image)
+    assert_one_line_error(code, error, "bundle.json", key)
+
+
+# ----------------------------------------------------------------------------- run folders
+
+
+@pytest.fixture
+def extracted(tmp_path, experiment, capsys) -> Path:
+    """A run folder with the data, finetune (plain backbone) and extract stages done."""
+    run = tmp_path / "run"
+    assert run_cli(capsys, "extract", experiment, "--out", run)[0] == 0
+    return run
+
+
+def test_cached_features_holding_objects_exit_2(extracted, experiment, capsys):
+    np.save(extracted / "features" / "mobilenetv2.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    code, error = run_cli(capsys, "fit", experiment, "--out", extracted)
+    assert_one_line_error(code, error, "mobilenetv2.npy", "--force")
+
+
+def test_killed_runs_leftovers_are_removed_by_the_next_run(extracted, experiment, capsys):
+    partial = extracted / ".bundle.k1ll3d.partial"
+    (partial / "backbones").mkdir(parents=True)
+    (partial / "backbones" / "big.keras").write_bytes(b"\0" * 1000)
+    temp = extracted / "data" / ".table.x1y2.tmp.csv"
+    temp.write_text("half")
+    assert run_cli(capsys, "extract", experiment, "--out", extracted)[0] == 0
+    assert not partial.exists() and not temp.exists()
+
+
+def test_a_stage_is_recorded_done_only_after_it_completes(extracted, experiment, capsys, monkeypatch):
+    def killed(self):
+        raise RuntimeError("killed mid-stage")
+
+    monkeypatch.setattr(Pipeline, "stage_extract", killed)
+    assert run_cli(capsys, "extract", experiment, "--out", extracted, "--force")[0] == 1
+    state = json.loads((extracted / ".stages.json").read_text())
+    assert "finetune" in state and "extract" not in state
+
+
+def test_a_locked_run_folder_is_refused_naming_the_holder(extracted, experiment, capsys):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from tlfusion.fileio import locked\nwith locked({str(extracted)!r}): input()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for _ in range(100):  # wait until the holder has written its pid
+            if f"pid {holder.pid}" in (extracted / ".lock").read_text():
+                break
+            time.sleep(0.1)
+        code, error = run_cli(capsys, "extract", experiment, "--out", extracted)
+        assert_one_line_error(code, error, str(extracted), "in use", f"pid {holder.pid}")
+    finally:
+        holder.communicate("\n", timeout=30)
+    assert run_cli(capsys, "extract", experiment, "--out", extracted)[0] == 0
+    with locked(extracted):  # the lock is free again, and held here it refuses this process's own second run
+        code, error = run_cli(capsys, "extract", experiment, "--out", extracted)
+        assert_one_line_error(code, error, f"pid {os.getpid()}")
