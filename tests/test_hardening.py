@@ -368,3 +368,12 @@ def test_a_locked_run_folder_is_refused_naming_the_holder(extracted, experiment,
     with locked(extracted):  # the lock is free again, and held here it refuses this process's own second run
         code, error = run_cli(capsys, "extract", experiment, "--out", extracted)
         assert_one_line_error(code, error, f"pid {os.getpid()}")
+
+
+def test_mura_labels_csv_that_is_a_fifo_is_not_read(tmp_path, mura_tree, capsys):
+    labels = mura_tree / "valid_labeled_studies.csv"
+    labels.unlink()
+    os.mkfifo(labels)
+    data = {"format": "mura", "root": str(mura_tree)}
+    code, error = run_cli(capsys, "data", experiment_file(tmp_path, data))
+    assert_one_line_error(code, error, "valid_labeled_studies.csv", "not a regular file")

@@ -92,11 +92,11 @@ def _require_dir(root: str | Path, what: str) -> Path:
     return root
 
 
-def _read_table(csv_path: Path) -> pd.DataFrame:
+def _read_table(csv_path: Path, **options: Any) -> pd.DataFrame:
     if not csv_path.is_file():
-        raise InputError(f"{csv_path}: file not found")
+        raise InputError(f"{csv_path}: {'not a regular file' if csv_path.exists() else 'file not found'}")
     try:
-        return pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+        return pd.read_csv(csv_path, dtype=str, keep_default_na=False, **options)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise InputError(f"{csv_path}: not a readable CSV ({error})") from None
 
@@ -122,7 +122,7 @@ def read_mura(root: str | Path, regions: Sequence[str] | None = None, follow_sym
     """
     root = _require_dir(root, "mura")
     wanted = {r.lower().removeprefix("xr_") for r in regions} if regions else None
-    study_labels = _mura_labeled_studies(root)
+    study_labels = _mura_labeled_studies(root, follow_symlinks)
     rows = []
     for split in ("train", "valid"):
         for region_dir in sorted((root / split).glob("XR_*")) if (root / split).is_dir() else []:
@@ -136,11 +136,12 @@ def read_mura(root: str | Path, regions: Sequence[str] | None = None, follow_sym
     return _finish(pd.DataFrame(rows, columns=COLUMNS), "mura")
 
 
-def _mura_labeled_studies(root: Path) -> dict[str, str]:
+def _mura_labeled_studies(root: Path, follow_symlinks: bool) -> dict[str, str]:
     """Study folder (relative to root, e.g. `train/XR_WRIST/patient1/study1_positive`) -> label, from the CSVs."""
     labels: dict[str, str] = {}
     for csv_path in sorted(root.glob("*_labeled_studies.csv")):
-        table = pd.read_csv(csv_path, header=None, names=["study", "label"], dtype=str)
+        _check_link(csv_path, root, "data.root", follow_symlinks)
+        table = _read_table(csv_path, header=None, names=["study", "label"])
         for study, label in zip(table["study"], table["label"], strict=True):
             parts = Path(study).parts
             start = next((i for i, p in enumerate(parts) if p in ("train", "valid")), None)
