@@ -261,6 +261,16 @@ def test_predict_out_pointing_at_a_folder_exits_2(saved_bundle, image, tmp_path,
     assert list(folder.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", ["run", "evaluate"])
+def test_out_that_is_a_file_where_a_folder_is_written_exits_2(experiment, saved_bundle, tmp_path, capsys, command):
+    out = tmp_path / "a_file"
+    out.write_text("keep me")
+    argv = [experiment] if command == "run" else [saved_bundle, "--data", experiment]
+    code, error = run_cli(capsys, command, *argv, "--out", out)
+    assert_one_line_error(code, error, "--out", "a_file")
+    assert out.read_text() == "keep me"
+
+
 def test_backbone_name_leaving_the_bundle_is_refused_before_any_load(bundle, image, tmp_path, capsys, monkeypatch):
     outside = tmp_path / "outside" / "x.keras"
     shutil.copytree(bundle / "backbones", outside.parent)

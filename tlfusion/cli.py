@@ -85,8 +85,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from tlfusion.pipeline import predict_images
 
-    if args.out and Path(args.out).is_dir():
-        raise InputError(f"--out {args.out}: is a folder; give the CSV file to write")
     predict_images(args.bundle, args.images, args.out, skip_bad=args.skip_bad)
     return 0
 
@@ -221,11 +219,23 @@ def _import_tensorflow_quietly() -> None:
         os.close(saved)
 
 
+def _check_out(args: argparse.Namespace) -> None:
+    """`--out` must be able to become what the command writes: a CSV file for `predict`, a folder otherwise."""
+    out = getattr(args, "out", None)
+    if not out or not Path(out).exists():
+        return
+    if args.command == "predict" and Path(out).is_dir():
+        raise InputError(f"--out {out}: is a folder; give the CSV file to write")
+    if args.command != "predict" and not Path(out).is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "data":
         _import_tensorflow_quietly()
     try:
+        _check_out(args)
         return args.handler(args)
     except InputError as error:
         message = " ".join(line.strip() for line in str(error).splitlines())  # one line, whatever a library said
