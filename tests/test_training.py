@@ -71,7 +71,9 @@ def test_finetune_from_pretrained_warms_up_then_unfreezes_all_but_batchnorm(pret
         **TINY,
     )
     assert [row["phase"] for row in result.history] == ["warmup", "unfrozen"]
-    assert "val_auc" in result.val_metrics and 0.0 <= result.val_metrics["val_auc"] <= 1.0
+    val_aucs = {row["epoch"]: row["val_auc"] for row in result.history}
+    assert result.best_epoch == max(val_aucs, key=val_aucs.get)  # the kept epoch is the one with the best val AUC
+    assert result.val_metrics["val_auc"] == val_aucs[result.best_epoch]
     model = backbones.load_model_file(result.model_path, expected="mobilenetv2")
     assert model.get_layer("head").units == 1
     checkpoint = keras.saving.load_model(tmp_path / "checkpoint.keras")
@@ -80,6 +82,31 @@ def test_finetune_from_pretrained_warms_up_then_unfreezes_all_but_batchnorm(pret
     assert checkpoint.get_layer("Conv1").trainable
     before = keras.saving.load_model(pretrained.model_path).get_layer("Conv_1").get_weights()[0]
     assert np.abs(before - checkpoint.get_layer("Conv_1").get_weights()[0]).max() > 1e-6  # unfrozen: trained
+
+
+def test_pretrain_from_imagenet_warms_up_the_head_then_keeps_batchnorm(table, tmp_path):
+    settings = {**TINY, "options": {}}  # ImageNet weights exist for alpha 1.0 only
+    result = training.pretrain(
+        table,
+        "mobilenet",
+        tmp_path,
+        weights="imagenet",
+        warmup_epochs=1,
+        epochs=2,
+        learning_rate=1e-3,
+        unfrozen_learning_rate=1e-4,
+        **settings,
+    )
+    assert [row["phase"] for row in result.history] == ["warmup", "unfrozen"]
+    checkpoint = keras.saving.load_model(tmp_path / "checkpoint.keras")
+    start = backbones.build_backbone("mobilenet", 32, "imagenet", num_outputs=2)
+    batchnorm = [layer for layer in checkpoint.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert batchnorm and not any(layer.trainable for layer in batchnorm)
+    for name in ("conv_pw_13_bn", "conv_pw_13"):  # BatchNorm kept from ImageNet, the convolutions trained
+        moved = np.abs(start.get_layer(name).get_weights()[0] - checkpoint.get_layer(name).get_weights()[0]).max()
+        assert (moved > 1e-6) == (name == "conv_pw_13")
+    card = training.model_card({**json.loads((tmp_path / "train.json").read_text()), "config": {}}, "x", "cmd")
+    assert "Start: ImageNet" in card and "head alone for 1 epoch(s) at lr 0.001" in card and "BatchNorm frozen" in card
 
 
 def test_finetune_can_train_batchnorm_from_pretrained_weights(pretrained, table, tmp_path):

@@ -78,33 +78,41 @@ def pretrain(
     backbone: str,
     out_dir: str | Path,
     *,
+    weights: str | Path | None = None,
     image_size: int = 128,
+    warmup_epochs: int = 0,
     epochs: int = 15,
     batch_size: int = 32,
     learning_rate: float = 1e-3,
+    unfrozen_learning_rate: float | None = None,
     patience: int = 4,
     seed: int = 0,
     resume: bool = False,
     augment: bool = True,
     clahe: bool = False,
+    batchnorm: str = "auto",
     options: Mapping[str, Any] | None = None,
     verbose: int = 1,
 ) -> TrainResult:
-    """Supervised pretraining from random init: softmax over every `label` in the training rows, class-weighted.
+    """Supervised pretraining: softmax over every `label` in the training rows, class-weighted.
 
-    Early stopping on val loss after `patience` epochs without improvement; the best epoch becomes `model.keras`.
-    `options` go to `backbones.build_backbone` (e.g. `{"alpha": 0.35}`).
+    `weights`: None (random init), "imagenet" or a tlfusion model file to continue from. The first
+    `warmup_epochs` train the new head alone at `learning_rate`, the rest everything at `unfrozen_learning_rate`
+    (default: `learning_rate`); `batchnorm` as in `finetune`. Early stopping on val loss after `patience` epochs
+    without improvement (after the warm-up); the best epoch becomes `model.keras`. `options` go to
+    `backbones.build_backbone` (e.g. `{"alpha": 0.35}`).
     """
     train, val = _train_val(table)
     classes = sorted(train["label"].astype(str).unique())
     _require_classes(classes, val, "pretrain")
     index = {name: i for i, name in enumerate(classes)}
+    phases = _phases(weights, warmup_epochs, epochs, learning_rate, unfrozen_learning_rate or learning_rate, batchnorm)
     task = _Task(
         kind="pretrain",
         backbone=_architecture(backbone),
         image_size=image_size,
         num_outputs=len(classes),
-        phases=(_Phase("train", _positive(epochs, "epochs"), learning_rate, "all", True),),
+        phases=phases,
         monitor="val_loss",
         mode="min",
         metric="accuracy",
@@ -114,17 +122,21 @@ def pretrain(
         val["label"].astype(str).map(index).to_numpy(np.int32),
     )
     settings = dict(
+        weights=None if weights is None else str(weights),
         image_size=image_size,
+        warmup_epochs=warmup_epochs,
         epochs=epochs,
         batch_size=batch_size,
         learning_rate=learning_rate,
+        unfrozen_learning_rate=unfrozen_learning_rate or learning_rate,
         patience=patience,
         seed=seed,
         augment=augment,
         clahe=clahe,
+        batchnorm=batchnorm,
         options=dict(options or {}),
     )
-    return _run(task, train, val, targets, out_dir, None, settings, {"classes": classes}, resume, verbose)
+    return _run(task, train, val, targets, out_dir, weights, settings, {"classes": classes}, resume, verbose)
 
 
 def finetune(
@@ -165,21 +177,13 @@ def finetune(
     _require_classes(sorted(labels), val, "finetune")
     if val["label"].astype(str).eq(str(positive_class)).nunique() < 2:
         raise InputError(f"finetune: the 'val' rows need both {positive_class!r} and other labels for a val AUC")
-    if not 0 <= warmup_epochs <= _positive(epochs, "epochs"):
-        raise InputError(f"finetune: warmup_epochs must be between 0 and epochs ({epochs}), got {warmup_epochs}")
-    if batchnorm not in ("auto", "train", "freeze"):
-        raise InputError(f"finetune: batchnorm must be 'auto', 'train' or 'freeze', got {batchnorm!r}")
-    train_batchnorm = batchnorm == "train" or (batchnorm == "auto" and weights is None)
-    phases = (
-        _Phase("warmup", warmup_epochs, learning_rate, "head", False),
-        _Phase("unfrozen", epochs, unfrozen_learning_rate, "all" if train_batchnorm else "all_but_batchnorm", True),
-    )
+    phases = _phases(weights, warmup_epochs, epochs, learning_rate, unfrozen_learning_rate, batchnorm)
     task = _Task(
         kind="finetune",
         backbone=_architecture(backbone),
         image_size=image_size,
         num_outputs=1,
-        phases=tuple(phase for phase in phases if phase.end_epoch > 0),
+        phases=phases,
         monitor="val_auc",
         mode="max",
         metric="auc",
@@ -235,6 +239,27 @@ def _architecture(name: str) -> str:
     """The registry name of `name` (InputError listing the known ones when unknown)."""
     backbones.get_spec(name)
     return name.lower()
+
+
+def _phases(
+    weights, warmup_epochs: int, epochs: int, learning_rate: float, unfrozen_learning_rate: float, batchnorm: str
+) -> tuple[_Phase, ...]:
+    """Head-only warm-up at `learning_rate`, then everything at `unfrozen_learning_rate` (early stopping there)."""
+    if not 0 <= warmup_epochs <= _positive(epochs, "epochs"):
+        raise InputError(f"training: warmup_epochs must be between 0 and epochs ({epochs}), got {warmup_epochs}")
+    if batchnorm not in ("auto", "train", "freeze"):
+        raise InputError(f"training: batchnorm must be 'auto', 'train' or 'freeze', got {batchnorm!r}")
+    unfrozen = "all" if trains_batchnorm(batchnorm, weights) else "all_but_batchnorm"
+    phases = (
+        _Phase("warmup", warmup_epochs, learning_rate, "head", False),
+        _Phase("unfrozen", epochs, unfrozen_learning_rate, unfrozen, True),
+    )
+    return tuple(phase for phase in phases if phase.end_epoch > 0)
+
+
+def trains_batchnorm(batchnorm: str, weights) -> bool:
+    """Whether BatchNorm layers train once unfrozen: "train", or "auto" from random init."""
+    return batchnorm == "train" or (batchnorm == "auto" and weights is None)
 
 
 def _positive(value: int, name: str) -> int:
@@ -555,6 +580,10 @@ def environment() -> dict[str, Any]:
 
 CONFIG_KEYS = {
     "description",
+    "weights",
+    "warmup_epochs",
+    "unfrozen_learning_rate",
+    "batchnorm",
     "hold_out_policy",
     "data_root",
     "sources",
@@ -598,6 +627,8 @@ def load_pretraining_config(path: str | Path) -> dict[str, Any]:
     if not config.get("sources"):
         raise InputError(f"{path}: 'sources' is missing or empty")
     config["data_root"] = str((path.parent / config.get("data_root", ".")).resolve())
+    if config.get("weights") not in (None, "imagenet"):
+        config["weights"] = str((path.parent / config["weights"]).resolve())
     return config
 
 
@@ -657,7 +688,20 @@ def pretrain_from_config(
     table = pretraining_table(
         config["sources"], data_root or config["data_root"], config.get("split"), config.get("drop_splits", ["test"])
     )
-    keys = ("image_size", "epochs", "batch_size", "learning_rate", "patience", "seed", "augment", "clahe")
+    keys = (
+        "weights",
+        "image_size",
+        "warmup_epochs",
+        "epochs",
+        "batch_size",
+        "learning_rate",
+        "unfrozen_learning_rate",
+        "patience",
+        "seed",
+        "augment",
+        "clahe",
+        "batchnorm",
+    )
     settings = {key: config[key] for key in keys if key in config}
     result = pretrain(table, backbone, run_dir, resume=resume, verbose=verbose, **settings)
     counts = table.groupby(["source", "split"]).size().unstack(fill_value=0)
@@ -728,8 +772,8 @@ file as `weights=` to `build_backbone` / `training.finetune` (the head is replac
 
 ## Training
 
-Random init, softmax over the classes above with balanced class weights, Adam lr {settings["learning_rate"]},
-batch {settings["batch_size"]}, BatchNorm momentum {TRAINED_BATCHNORM_MOMENTUM},
+Start: {_start_description(settings.get("weights"))}. Softmax over the classes above with balanced class weights,
+Adam, batch {settings["batch_size"]}; {_schedule_description(settings)};
 augmentation {"on" if settings["augment"] else "off"} (flip, +-10 deg rotation,
 zoom/crop, brightness, contrast), CLAHE {"on" if settings["clahe"] else "off"}, seed {settings["seed"]}; up to
 {settings["epochs"]} epochs with early stopping on val loss (patience {settings["patience"]}).
@@ -754,6 +798,24 @@ Small pretraining set (a few thousand images at most, two public sources); valid
 combined label space with rare classes, so read it as a sanity check, not as a diagnostic figure.
 {config.get("limits", "").strip()}
 """
+
+
+def _start_description(weights: str | None) -> str:
+    if weights is None:
+        return "random init"
+    if weights == "imagenet":
+        return "ImageNet (tlfusion/resources/imagenet, Apache-2.0: photographs, no radiographs)"
+    return f"`{Path(weights).name}` from {Path(weights).parent.name}"
+
+
+def _schedule_description(settings: Mapping[str, Any]) -> str:
+    """The learning-rate phases and BatchNorm handling of a training run, in words."""
+    warmup = settings.get("warmup_epochs", 0)
+    unfrozen_rate = settings.get("unfrozen_learning_rate") or settings["learning_rate"]
+    head = f"head alone for {warmup} epoch(s) at lr {settings['learning_rate']}, then " if warmup else ""
+    trained = trains_batchnorm(settings.get("batchnorm", "auto"), settings.get("weights"))
+    batchnorm = f"BatchNorm trained (momentum {TRAINED_BATCHNORM_MOMENTUM})" if trained else "BatchNorm frozen"
+    return f"{head}every layer at lr {unfrozen_rate} ({batchnorm})"
 
 
 def pretrain_and_ship(
