@@ -55,8 +55,10 @@ def test_overrides_reach_nested_keys_and_list_items(tmp_path, folder_dataset):
 def test_data_root_and_missing_files(tmp_path, folder_dataset):
     path = write_experiment(tmp_path, Path("folder"))
     assert load_experiment(path, data_root=folder_dataset.parent).data[0].root == str(folder_dataset.resolve())
-    with pytest.raises(InputError, match="data.root: folder not found"):
+    with pytest.raises(InputError, match="--data-root .*elsewhere: folder not found"):
         load_experiment(path, data_root=tmp_path / "elsewhere")
+    with pytest.raises(InputError, match=r"data.root: folder not found: .* with --data-root DIR, or --set data.root"):
+        load_experiment(write_experiment(tmp_path, Path("absent")))
     weights = write_experiment(tmp_path, folder_dataset, backbones=[{"name": "mobilenetv2", "weights": "no.keras"}])
     with pytest.raises(InputError, match="weights: file not found"):
         load_experiment(weights)
@@ -92,3 +94,61 @@ def test_shipped_experiments_validate():
             from tlfusion.training import load_pretraining_config
 
             assert load_pretraining_config(path)["sources"]
+
+
+def csv_source(folder: Path, root: str) -> Path:
+    """An experiment whose one CSV source has `root` (as a shipped experiment has `../../shared/data/...`)."""
+    return write_experiment(folder, Path(root), data={"format": "csv", "root": root, "csv": "labels.csv"})
+
+
+def test_data_root_takes_the_roots_trailing_folder_names_longest_first_then_itself(tmp_path):
+    experiment = csv_source(tmp_path, "../../shared/data/fracatlas")
+    holder = tmp_path / "copy"
+    (holder / "fracatlas").mkdir(parents=True)
+    (holder / "fracatlas" / "labels.csv").write_text("path,label\n")
+    assert load_experiment(experiment, data_root=holder).data[0].root == str(holder / "fracatlas")
+    assert load_experiment(experiment, data_root=holder / "fracatlas").data[0].root == str(holder / "fracatlas")
+    (holder / "data" / "fracatlas").mkdir(parents=True)  # the longer match wins once it holds the labels file
+    assert load_experiment(experiment, data_root=holder).data[0].root == str(holder / "fracatlas")
+    (holder / "data" / "fracatlas" / "labels.csv").write_text("path,label\n")
+    assert load_experiment(experiment, data_root=holder).data[0].root == str(holder / "data" / "fracatlas")
+
+
+def test_data_root_without_the_data_names_what_it_tried_and_the_fix(tmp_path):
+    experiment = csv_source(tmp_path, "../shared/fracatlas")
+    (tmp_path / "empty" / "fracatlas").mkdir(parents=True)  # a folder without labels.csv is not the data set
+    with pytest.raises(InputError) as error:
+        load_experiment(experiment, data_root=tmp_path / "empty")
+    assert str(error.value) == (
+        f"data.root: folder not found under --data-root {tmp_path / 'empty'}: no folder holding labels.csv at "
+        f"{tmp_path / 'empty/shared/fracatlas'}, {tmp_path / 'empty/fracatlas'}, {tmp_path / 'empty'}; "
+        "point --data-root at the folder that holds 'fracatlas' or at that folder itself"
+    )
+
+
+def test_data_root_with_several_sources_never_falls_back_to_the_folder_itself(tmp_path, folder_dataset):
+    sources = [{"format": "folder", "root": f"../x/{name}"} for name in ("folder", "other")]
+    experiment = write_experiment(tmp_path, folder_dataset, data=sources)
+    with pytest.raises(InputError, match=r"^data.1.root: folder not found .*holds 'other'$"):
+        load_experiment(experiment, data_root=folder_dataset.parent)
+    (tmp_path / "other").mkdir()
+    roots = [spec.root for spec in load_experiment(experiment, data_root=tmp_path).data]
+    assert roots == [str(folder_dataset), str(tmp_path / "other")]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("finetune.epochz=3", "finetune.epochz: unknown key (did you mean 'epochs'?)"),
+        ("finetun.epochs=3", "finetun: unknown key (did you mean 'finetune'?)"),
+        ("data.rooot=x", "data.0.rooot: unknown key (did you mean 'root'?)"),
+        ("backbones.0.optoins={}", "backbones.0.optoins: unknown key (did you mean 'options'?)"),
+        ("backbones.0.name=mobilenet_v2", "unknown backbone ['mobilenet_v2'] (did you mean 'mobilenetv2'?)"),
+        ("classifiers.models=[lr, xgboost]", "unknown classifier ['xgboost'] (did you mean 'xgb'?)"),
+        ("finetune.zzz=3", "finetune.zzz: unknown key; "),
+    ],
+)
+def test_errors_suggest_the_closest_key_or_name(tmp_path, folder_dataset, override, message):
+    with pytest.raises(InputError) as error:
+        load_experiment(write_experiment(tmp_path, folder_dataset), [override])
+    assert message in f"{error.value}; "

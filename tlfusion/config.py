@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable
-from pathlib import Path
-from typing import Any, Literal
+import difflib
+from collections.abc import Hashable, Iterable
+from pathlib import Path, PurePath
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tlfusion import names as registry_names
 from tlfusion.errors import InputError
 
 
-def _known(names: list[str], registry, what: str) -> list[str]:
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """ " (did you mean 'x'?)" for the closest of `choices` to `word`, or "" when none is close."""
+    close = difflib.get_close_matches(str(word), [str(choice) for choice in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _known(names: list[str], registry: Iterable[str], what: str) -> list[str]:
     unknown = [name for name in names if name not in registry]
     if unknown:
-        raise ValueError(f"unknown {what} {unknown}; known: {sorted(registry)}")
+        hint = did_you_mean(unknown[0], registry)
+        raise ValueError(f"unknown {what} {unknown}{hint}; known: {sorted(registry)}")
     return names
 
 
@@ -73,9 +82,7 @@ class BackboneEntry(Strict):
     @field_validator("name")
     @classmethod
     def _registered(cls, name: str) -> str:
-        from tlfusion.backbones import REGISTRY
-
-        return _known([name.lower()], REGISTRY, "backbone")[0]
+        return _known([name.lower()], registry_names.BACKBONES, "backbone")[0]
 
 
 class FinetuneSpec(Strict):
@@ -114,9 +121,7 @@ class ClassifySpec(Strict):
     @field_validator("models")
     @classmethod
     def _registered(cls, models: list[str]) -> list[str]:
-        from tlfusion.classifiers import CLASSIFIERS
-
-        return _known(models, CLASSIFIERS, "classifier")
+        return _known(models, registry_names.CLASSIFIERS, "classifier")
 
 
 class EvaluateSpec(Strict):
@@ -143,9 +148,7 @@ class FewshotSpec(Strict):
     @field_validator("classifier")
     @classmethod
     def _registered(cls, classifier: str) -> str:
-        from tlfusion.fewshot import FEWSHOT_CLASSIFIERS
-
-        return _known([classifier], FEWSHOT_CLASSIFIERS, "few-shot classifier")[0]
+        return _known([classifier], registry_names.FEWSHOT_CLASSIFIERS, "few-shot classifier")[0]
 
 
 class SemanticSpec(Strict):
@@ -158,9 +161,7 @@ class SemanticSpec(Strict):
     @field_validator("losses")
     @classmethod
     def _registered(cls, losses: list[str]) -> list[str]:
-        from tlfusion.semantic import LOSSES
-
-        return _known(losses, LOSSES, "loss")
+        return _known(losses, registry_names.LOSSES, "loss")
 
 
 class Experiment(Strict):
@@ -260,9 +261,29 @@ def apply_override(raw: dict, text: str) -> None:
 def _first_error(path: Path, error: ValidationError) -> str:
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"]) or "(top level)"
-    message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key" + did_you_mean(first["loc"][-1], _keys_beside(first["loc"]))
+    else:
+        message = first["msg"]
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
     return f"{path}: {where}: {message}{more}"
+
+
+def _keys_beside(loc: tuple) -> list[str]:
+    """The keys the section holding `loc`'s last key accepts ([] when that section is not a schema model)."""
+    model: type[BaseModel] | None = Experiment
+    for part in loc[:-1]:
+        if isinstance(part, str):
+            field = model.model_fields.get(part) if model else None
+            model = _section_model(field.annotation) if field else None
+    return list(model.model_fields) if model else []
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The schema model in a field's annotation (`DataSpec` in `list[DataSpec]`), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next(filter(None, map(_section_model, get_args(annotation))), None)
 
 
 def load_experiment(
@@ -270,8 +291,9 @@ def load_experiment(
 ) -> Experiment:
     """Read, override and validate an experiment; data roots and weights files become absolute paths.
 
-    Relative data roots resolve against `data_root` (default: the experiment file's folder); relative weights
-    files always resolve against the experiment file's folder.
+    Without `data_root`, relative data roots resolve against the experiment file's folder. With it, each source's
+    root is looked up inside `data_root` (`find_data_root`). Relative weights files always resolve against the
+    experiment file's folder.
     """
     path = Path(path)
     if not path.is_file():
@@ -289,17 +311,51 @@ def load_experiment(
         experiment = Experiment.model_validate(raw)
     except ValidationError as error:
         raise InputError(_first_error(path, error)) from None
-    return _resolve_paths(experiment, path.parent.resolve(), Path(data_root).resolve() if data_root else None)
+    return _resolve_paths(experiment, path.parent.resolve(), data_root)
 
 
-def _resolve_paths(experiment: Experiment, home: Path, data_root: Path | None) -> Experiment:
-    for spec in experiment.data:
-        spec.root = str(((data_root or home) / spec.root).resolve())
-        if not Path(spec.root).is_dir():
-            raise InputError(f"data.root: folder not found: {spec.root} (use --data-root to point at the data)")
+def _resolve_paths(experiment: Experiment, home: Path, data_root: str | Path | None) -> Experiment:
+    several = len(experiment.data) > 1
+    for index, spec in enumerate(experiment.data):
+        key = f"data.{index}.root" if several else "data.root"
+        if data_root is None:
+            spec.root = str((home / spec.root).resolve())
+            if not Path(spec.root).is_dir():
+                raise InputError(
+                    f"{key}: folder not found: {spec.root} (a relative root resolves against the experiment's "
+                    f"folder; give the folder holding the data with --data-root DIR, or --set {key}=PATH)"
+                )
+        else:
+            spec.root = str(find_data_root(spec, data_root, key, itself=not several))
     for entry in experiment.backbones:
         if entry.weights and entry.weights != "imagenet":
             entry.weights = str((home / entry.weights).resolve())
             if not Path(entry.weights).is_file():
                 raise InputError(f"backbones.{entry.name}.weights: file not found: {entry.weights}")
     return experiment
+
+
+def find_data_root(spec: DataSpec, data_root: str | Path, key: str = "data.root", itself: bool = True) -> Path:
+    """The data set folder inside `data_root` for `spec.root`: the first that exists of `data_root` joined with the
+    root's trailing folder names, longest first, then (`itself`: single-source experiments) `data_root` itself.
+
+    `root: ../../shared/data/fracatlas` tries DIR/shared/data/fracatlas, DIR/data/fracatlas, DIR/fracatlas, DIR.
+    For `csv` and `chestxray14` sources a candidate must also hold the labels file (`csv`).
+    """
+    base = Path(data_root).resolve()
+    if not base.is_dir():
+        raise InputError(f"--data-root {data_root}: folder not found")
+    root = PurePath(spec.root)
+    names = [part for part in root.parts[1 if root.anchor else 0 :] if part != ".."]
+    candidates = [base.joinpath(*names[start:]) for start in range(len(names))] + ([base] if itself else [])
+    needs = spec.csv if spec.format in ("csv", "chestxray14") else None
+    for candidate in candidates:
+        if candidate.is_dir() and (needs is None or (candidate / needs).is_file()):
+            return candidate
+    holding = f" holding {needs}" if needs else ""
+    target = repr(names[-1]) if names else "the data"
+    raise InputError(
+        f"{key}: folder not found under --data-root {data_root}: no folder{holding} at "
+        f"{', '.join(map(str, candidates))}; point --data-root at the folder that holds {target}"
+        + (" or at that folder itself" if itself else "")
+    )

@@ -25,8 +25,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from tlfusion.errors import InputError
 from tlfusion.metrics import multilabel_auroc
+from tlfusion.names import LOSSES
 
-LOSSES = ("bce", "dual_weighted", "focused_euclidean")
 PROTOTYPE_PROJECTIONS = ("learned", "fixed")
 
 
