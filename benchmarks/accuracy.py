@@ -1,20 +1,22 @@
-"""Accuracy: each backbone alone vs fusion, each classifier, in-domain vs scratch initialisation, on the test split.
+"""Accuracy: each backbone alone vs fusion, each classifier, per initialisation, on the test split.
 
-    python -m benchmarks.accuracy [--quick] [--experiments NAME ...] [--inits in_domain scratch] [--seeds 0 1 2]
-                                  [--no-run]
+    python -m benchmarks.accuracy [--quick] [--experiments NAME ...] [--inits imagenet imagenet_frozen ...]
+                                  [--seeds 0 1 2] [--no-run]
 
-For every (experiment, init) it runs `tlfusion run experiments/NAME.yaml --out runs/benchmarks/accuracy/NAME__INIT
---set explain.enabled=false` (explanations do not change the scores; a finished run is re-used, as the pipeline
-skips unchanged stages), `scratch` adding `--set backbones.I.weights=null` for every backbone. It then reads each
-run's metrics.json: the image-level test rows (kappa, F1, accuracy, AUROC with patient-bootstrap 95% CIs), the
-model selected on the training split, fusion minus the single backbone chosen on CV and minus the best single
-backbone on test, per classifier (with paired 95% CIs where the run's predictions are on disk), and in-domain
-minus scratch per model. Runnable experiments on ../shared/data: fracatlas_hand, fracatlas_leg, kermany_pneumonia;
-`--quick` takes fracatlas_hand only. `--no-run` tabulates the runs already finished. `--seeds` repeats each
-(experiment, init) with `--set seed=N` (a new split, initialisation and CV folds; folder NAME__INIT__seedN): the
-CIs describe one split, the seeds how much the split moves the comparisons. Writes benchmarks/results/accuracy.json,
-keeping the runs of its earlier version that this invocation did not measure (listed in `carried_over`), so the
-experiments can be run one at a time.
+For every (experiment, init, seed) it runs `tlfusion run experiments/NAME.yaml --out
+runs/benchmarks/accuracy/NAME__INIT[__seedN] --set explain.enabled=false [--set seed=N] ...` (explanations do not
+change the scores; a finished run is re-used, as the pipeline skips stages whose config, data and code are
+unchanged). The inits (`INITS`): `imagenet`, the experiment as shipped (ImageNet start, fine-tuned); `imagenet_frozen`,
+the same backbones not fine-tuned; `scratch`, random init, fine-tuned; `in_domain_xray128`, the backbones shipped
+before ImageNet weights were available (EfficientNetB0 + MobileNetV2 pretrained from scratch on ~1,600
+radiographs), fine-tuned. It then reads each run's metrics.json: the image-level test rows (kappa, F1, accuracy,
+AUROC with patient-bootstrap 95% CIs), the model selected on the training split, fusion minus the single backbone
+chosen on CV and minus the best single backbone on test, per classifier (with paired 95% CIs), and, per model, the
+init comparisons in `COMPARISONS` (e.g. imagenet minus scratch). Runnable experiments on ../shared/data:
+fracatlas_hand, fracatlas_leg, kermany_pneumonia; `--quick` takes fracatlas_hand only. `--no-run` tabulates the
+runs already finished. `--seeds` repeats each (experiment, init) with a new split, initialisation and CV folds.
+Writes benchmarks/results/accuracy.json, keeping the runs of its earlier version that this invocation did not
+measure (listed in `carried_over`), so runs can be added one at a time; each run records the commit it ran at.
 """
 
 from __future__ import annotations
@@ -26,21 +28,29 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks._common import RESULTS_DIR, load_average, machine_info, measure_command, write_result
+from benchmarks._common import RESULTS_DIR, git_state, load_average, machine_info, measure_command, write_result
+from tlfusion.fileio import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "benchmarks" / "accuracy"
 EXPERIMENTS = ("fracatlas_hand", "kermany_pneumonia", "fracatlas_leg")
-INITS = ("in_domain", "scratch")
+OLD_IN_DOMAIN = {  # the backbones shipped before ImageNet weights were available
+    "efficientnetb0": REPO / "saved_models" / "efficientnetb0_xray128" / "model.keras",
+    "mobilenetv2": REPO / "saved_models" / "mobilenetv2_xray128" / "model.keras",
+}
+INITS = ("imagenet", "imagenet_frozen", "scratch", "in_domain_xray128")
+COMPARISONS = (("imagenet", "scratch"), ("imagenet", "imagenet_frozen"), ("imagenet", "in_domain_xray128"))
 METRICS = ("kappa", "f1", "accuracy", "auroc")
+RUN_GIT = "benchmark_git.json"
 NOTES = [
-    "The shipped in-domain backbones saw the seed-0 training parts of Kermany and FracAtlas leg in pretraining",
-    "(never their seed-0 test parts); FracAtlas hand was held out entirely, so hand is the true transfer target and",
-    "the only experiment run at other seeds: another seed moves Kermany and leg images the backbones were trained on",
-    "into the test part (test_images_seen_in_pretraining counts them per run). FracAtlas holds identical files",
-    "under two ids (21 sets in hand, 4 in leg); a copy split from its twin joins the twin's earlier part (train,",
-    "then val, then test), so no test image has a copy in training.",
-    "Test sets are small (hand 156 images, Kermany ~170): differences inside the CIs are not evidence.",
+    "imagenet: the experiment as shipped (MobileNetV1 + MobileNetV2 from the offline ImageNet weights, fine-tuned);",
+    "imagenet_frozen: the same backbones, not fine-tuned; scratch: random init, fine-tuned; in_domain_xray128: the",
+    "backbones shipped before (EfficientNetB0 + MobileNetV2 pretrained from scratch on ~1,600 radiographs), which saw",
+    "the seed-0 training parts of Kermany and FracAtlas leg (never their seed-0 test parts). FracAtlas hand was never",
+    "used in any pretraining, so hand is the true transfer target and the experiment run at several seeds.",
+    "FracAtlas holds identical files under two ids (21 sets in hand, 4 in leg); a copy split from its twin joins",
+    "the twin's earlier part (train, then val, then test), so no test image has a copy in training.",
+    "Test sets are small (hand 147 images, Kermany ~170): differences inside the CIs are not evidence.",
 ]
 PACKAGES = ("tensorflow-cpu", "tensorflow", "keras", "scikit-learn", "xgboost", "numpy")
 
@@ -50,11 +60,16 @@ def experiment_file(name: str) -> Path:
 
 
 def overrides(name: str, init: str, seed: int = 0) -> list[str]:
-    """`--set` arguments: no explanations; for scratch, no initial weights for any backbone; a seed other than 0."""
+    """`--set` arguments: no explanations, the init's backbone changes, a seed other than 0."""
     sets = ["explain.enabled=false"] + ([f"seed={seed}"] if seed else [])
-    if init == "scratch":
-        backbones = yaml.safe_load(experiment_file(name).read_text())["backbones"]
+    backbones = yaml.safe_load(experiment_file(name).read_text())["backbones"]
+    if init == "imagenet_frozen":
+        sets.append("finetune.enabled=false")
+    elif init == "scratch":
         sets += [f"backbones.{index}.weights=null" for index in range(len(backbones))]
+    elif init == "in_domain_xray128":
+        for index, (arch, weights) in enumerate(OLD_IN_DOMAIN.items()):
+            sets += [f"backbones.{index}.name={arch}", f"backbones.{index}.weights={weights}"]
     return [argument for value in sets for argument in ("--set", value)]
 
 
@@ -69,6 +84,8 @@ def run(name: str, init: str, seed: int = 0) -> dict:
     command = ["tlfusion", "run", str(experiment_file(name)), "--out", str(folder), *overrides(name, init, seed)]
     with open(folder.parent / f"{folder.name}.out", "a") as log:
         measured = measure_command(command, cwd=REPO, stdout=log, stderr=log)
+    if measured.get("returncode") == 0:
+        write_json(folder / RUN_GIT, git_state())
     print(name, init, seed, measured, flush=True)
     return measured
 
@@ -100,7 +117,14 @@ def read_run(name: str, init: str, seed: int = 0) -> dict | None:
         "models": test_rows(metrics),
         "fusion_vs_single": paired_intervals(metrics, run_dir(name, init, seed)),
         "test_images_seen_in_pretraining": test_images_seen(name, init, seed),
+        "git": run_git(run_dir(name, init, seed)),
     }
+
+
+def run_git(folder: Path) -> dict | None:
+    """The git state a run was made at (written after it finished), None for runs made before it was recorded."""
+    path = folder / RUN_GIT
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def test_images_seen(name: str, init: str, seed: int) -> dict[str, int]:
@@ -169,19 +193,18 @@ def _delta(result: dict, sets: dict, classifier: str, single: str, metric: str, 
     return {key: round(sets["fusion"][metric] - sets[single][metric], 4), f"{key}_paired_ci": paired.get(metric)}
 
 
-def init_gain(results: list[dict]) -> list[dict]:
-    """Per experiment, seed and model: in-domain minus scratch test kappa and AUROC."""
+def init_gain(results: list[dict], first: str, second: str) -> list[dict]:
+    """Per experiment, seed and model present in both: init `first` minus init `second`, test kappa and AUROC."""
     found = {(r["experiment"], r["seed"], r["init"]): r for r in results}
     gains = []
     for name, seed in dict.fromkeys((r["experiment"], r["seed"]) for r in results):
-        in_domain, scratch = found.get((name, seed, "in_domain")), found.get((name, seed, "scratch"))
-        if not in_domain or not scratch:
+        a, b = found.get((name, seed, first)), found.get((name, seed, second))
+        if not a or not b:
             continue
-        for model in in_domain["models"]:
-            if model in scratch["models"]:
-                a, b = in_domain["models"][model], scratch["models"][model]
-                row = {"experiment": name, "seed": seed, "model": model}
-                row.update({f"delta_{m}": round(a[m] - b[m], 4) for m in ("kappa", "auroc")})
+        for model in a["models"]:
+            if model in b["models"]:
+                row = {"comparison": f"{first} - {second}", "experiment": name, "seed": seed, "model": model}
+                row.update({f"delta_{m}": round(a["models"][model][m] - b["models"][model][m], 4) for m in METRICS})
                 gains.append(row)
     return gains
 
@@ -197,6 +220,18 @@ def mean_deltas(gains: list[dict], keys: tuple[str, ...], count_name: str, suffi
             deltas = [g[f"delta_{metric}{suffix}"] for g in rows]
             row[f"mean_delta_{metric}{suffix}"] = round(sum(deltas) / len(deltas), 4)
             row[f"positive_delta_{metric}{suffix}"] = sum(delta > 0 for delta in deltas)
+        summary.append(row)
+    return summary
+
+
+def selected_means(results: list[dict]) -> list[dict]:
+    """Per experiment and init: the CV-selected model's test kappa and AUROC, averaged over the seeds run."""
+    summary = []
+    for name, init in dict.fromkeys((r["experiment"], r["init"]) for r in results):
+        runs = [r for r in results if (r["experiment"], r["init"]) == (name, init)]
+        scores = [r["models"][r["selected"]] for r in runs]
+        row = {"experiment": name, "init": init, "seeds": [r["seed"] for r in runs]}
+        row.update({f"mean_{m}": round(sum(s[m] for s in scores) / len(scores), 4) for m in ("kappa", "auroc")})
         summary.append(row)
     return summary
 
@@ -234,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = sorted(
         results + carried, key=lambda r: (EXPERIMENTS.index(r["experiment"]), r["seed"], INITS.index(r["init"]))
     )
-    init_gains = init_gain(results)
+    init_gains = [gain for first, second in COMPARISONS for gain in init_gain(results, first, second)]
     fusion_gains = [gain for result in results for gain in fusion_gain(result)]
     machine["load_average_1min_after"] = load_average()[0]
     payload = {
@@ -257,13 +292,14 @@ def main(argv: list[str] | None = None) -> dict:
         "missing": missing,
         "carried_over": [run_key(result) for result in carried],
         "runs": results,
+        "selected_mean_over_seeds": selected_means(results),
         "fusion_minus_single": fusion_gains,
         "fusion_minus_cv_chosen_single_mean": mean_deltas(
             fusion_gains, ("experiment", "seed", "init"), "classifiers", "_vs_cv_chosen"
         ),
-        "in_domain_minus_scratch": init_gains,
-        "in_domain_minus_scratch_mean": mean_deltas(init_gains, ("experiment", "seed"), "models"),
-        "in_domain_minus_scratch_mean_over_seeds": mean_deltas(init_gains, ("experiment",), "models"),
+        "init_comparisons": init_gains,
+        "init_comparisons_mean": mean_deltas(init_gains, ("comparison", "experiment", "seed"), "models"),
+        "init_comparisons_mean_over_seeds": mean_deltas(init_gains, ("comparison", "experiment"), "models"),
     }
     print("missing runs:", missing or "none")
     print("results:", write_result("accuracy", payload))

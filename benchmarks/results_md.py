@@ -335,6 +335,10 @@ def summarise_accuracy(payload: dict) -> list[Table]:
         for r in runs
     ]
     tables = [("model selected on the training split (CV), its test scores", SELECTED_HEADER, selected, runs)]
+    means = payload.get("selected_mean_over_seeds", [])
+    mean_rows = [[m["experiment"], m["init"], len(m["seeds"]), m["mean_kappa"], m["mean_auroc"]] for m in means]
+    mean_header = ["experiment", "init", "seeds", "mean kappa", "mean AUROC"]
+    tables.append(("selected model's test scores, mean over seeds", mean_header, mean_rows, means))
     for r in runs:
         rows = [[model, *score_cells(scores)] for model, scores in r["models"].items()]
         title = f"{r['experiment']}, seed {r['seed']}, {r['init']}: test split, image level"
@@ -349,15 +353,16 @@ def summarise_accuracy(payload: dict) -> list[Table]:
     tables.append((*mean_delta_table(means_title, chosen_means, run_header, "_vs_cv_chosen"), chosen_means))
     best_title = "fusion minus the best single backbone on test (picked on test, so biased towards the singles)"
     tables.append((*fusion_gain_table(best_title, gains, "best_single", "best_single_kappa_backbone"), gains))
-    init_gains = payload["in_domain_minus_scratch"]
-    init = [[g["experiment"], g["seed"], g["model"], g["delta_kappa"], g["delta_auroc"]] for g in init_gains]
-    init_header = ["experiment", "seed", "model", "Δ kappa", "Δ AUROC"]
-    tables.append(("in-domain minus scratch (test)", init_header, init, init_gains))
-    per_seed, over_seeds = payload["in_domain_minus_scratch_mean"], payload["in_domain_minus_scratch_mean_over_seeds"]
-    per_seed_title = "in-domain minus scratch, averaged over models"
-    tables.append((*mean_delta_table(per_seed_title, per_seed, ["experiment", "seed"]), per_seed))
-    over_seeds_title = "in-domain minus scratch, averaged over models and seeds"
-    tables.append((*mean_delta_table(over_seeds_title, over_seeds, ["experiment"]), over_seeds))
+    init_gains = payload["init_comparisons"]
+    init_keys = ("comparison", "experiment", "seed", "model", "delta_kappa", "delta_auroc")
+    init = [[g[key] for key in init_keys] for g in init_gains]
+    init_header = ["comparison", "experiment", "seed", "model", "Δ kappa", "Δ AUROC"]
+    tables.append(("one init minus another, same model (test)", init_header, init, init_gains))
+    per_seed, over_seeds = payload["init_comparisons_mean"], payload["init_comparisons_mean_over_seeds"]
+    per_seed_title = "one init minus another, averaged over models"
+    tables.append((*mean_delta_table(per_seed_title, per_seed, ["comparison", "experiment", "seed"]), per_seed))
+    over_seeds_title = "one init minus another, averaged over models and seeds"
+    tables.append((*mean_delta_table(over_seeds_title, over_seeds, ["comparison", "experiment"]), over_seeds))
     measured = [with_measured_at(table, map(cell, records)) for *table, records in tables]
     if payload.get("missing"):
         measured.append(

@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks import _common, results_md
 from benchmarks._common import git_state, measure_command, write_result
-from benchmarks.accuracy import fusion_gain, init_gain, mean_deltas
+from benchmarks.accuracy import fusion_gain, init_gain, mean_deltas, selected_means
 from benchmarks.end_to_end import stage_timings
 from benchmarks.scaling import linear_fit
 
@@ -74,9 +74,10 @@ def results(tmp_path: Path) -> Path:
             "fusion_minus_cv_chosen_single_mean": mean_deltas(
                 gains, ("experiment", "seed", "init"), "classifiers", "_vs_cv_chosen"
             ),
-            "in_domain_minus_scratch": init_gain(runs),
-            "in_domain_minus_scratch_mean": mean_deltas(init_gain(runs), ("experiment", "seed"), "models"),
-            "in_domain_minus_scratch_mean_over_seeds": mean_deltas(init_gain(runs), ("experiment",), "models"),
+            "selected_mean_over_seeds": selected_means(runs),
+            "init_comparisons": (inits := init_gain(runs, "in_domain", "scratch")),
+            "init_comparisons_mean": mean_deltas(inits, ("comparison", "experiment", "seed"), "models"),
+            "init_comparisons_mean_over_seeds": mean_deltas(inits, ("comparison", "experiment"), "models"),
             "missing": ["leg__scratch"],
         },
     )
@@ -110,9 +111,10 @@ def test_accuracy_summary_tables(results: Path):
     assert "| hand | 0 | in_domain | lr | 0.5 | 0.3 | a | 0.2 | 0.02 |" in text  # against the single chosen on CV
     assert "| hand | 0 | in_domain | lr | 0.5 | 0.4 | b | 0.1 | 0.02 |" in text  # against the best single on test
     assert "| hand | 0 | scratch | 1 | -0.1 | 0 | 0.02 | 1 |" in text
-    assert "| hand | 0 | fusion/lr | 0.3 | 0 |" in text
-    assert "| hand | 0 | 3 | 0.1 | 1 | 0 | 0 |" in text  # per seed
-    assert "| hand | 3 | 0.1 | 1 | 0 | 0 |" in text  # over seeds
+    assert "| in_domain - scratch | hand | 0 | fusion/lr | 0.3 | 0 |" in text
+    assert "| in_domain - scratch | hand | 0 | 3 | 0.1 | 1 | 0 | 0 |" in text  # per seed
+    assert "| in_domain - scratch | hand | 3 | 0.1 | 1 | 0 | 0 |" in text  # over seeds
+    assert "| hand | in_domain | 1 | 0.5 | 0.72 |" in text  # the selected model, mean over seeds
     assert "leg__scratch" in text
 
 
@@ -156,13 +158,16 @@ def test_measure_command_reports_exit_code_and_memory():
     assert measured["peak_rss_mib"] >= 64
 
 
-def test_in_domain_minus_scratch_pairs_runs_of_the_same_seed():
+def test_init_comparison_pairs_runs_of_the_same_seed():
     runs = [accuracy_run("in_domain", 0.50), accuracy_run("scratch", 0.20)]
     runs += [run | {"seed": 1} for run in (accuracy_run("in_domain", 0.40), accuracy_run("scratch", 0.35))]
-    gains = {(g["seed"], g["model"]): g["delta_kappa"] for g in init_gain(runs)}
+    gains = {(g["seed"], g["model"]): g["delta_kappa"] for g in init_gain(runs, "in_domain", "scratch")}
     assert gains[(0, "fusion/lr")] == pytest.approx(0.30) and gains[(1, "fusion/lr")] == pytest.approx(0.05)
-    (over_seeds,) = mean_deltas(init_gain(runs), ("experiment",), "models")
+    (over_seeds,) = mean_deltas(init_gain(runs, "in_domain", "scratch"), ("experiment",), "models")
     assert over_seeds["models"] == 6 and over_seeds["positive_delta_kappa"] == 2
+    assert init_gain(runs, "scratch", "in_domain")[0]["delta_kappa"] == pytest.approx(0.0)  # a/lr equal in both
+    (selected,) = selected_means([runs[0], runs[2]])  # in_domain at seeds 0 and 1, fusion/lr selected
+    assert selected["seeds"] == [0, 1] and selected["mean_kappa"] == pytest.approx(0.45)
 
 
 HEAD, SAME_CODE, OLD = "a" * 40, "b" * 40, "c" * 40
