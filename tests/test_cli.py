@@ -13,6 +13,8 @@ import yaml
 
 from tlfusion.backbones import build_backbone
 from tlfusion.cli import build_parser, main
+from tlfusion.config import load_experiment
+from tlfusion.fewshot import run_fewshot
 
 TINY_BACKBONE = {"name": "mobilenetv2", "options": {"alpha": 0.35}}
 
@@ -36,22 +38,21 @@ def tiny_experiment(folder: Path, data_root: Path, **changes) -> Path:
     return path
 
 
-def test_help_lists_the_contract_commands():
-    text = build_parser().format_help()
-    for command in (
-        "demo",
-        "run",
-        "pretrain",
-        "finetune",
-        "extract",
-        "fit",
-        "evaluate",
-        "predict",
-        "explain",
-        "fewshot",
-        "data",
-    ):
-        assert command in text
+@pytest.mark.parametrize(
+    "command",
+    ["demo", "run", "pretrain", "finetune", "extract", "fit", "evaluate", "predict", "explain", "fewshot", "data"],
+)
+def test_each_contract_command_exists_and_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0  # an unknown command exits 2
+    assert capsys.readouterr().out.startswith(f"usage: tlfusion {command}")
+
+
+def test_an_unknown_command_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["nope", "--help"])
+    assert exit_info.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -115,14 +116,22 @@ def test_run_end_to_end_then_rerun_skips_and_bundle_commands(tmp_path, folder_da
     log = (run / "run.log").read_text()
     assert log.count("stage finetune unchanged, skipped") == 1 and log.count("stage fit unchanged, skipped") == 1
 
-    images = [str(p) for p in sorted((folder_dataset / "abnormal").glob("*.png"))[:3]]
+    fitted = pd.read_csv(run / "fit" / "predictions.csv")
+    fitted = fitted[(fitted["model"] == metrics["selected"]) & (fitted["split"] == "test")].head(3)
+    images = fitted["path"].tolist()
     out_csv = tmp_path / "pred.csv"
     assert main(["predict", str(run / "bundle"), *images, "--out", str(out_csv)]) == 0
     predictions = pd.read_csv(out_csv)
-    assert len(predictions) == 3 and predictions["prob_abnormal"].between(0, 1).all()
+    assert predictions["path"].tolist() == images  # the bundle reproduces the run's test predictions
+    np.testing.assert_allclose(predictions["prob_abnormal"], fitted["prob"], atol=1e-4)
+    threshold = json.loads((run / "fit" / "selection.json").read_text())["thresholds"][metrics["selected"]]
+    expected = np.where(predictions["prob_abnormal"] >= threshold, "abnormal", "normal")
+    assert predictions["predicted"].tolist() == expected.tolist()
 
     assert main(["evaluate", str(run / "bundle"), "--data", experiment, "--out", str(tmp_path / "eval")]) == 0
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["results"]
+    (evaluated,) = json.loads((tmp_path / "eval" / "metrics.json").read_text())["results"]
+    (in_run,) = [r for r in test_rows if r["model"] == metrics["selected"] and r["level"] == "image"]
+    assert evaluated["n"] == in_run["n"] and evaluated["auroc"] == pytest.approx(in_run["auroc"], abs=1e-3)
 
     tampered = tmp_path / "tampered"
     shutil.copytree(run / "bundle", tampered)
@@ -199,7 +208,11 @@ def test_fewshot_run_and_command_with_multiscale_features(tmp_path, folder_datas
     run = tmp_path / "run"
     assert main(["run", experiment, "--out", str(run)]) == 0
     result = json.loads((run / "fewshot.json").read_text())
-    assert result["episodes"] == 20 and 0 <= result["auroc"]["mean"] <= 1
+    spec, table = load_experiment(experiment).fewshot, pd.read_csv(run / "data" / "table.csv", dtype=str)
+    X, y, groups = np.load(run / "features" / "mobilenetv2.npy"), table["label"].to_numpy(), table["patient"].to_numpy()
+    expected = run_fewshot(X, y, groups, spec.ways, spec.shots, spec.queries, spec.episodes, spec.classifier, seed=0)
+    assert result["episodes"] == 20 and result["auroc"] == expected["auroc"]  # every image of the pool, as stored
+    assert result["auroc"]["ci95"][0] <= result["auroc"]["mean"] <= result["auroc"]["ci95"][1]
     assert (run / "plots" / "fewshot_auroc_vs_shots.png").stat().st_size > 0
     model = build_backbone("mobilenetv2", 32, alpha=0.35)
     widths = [model.get_layer(name).output.shape[-1] for name in ("block_13_expand_relu", "out_relu")]
@@ -212,7 +225,6 @@ def test_fewshot_run_and_command_with_multiscale_features(tmp_path, folder_datas
 
 
 def test_identical_files_under_two_names_are_one_patient_in_one_part(tmp_path, folder_dataset):
-    from tlfusion.config import load_experiment
     from tlfusion.pipeline import Pipeline
 
     for i in range(4):  # four abnormal images copied under new names

@@ -139,6 +139,7 @@ def test_bootstrap_ci_single_group_collapses_to_point_and_single_class_auroc_is_
     assert bootstrap_ci(np.ones(50), p, None, n_boot=20)["auroc"] is None
 
 
+@pytest.mark.slow  # a wall-clock bound: meaningful only on an idle machine, so not in the default suite
 def test_bootstrap_ci_is_fast_enough():
     y, p = noisy_scores(500)
     start = time.perf_counter()

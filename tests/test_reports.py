@@ -265,7 +265,13 @@ def test_html_is_self_contained_and_references_existing_files(binary_run):
     targets = check_html_references(run_dir)
     assert set(targets) == {key for key in paths if key.startswith("plots/")}
     assert "<style>" in text and 'class="sortable"' in text and "http" not in text
-    assert metrics["selected"] in text and "0." in text
+    (headline,) = [
+        r
+        for r in metrics["results"]
+        if r["model"] == metrics["selected"] and (r["split"], r["level"]) == ("test", "study")
+    ]
+    assert f"<b>{metrics['selected']}</b> was chosen" in text
+    assert f"<li>kappa {format_metric(headline['kappa'], headline['ci']['kappa'])}</li>" in text
 
 
 def test_roc_comparison_picks_the_best_single_backbone_by_cv_not_test(tmp_path):
