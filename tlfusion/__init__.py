@@ -1,5 +1,13 @@
-"""tlfusion: feature-fusion transfer learning for X-ray classification from small labelled sets."""
+"""tlfusion: feature-fusion transfer learning for X-ray classification from small labelled sets.
 
+Public API (TensorFlow is imported on first use, not by ``import tlfusion``):
+
+- ``load_bundle(path)``: a saved model with ``predict_proba`` / ``predict`` on file paths or grayscale arrays;
+- ``run_experiment(path, out=None, overrides=(), data_root=None, force=False)``: ``tlfusion run`` from Python;
+- ``FeatureFusion``: the per-backbone normalisation + PCA step as a scikit-learn transformer.
+"""
+
+import importlib
 import os
 
 # XGBoost's and OpenMP's default busy-waiting makes small fits many times slower on a shared 2-core machine.
@@ -7,3 +15,24 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 __version__ = "0.1.0"
+_LAZY = {
+    "load_bundle": "tlfusion.api",
+    "run_experiment": "tlfusion.api",
+    "BundleModel": "tlfusion.api",
+    "FeatureFusion": "tlfusion.features",
+    "InputError": "tlfusion.errors",
+}
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    """PEP 562: import the module behind a public name on first access."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'tlfusion' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

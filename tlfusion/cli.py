@@ -34,9 +34,13 @@ def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
+    """The validated experiment (no TensorFlow needed), then TensorFlow imported quietly unless for `data`."""
     from tlfusion.config import load_experiment
 
-    return load_experiment(args.experiment, args.overrides, args.data_root)
+    experiment = load_experiment(args.experiment, args.overrides, args.data_root)
+    if args.command != "data":
+        _import_tensorflow_quietly()
+    return experiment
 
 
 def _run_folder(args: argparse.Namespace, name: str) -> Path:
@@ -44,9 +48,9 @@ def _run_folder(args: argparse.Namespace, name: str) -> Path:
 
 
 def cmd_run(args: argparse.Namespace, until: str | None = None) -> int:
+    experiment = _load(args)
     from tlfusion.pipeline import Pipeline
 
-    experiment = _load(args)
     pipeline = Pipeline(experiment, _run_folder(args, experiment.name), skip_bad=args.skip_bad, force=args.force)
     pipeline.run(until=until)
     return 0
@@ -76,6 +80,7 @@ def cmd_stage(stage: str) -> Callable[[argparse.Namespace], int]:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    _import_tensorflow_quietly()
     from tlfusion.training import pretrain_and_ship
 
     pretrain_and_ship(args.config, args.arch, args.out, args.run_dir, args.data_root, args.resume)
@@ -83,13 +88,23 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    _import_tensorflow_quietly()
     from tlfusion.pipeline import predict_images
 
     predict_images(args.bundle, args.images, args.out, skip_bad=args.skip_bad)
     return 0
 
 
+def _check_data(args: argparse.Namespace) -> None:
+    """Validate `--data`'s experiment before TensorFlow is imported (a config error then takes well under 1 s)."""
+    from tlfusion.config import load_experiment
+
+    load_experiment(args.data, data_root=args.data_root)
+    _import_tensorflow_quietly()
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    _check_data(args)
     from tlfusion.pipeline import evaluate_bundle
 
     evaluate_bundle(args.bundle, args.data, args.out, data_root=args.data_root, split=args.split)
@@ -97,6 +112,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    _check_data(args)
     from tlfusion.pipeline import explain_bundle
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
@@ -115,6 +131,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_fewshot(args: argparse.Namespace) -> int:
+    _import_tensorflow_quietly()
     from tlfusion.pipeline import fewshot_command
 
     fewshot_command(args)
@@ -209,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _import_tensorflow_quietly() -> None:
     """Import TensorFlow with stderr muted: its C++ start-up lines would bury our one-line error messages."""
+    if "tensorflow" in sys.modules:
+        return
     saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, 2)
     try:
@@ -232,8 +251,6 @@ def _check_out(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command != "data":
-        _import_tensorflow_quietly()
     try:
         _check_out(args)
         return args.handler(args)

@@ -135,12 +135,16 @@ def resize_pad(gray: np.ndarray, size: int) -> np.ndarray:
     return canvas
 
 
-def load_image(path: str | Path, size: int, clahe: bool = False) -> np.ndarray:
-    """Decode, optionally equalise, and square one image: float32 [size, size, 1] in [0, 255]."""
-    gray = read_gray(path)
+def prepare_image(gray: np.ndarray, size: int, clahe: bool = False) -> np.ndarray:
+    """Optionally equalise, and square one decoded 2-D image in [0, 255]: float32 [size, size, 1]."""
     if clahe:
         gray = apply_clahe(gray)
     return resize_pad(gray, size)[:, :, None]
+
+
+def load_image(path: str | Path, size: int, clahe: bool = False) -> np.ndarray:
+    """Decode, optionally equalise, and square one image: float32 [size, size, 1] in [0, 255]."""
+    return prepare_image(read_gray(path), size, clahe)
 
 
 def load_batch(paths: Sequence[str | Path], size: int, clahe: bool = False) -> np.ndarray:
