@@ -16,9 +16,11 @@ Data sets (none of their evaluated images was seen by the in-domain backbones; c
 - ``fracatlas_hand``: FracAtlas hand, fractured vs not (held out of pretraining); no patient ids, so each image
   is its own group, except that identical files under two ids (21 sets in hand) form one group.
 
-Extractors (128 px, pooled penultimate features via ``tlfusion.features.extract_features`` with a cache under
-``.cache/fewshot_accuracy``): the shipped in-domain MobileNetV2 and EfficientNetB0, their fusion (per-block L2,
-as the pipeline's few-shot stage does), the same three with random weights ("scratch", seed 0), and
+Extractors (pooled penultimate features via ``tlfusion.features.extract_features`` with a cache under
+``.cache/fewshot_accuracy``): at 224 px, MobileNetV1 and MobileNetV2 with the offline ImageNet weights
+(``imagenet/``, photographs only: they never saw a radiograph) and their fusion; at 128 px, the shipped in-domain
+MobileNetV2 and EfficientNetB0, their fusion (per-block L2, as the pipeline's few-shot stage does), the same three
+with random weights ("scratch", seed 0), and
 ``chest/mobilenetv2``, pretrained on chest X-rays only (experiments/pretrain_chest.yaml: the Kermany and NIH
 training parts; it saw the NIH base set but none of the evaluated images). Each is run with the penultimate
 features alone (``stages=1``) and with multi-scale features (``stages=2``: the pooled outputs of the last two
@@ -59,7 +61,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
 CACHE = ROOT / ".cache" / "fewshot_accuracy"
 IMAGE_SIZE = 128
+IMAGENET_SIZE = 224
 ARCHITECTURES = ("mobilenetv2", "efficientnetb0")
+IMAGENET_ARCHITECTURES = ("mobilenet", "mobilenetv2")
 SHIPPED = {arch: ROOT / "saved_models" / f"{arch}_xray128" / "model.keras" for arch in ARCHITECTURES}
 # Pretrained on chest X-rays only (experiments/pretrain_chest.yaml: Kermany train/val + NIH), never on COVID.
 CHEST = ROOT / "saved_models" / "mobilenetv2_chest128" / "model.keras"
@@ -160,7 +164,16 @@ def seen_overlap(table: pd.DataFrame) -> dict[str, int]:
 
 def scratch_model(arch: str) -> Path:
     """The architecture with random weights (seed 0), saved once so its feature cache key is stable."""
-    path = CACHE / f"scratch_{arch}_{IMAGE_SIZE}.keras"
+    return saved_model(f"scratch_{arch}_{IMAGE_SIZE}", arch, IMAGE_SIZE, None)
+
+
+def imagenet_model(arch: str) -> Path:
+    """The architecture with the offline ImageNet weights, saved once so its feature cache key is stable."""
+    return saved_model(f"imagenet_{arch}_{IMAGENET_SIZE}", arch, IMAGENET_SIZE, "imagenet")
+
+
+def saved_model(name: str, arch: str, size: int, weights: str | None) -> Path:
+    path = CACHE / f"{name}.keras"
     if not path.is_file():
         import keras
 
@@ -168,14 +181,14 @@ def scratch_model(arch: str) -> Path:
 
         keras.utils.set_random_seed(SEED)
         path.parent.mkdir(parents=True, exist_ok=True)
-        build_backbone(arch, IMAGE_SIZE, weights=None).save(path)
+        build_backbone(arch, size, weights=weights).save(path)
     return path
 
 
-def features(model: Path, paths: list[str], stages: int) -> np.ndarray:
+def features(model: Path, paths: list[str], stages: int, size: int = IMAGE_SIZE) -> np.ndarray:
     from tlfusion.features import extract_features
 
-    return extract_features(model, paths, IMAGE_SIZE, cache_dir=CACHE, progress=False, stages=stages)
+    return extract_features(model, paths, size, cache_dir=CACHE, progress=False, stages=stages)
 
 
 def l2_rows(X: np.ndarray) -> np.ndarray:
@@ -185,9 +198,14 @@ def l2_rows(X: np.ndarray) -> np.ndarray:
 def extractor_features(paths: list[str]) -> dict[str, np.ndarray]:
     """Feature matrix per extractor name ("in_domain/mobilenetv2 stages=1", ..., "scratch/fusion stages=2")."""
     out = {}
+    starts = (
+        ("imagenet", imagenet_model, IMAGENET_ARCHITECTURES, IMAGENET_SIZE),
+        ("in_domain", SHIPPED.__getitem__, ARCHITECTURES, IMAGE_SIZE),
+        ("scratch", scratch_model, ARCHITECTURES, IMAGE_SIZE),
+    )
     for stages in STAGES:
-        for start, model_of in (("in_domain", SHIPPED.__getitem__), ("scratch", scratch_model)):
-            blocks = {arch: features(model_of(arch), paths, stages) for arch in ARCHITECTURES}
+        for start, model_of, architectures, size in starts:
+            blocks = {arch: features(model_of(arch), paths, stages, size) for arch in architectures}
             out.update({f"{start}/{arch} stages={stages}": block for arch, block in blocks.items()})
             out[f"{start}/fusion stages={stages}"] = np.hstack([l2_rows(block) for block in blocks.values()])
         out[f"chest/mobilenetv2 stages={stages}"] = features(CHEST, paths, stages)
@@ -256,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
             "queries": QUERIES,
             "episodes": episodes,
             "seed": SEED,
-            "image_size": IMAGE_SIZE,
+            "image_size": {"imagenet": IMAGENET_SIZE, "in_domain, scratch, chest": IMAGE_SIZE},
             "ci": "mean ± 1.96·std/√episodes",
             "fusion": "per-backbone L2 then concatenation (stateless; as the pipeline's few-shot stage)",
             "scratch": "same architecture, random weights (keras seed 0)",
