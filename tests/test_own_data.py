@@ -23,6 +23,11 @@ FAST = {
     "evaluate.bootstrap": "20",
     "explain.enabled": "false",
 }
+NOISE = ("tensorflow", "Instructions for updating", "WARNING", "Epoch", "oneDNN", "absl", "tf2onnx", "retracing")
+
+
+def settings(values: dict[str, str]) -> list[str]:
+    return [part for key, value in values.items() for part in ("--set", f"{key}={value}")]
 
 
 def readme_own_data_commands() -> list[list[str]]:
@@ -51,20 +56,23 @@ def own_data(tmp_path, folder_dataset, monkeypatch) -> Path:
     return tmp_path
 
 
-def test_readme_own_data_example_runs_as_written(own_data, capsys):
+def test_readme_own_data_example_runs_as_written_and_quietly(own_data, capfd):
     commands = readme_own_data_commands()
     assert [argv[:2] for argv in commands] == [
         ["data", "experiments/own_folder.yaml"],
         ["run", "experiments/own_folder.yaml"],
         ["run", "experiments/own_csv.yaml"],
     ]
-    fast = [part for key, value in FAST.items() for part in ("--set", f"{key}={value}")]
     for argv in commands:
-        capsys.readouterr()
-        assert main(argv + (fast if argv[0] == "run" else [])) == 0, argv
+        capfd.readouterr()
+        assert main(argv + (settings(FAST) if argv[0] == "run" else [])) == 0, argv
         if argv[0] == "data":
-            summary = json.loads(capsys.readouterr().out)
+            summary = json.loads(capfd.readouterr().out)
             assert summary["images"] == 24
+    console = "\n".join(capfd.readouterr())  # the CSV run's
+    assert not [word for word in NOISE if word in console], console
+    assert "select_model: mobilenetv2/lr kappa = " in console
+    assert "report:  runs/my_data/report.html" in console and "bundle:  runs/my_data/bundle" in console
     for run in ("runs/my_xrays", "runs/my_data"):
         metrics = json.loads((own_data / run / "metrics.json").read_text())
         assert metrics["selected"] == "mobilenetv2/lr" and metrics["data"]["images"] == 24

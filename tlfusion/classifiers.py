@@ -129,6 +129,7 @@ def select_model(
     scoring: str = "kappa",
     threshold_criterion: str = "kappa",
     param_grid: Mapping[str, Mapping[str, Sequence]] | None = None,
+    label: str | None = None,
 ) -> Selection:
     """Pick the classifier with the best grouped cross-validated ``scoring`` on TRAINING data.
 
@@ -136,7 +137,7 @@ def select_model(
     reduced when a class has fewer groups than ``cv``. Each fold is scored at the threshold that
     ``metrics.choose_threshold`` picks on the other folds' out-of-fold probabilities, so the score covers the
     model and its threshold rule. ``param_grid`` (e.g. ``SMALL_PARAM_GRID``) maps a name to a small grid
-    searched by the same folds.
+    searched by the same folds. ``label`` (e.g. the feature set) prefixes the classifier names in log lines.
     """
     X, y, groups = _check_training_data(X, y, groups)
     names = list(names)
@@ -162,7 +163,8 @@ def select_model(
             score = _cv_score(y, oof, folds, scoring, threshold_criterion)
             if name not in scores or np.isnan(scores[name]) or score > scores[name]:
                 scores[name], oof_prob[name], params[name] = score, oof, candidate
-        logger.info("select_model: %s %s = %.4f %s", name, scoring, scores[name], params[name] or "")
+        shown = f"{label}/{name}" if label else name
+        logger.info("select_model: %s %s = %.4f %s", shown, scoring, scores[name], params[name] or "")
     defined = [name for name in names if np.isfinite(scores[name])]
     if not defined:
         raise InputError(f"no classifier has a defined {scoring} in any fold; the training set is too small")

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tlfusion import __version__
+from tlfusion.console import import_tensorflow_quietly
 from tlfusion.errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def _load(args: argparse.Namespace):
 
     experiment = load_experiment(args.experiment, args.overrides, args.data_root)
     if args.command != "data":
-        _import_tensorflow_quietly()
+        import_tensorflow_quietly()
     return experiment
 
 
@@ -80,7 +81,7 @@ def cmd_stage(stage: str) -> Callable[[argparse.Namespace], int]:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    _import_tensorflow_quietly()
+    import_tensorflow_quietly()
     from tlfusion.training import pretrain_and_ship
 
     pretrain_and_ship(args.config, args.arch, args.out, args.run_dir, args.data_root, args.resume)
@@ -88,7 +89,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    _import_tensorflow_quietly()
+    import_tensorflow_quietly()
     from tlfusion.pipeline import predict_images
 
     predict_images(args.bundle, args.images, args.out, skip_bad=args.skip_bad)
@@ -100,7 +101,7 @@ def _check_data(args: argparse.Namespace) -> None:
     from tlfusion.config import load_experiment
 
     load_experiment(args.data, data_root=args.data_root)
-    _import_tensorflow_quietly()
+    import_tensorflow_quietly()
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -131,7 +132,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_fewshot(args: argparse.Namespace) -> int:
-    _import_tensorflow_quietly()
+    import_tensorflow_quietly()
     from tlfusion.pipeline import fewshot_command
 
     fewshot_command(args)
@@ -224,20 +225,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _import_tensorflow_quietly() -> None:
-    """Import TensorFlow with stderr muted: its C++ start-up lines would bury our one-line error messages."""
-    if "tensorflow" in sys.modules:
-        return
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 2)
-    try:
-        import tensorflow  # noqa: F401
-    finally:
-        os.dup2(saved, 2)
-        os.close(null)
-        os.close(saved)
-
-
 def _check_out(args: argparse.Namespace) -> None:
     """`--out` must be able to become what the command writes: a CSV file for `predict`, a folder otherwise."""
     out = getattr(args, "out", None)
@@ -251,6 +238,7 @@ def _check_out(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # LIME's unlabelled tqdm bars; the explain stage shows its own
     try:
         _check_out(args)
         return args.handler(args)

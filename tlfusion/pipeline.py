@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from tlfusion.config import Experiment
+from tlfusion.console import activity, progress, setup_logging
 from tlfusion.data.sources import CHESTXRAY14_FINDINGS
 from tlfusion.errors import InputError
 from tlfusion.fileio import locked, remove_leftovers, write_atomic, write_json
@@ -41,20 +42,6 @@ STAGE_SECTIONS = {
     "semantic": ("semantic",),
     "report": (),
 }
-
-
-def setup_logging(run_dir: Path) -> None:
-    """Log to the console and to `run_dir/run.log`."""
-    from rich.logging import RichHandler
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log.handlers.clear()
-    log.setLevel(logging.INFO)
-    console = RichHandler(show_path=False, show_time=False, markup=False)
-    file = logging.FileHandler(run_dir / "run.log")
-    file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(console)
-    log.addHandler(file)
 
 
 def _digest(*parts: Any) -> str:
@@ -105,7 +92,15 @@ class Pipeline:
             upstream = key
             if stage == until:
                 break
+        self._log_outputs()
+
+    def _log_outputs(self) -> None:
+        """The closing lines: where the run folder, report, review gallery and bundle are."""
         log.info("run folder: %s", self.run_dir.resolve())
+        outputs = {"report": "report.html", "gallery": "explanations/index.html", "bundle": "bundle", "log": "run.log"}
+        for name, relative in outputs.items():
+            if (self.run_dir / relative).exists():
+                log.info("%-8s %s", f"{name}:", self.run_dir / relative)
 
     def _stage_key(self, stage: str, upstream: str) -> str:
         config = self.experiment.model_dump()
@@ -164,7 +159,8 @@ class Pipeline:
 
         experiment, table = self.experiment, self.table
         trainval = table[table["split"].isin(["train", "val"])]
-        for key, entry in zip(self.backbone_keys, experiment.backbones, strict=True):
+        pairs = list(zip(self.backbone_keys, experiment.backbones, strict=True))
+        for key, entry in progress(pairs, "fine-tuning", lambda pair: pair[0]):
             out_dir = self.model_path(key).parent
             if not experiment.finetune.enabled:
                 model = _plain_backbone(entry, experiment.image.size)
@@ -174,7 +170,7 @@ class Pipeline:
 
             spec = experiment.finetune
             log.info("fine-tuning %s (%s) on %d images", key, entry.weights or "random init", len(trainval))
-            finetune(
+            result = finetune(
                 trainval,
                 entry.name,
                 out_dir,
@@ -191,7 +187,9 @@ class Pipeline:
                 batchnorm=spec.batchnorm,
                 seed=experiment.seed,
                 options=entry.options,
+                verbose=0,
             )
+            _log_training(key, result)
 
     # ----------------------------------------------------------------- extract
     def feature_path(self, key: str) -> Path:
@@ -238,7 +236,7 @@ class Pipeline:
         y = table["y"].to_numpy()
         groups = table["patient"].astype(str).to_numpy()
         rows, cv_scores, thresholds, fitted = [], {}, {}, {}
-        for set_name, keys in self.feature_sets().items():
+        for set_name, keys in progress(list(self.feature_sets().items()), "selecting models on", lambda item: item[0]):
             X, block_sizes = self.load_features(keys)
             fusion = make_fusion(experiment, block_sizes).fit(X[is_fit])
             Z = fusion.transform(X)
@@ -250,6 +248,7 @@ class Pipeline:
                 cv=spec.cv,
                 random_state=experiment.seed,
                 scoring=spec.scoring,
+                label=set_name,
             )
             for clf_name in spec.models:
                 model_name = f"{set_name}/{clf_name}"
@@ -353,16 +352,17 @@ class Pipeline:
         selection = json.loads((self.run_dir / "fit" / "selection.json").read_text())
         test = predictions[(predictions["model"] == selection["selected"]) & (predictions["split"] == "test")]
         cases = pick_cases(test, selection["thresholds"][selection["selected"]], spec.cases)
-        explain_cases(
-            load_bundle(self.run_dir / "bundle"),
-            cases["path"].tolist(),
-            cases["y_true"].tolist(),
-            self.run_dir / "explanations",
-            methods=tuple(spec.methods),
-            lime_samples=spec.lime_samples,
-            seed=self.experiment.seed,
-            clahe=self.experiment.image.clahe,
-        )
+        with activity(f"explaining {len(cases)} cases ({', '.join(spec.methods)})"):
+            explain_cases(
+                load_bundle(self.run_dir / "bundle"),
+                cases["path"].tolist(),
+                cases["y_true"].tolist(),
+                self.run_dir / "explanations",
+                methods=tuple(spec.methods),
+                lime_samples=spec.lime_samples,
+                seed=self.experiment.seed,
+                clahe=self.experiment.image.clahe,
+            )
 
     # ----------------------------------------------------------------- report
     def stage_report(self) -> None:
@@ -373,8 +373,7 @@ class Pipeline:
         write_json(self.run_dir / "metrics.json", metrics)
         predictions_path = self.run_dir / "fit" / "predictions.csv"
         predictions = pd.read_csv(predictions_path) if predictions_path.is_file() else None
-        paths = write_reports(self.run_dir, metrics, predictions)
-        log.info("report: %s", paths.get("report.html", self.run_dir / "report.html"))
+        write_reports(self.run_dir, metrics, predictions)
 
     # ----------------------------------------------------------------- few-shot
     def stage_fewshot(self) -> None:
@@ -704,6 +703,14 @@ def pick_cases(test: pd.DataFrame, threshold: float, count: int) -> pd.DataFrame
         wrong=(test["prob"] >= threshold).astype(int) != test["y_true"], confidence=(test["prob"] - threshold).abs()
     )
     return test.sort_values(["wrong", "confidence"], ascending=False).head(count)
+
+
+def _log_training(key: str, result) -> None:
+    """Fine-tuning's outcome on the console, its epochs in run.log (Keras prints nothing: verbose=0)."""
+    for epoch in result.history:
+        log.debug("fine-tuning %s epoch %s", key, json.dumps(epoch, default=float))
+    scores = ", ".join(f"{name.removeprefix('val_')} {value:.3f}" for name, value in result.val_metrics.items())
+    log.info("fine-tuned %s: %d epochs, best epoch %d (val %s)", key, len(result.history), result.best_epoch, scores)
 
 
 def _summary(metrics: dict) -> list[str]:

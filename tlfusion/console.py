@@ -1,0 +1,88 @@
+"""What a run shows on the console: tlfusion's own lines and one labelled progress bar per long stage.
+
+TensorFlow, Keras, tf2onnx and absl messages (INFO and above) and Python warnings go to `run.log` only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+LIBRARY_LOGGERS = ("tensorflow", "tf2onnx", "absl", "keras", "onnxruntime", "py.warnings")
+"""Loggers kept out of the console during a run: run.log gets their INFO and above (tf2onnx's DEBUG is thousands
+of lines per graph)."""
+T = TypeVar("T")
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with stderr muted: its C++ start-up lines would bury our one-line error messages."""
+    if "tensorflow" in sys.modules:
+        return
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(null)
+        os.close(saved)
+
+
+def setup_logging(run_dir: Path) -> None:
+    """tlfusion's INFO lines to the console; those, tlfusion's DEBUG lines, library loggers and Python warnings to
+    run.log."""
+    from rich.logging import RichHandler
+
+    import_tensorflow_quietly()
+    sys.modules["tensorflow"].get_logger()  # TensorFlow adds its own stderr handler on first use: do that now
+    run_dir.mkdir(parents=True, exist_ok=True)
+    file = logging.FileHandler(run_dir / "run.log")
+    file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    console = RichHandler(show_path=False, show_time=False, markup=False)
+    console.setLevel(logging.INFO)
+    _route(logging.getLogger("tlfusion"), [console, file], logging.DEBUG)
+    for name in LIBRARY_LOGGERS:
+        _route(logging.getLogger(name), [file], logging.INFO)
+        logging.getLogger(name).propagate = False
+    logging.captureWarnings(True)
+
+
+def _route(logger: logging.Logger, handlers: list[logging.Handler], level: int) -> None:
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.close()
+    logger.handlers = list(handlers)
+    logger.setLevel(level)
+
+
+def progress(items: Sequence[T], label: str, describe: Callable[[T], str] = str) -> Iterator[T]:
+    """Yield `items` under a progress bar that names the one running and counts those done (cleared at the end)."""
+    from rich.progress import Progress
+
+    with Progress(*_columns(), transient=True) as bar:
+        task = bar.add_task(label, total=len(items))
+        for item in items:
+            bar.update(task, description=f"{label} {describe(item)}")
+            yield item
+            bar.advance(task)
+
+
+@contextmanager
+def activity(label: str) -> Iterator[None]:
+    """An activity bar (no count) labelled `label` while the block runs, cleared at the end."""
+    from rich.progress import Progress
+
+    with Progress(*_columns(), transient=True) as bar:
+        bar.add_task(label, total=None)
+        yield
+
+
+def _columns() -> tuple:
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    return TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
