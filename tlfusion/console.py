@@ -42,7 +42,7 @@ def setup_logging(run_dir: Path) -> None:
     sys.modules["tensorflow"].get_logger()  # TensorFlow adds its own stderr handler on first use: do that now
     run_dir.mkdir(parents=True, exist_ok=True)
     file = logging.FileHandler(run_dir / "run.log")
-    file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))  # benchmarks.end_to_end reads it
     console = RichHandler(show_path=False, show_time=False, markup=False)
     console.setLevel(logging.INFO)
     _route(logging.getLogger("tlfusion"), [console, file], logging.DEBUG)
