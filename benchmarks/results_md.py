@@ -431,7 +431,20 @@ def with_ci(value, interval) -> str:
     return fmt(value) if not interval else f"{fmt(value)} {fmt(list(interval))}"
 
 
+def summarise_init_screen(payload: dict) -> list[Table]:
+    """One row per (seed, start, feature set): validation-part AUROC and kappa of a train-fitted classifier."""
+    rows = [
+        [seed, start, features, scores["n_train"], scores["n_val"], scores["auroc"], scores["kappa"]]
+        for seed, starts in payload["seeds"].items()
+        for start, sets in starts.items()
+        for features, scores in sets.items()
+    ]
+    header = ["seed", "start", "features", "train", "val", "val AUROC", "val kappa"]
+    return [("train -> val, per start and feature set", header, rows)]
+
+
 SUMMARISERS: dict[str, Callable[[dict], list[Table]]] = {
+    "init_screen": summarise_init_screen,
     "fewshot_speed": summarise_fewshot,
     "finetune_transfer": summarise_finetune,
     "fewshot_accuracy": summarise_fewshot_accuracy,
