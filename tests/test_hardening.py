@@ -3,6 +3,8 @@ nothing read outside the data root or the bundle's manifest, no leftovers; run-f
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import pickle
@@ -26,10 +28,12 @@ from tlfusion import bundle as bundle_module
 from tlfusion.backbones import build_backbone, feature_model
 from tlfusion.bundle import Bundle, save_bundle
 from tlfusion.cli import main
+from tlfusion.config import load_experiment
 from tlfusion.data.images import file_sha256
 from tlfusion.features import FeatureFusion
 from tlfusion.fileio import locked
 from tlfusion.pipeline import Pipeline
+from tlfusion.signing import KEY_ENV
 
 SIZE = 32
 
@@ -205,8 +209,11 @@ def test_decompression_bomb_error_is_one_line(tmp_path, experiment, folder_datas
 # ----------------------------------------------------------------------------- bundles and predict
 
 
+KEY = "correct horse battery staple"
+
+
 @pytest.fixture(scope="module")
-def saved_bundle(tmp_path_factory) -> Path:
+def tiny_bundle() -> Bundle:
     """A tiny bundle with an XGBoost classifier (so it has xgboost/0.ubj)."""
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (16, SIZE, SIZE, 1)).astype(np.float32)
@@ -215,8 +222,25 @@ def saved_bundle(tmp_path_factory) -> Path:
     X = feature_model(model).predict(images, verbose=0)
     fusion = FeatureFusion(block_sizes=[X.shape[1]]).fit(X)
     classifier = XGBClassifier(n_estimators=4, max_depth=2, n_jobs=1).fit(fusion.transform(X), np.tile([0, 1], 8))
-    bundle = Bundle({"tiny": model}, fusion, classifier, 0.5, ["normal", "abnormal"], SIZE)
-    return save_bundle(bundle, tmp_path_factory.mktemp("bundle") / "bundle")
+    return Bundle({"tiny": model}, fusion, classifier, 0.5, ["normal", "abnormal"], SIZE)
+
+
+def save_with_key(bundle: Bundle, folder: Path, key: str | None) -> Path:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(KEY_ENV, raising=False)
+        if key is not None:
+            patch.setenv(KEY_ENV, key)
+        return save_bundle(bundle, folder)
+
+
+@pytest.fixture(scope="module")
+def saved_bundle(tiny_bundle, tmp_path_factory) -> Path:
+    return save_with_key(tiny_bundle, tmp_path_factory.mktemp("bundle") / "bundle", None)
+
+
+@pytest.fixture(scope="module")
+def saved_signed_bundle(tiny_bundle, tmp_path_factory) -> Path:
+    return save_with_key(tiny_bundle, tmp_path_factory.mktemp("signed") / "bundle", KEY)
 
 
 @pytest.fixture
@@ -319,6 +343,85 @@ def test_bundle_json_with_wrong_types_is_refused(bundle, image, capsys, key, val
     edit_info(bundle, **{key: value})
     code, error = run_cli(capsys, "predict", bundle, image)
     assert_one_line_error(code, error, "bundle.json", key)
+
+
+# ----------------------------------------------------------------------------- bundle signatures
+
+
+@pytest.fixture
+def signed_bundle(saved_signed_bundle, tmp_path) -> Path:
+    return shutil.copytree(saved_signed_bundle, tmp_path / "bundle")
+
+
+def test_signature_is_hmac_sha256_of_the_manifest_bytes(signed_bundle):
+    signature = json.loads((signed_bundle / "signature.json").read_text())
+    expected = hmac.new(KEY.encode(), (signed_bundle / "manifest.json").read_bytes(), hashlib.sha256).hexdigest()
+    assert signature == {"algorithm": "HMAC-SHA256", "signed_file": "manifest.json", "signature": expected}
+
+
+def test_signed_bundle_loads_with_the_key(signed_bundle, image, capsys, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, KEY)
+    code, error = run_cli(capsys, "predict", signed_bundle, image)
+    verified = f"signed (HMAC-SHA256 of manifest.json verified with {KEY_ENV})"
+    assert code == 0 and error == f"tlfusion: bundle {signed_bundle}: {verified}"
+
+
+@pytest.mark.parametrize("folder", ["saved_bundle", "signed_bundle"])
+def test_without_a_key_a_bundle_loads_as_integrity_only(request, folder, image, capsys, monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    code, error = run_cli(capsys, "predict", request.getfixturevalue(folder), image)
+    assert code == 0 and "integrity only" in error and f"{KEY_ENV} not set" in error
+
+
+def test_tampered_file_with_a_rehashed_manifest_is_refused_with_the_key(signed_bundle, image, capsys, monkeypatch):
+    edit_info(signed_bundle, threshold=0.01)
+    monkeypatch.setenv(KEY_ENV, KEY)
+    code, error = run_cli(capsys, "predict", signed_bundle, image)
+    assert_one_line_error(code, error, str(signed_bundle), "signature does not match")
+
+
+def test_missing_signature_is_refused_with_the_key(signed_bundle, image, capsys, monkeypatch):
+    (signed_bundle / "signature.json").unlink()
+    monkeypatch.setenv(KEY_ENV, KEY)
+    code, error = run_cli(capsys, "predict", signed_bundle, image)
+    assert_one_line_error(code, error, str(signed_bundle), "not signed")
+
+
+def test_wrong_key_is_refused(signed_bundle, image, capsys, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, KEY.upper())
+    code, error = run_cli(capsys, "predict", signed_bundle, image)
+    assert_one_line_error(code, error, str(signed_bundle), "signature does not match")
+
+
+def test_too_short_key_is_refused(signed_bundle, image, capsys, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "short")
+    code, error = run_cli(capsys, "predict", signed_bundle, image)
+    assert_one_line_error(code, error, KEY_ENV, "at least 16")
+
+
+def test_the_fit_stage_key_depends_on_the_signing_key(tmp_path, experiment, monkeypatch):
+    pipeline = Pipeline(load_experiment(experiment), tmp_path / "run")
+    keys = []
+    for key in (None, KEY, KEY.upper(), KEY):
+        if key is None:
+            monkeypatch.delenv(KEY_ENV, raising=False)
+        else:
+            monkeypatch.setenv(KEY_ENV, key)
+        keys.append((pipeline._stage_key("fit", "up"), pipeline._stage_key("extract", "up")))
+    assert len({fit for fit, _ in keys}) == 3 and keys[1] == keys[3]
+    assert len({extract for _, extract in keys}) == 1
+
+
+@pytest.mark.slow
+def test_setting_a_key_reruns_fit_so_the_run_bundle_gets_signed(tmp_path, experiment, capsys, monkeypatch):
+    run = tmp_path / "run"
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    overrides = ["--set", "classifiers.models=[lr]", "--set", "classifiers.cv=2"]
+    assert run_cli(capsys, "fit", experiment, "--out", run, *overrides)[0] == 0
+    assert not (run / "bundle" / "signature.json").exists()
+    monkeypatch.setenv(KEY_ENV, KEY)
+    assert run_cli(capsys, "fit", experiment, "--out", run, *overrides)[0] == 0
+    assert "signed" in bundle_module.load_bundle(run / "bundle").trust
 
 
 # ----------------------------------------------------------------------------- run folders

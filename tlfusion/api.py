@@ -22,13 +22,15 @@ class BundleModel:
 
     `images` is one image or a sequence of them; an image is a file path (decoded as `tlfusion predict` does) or
     a grayscale array H x W, uint8 or float in [0, 255]; a 3-D array is a stack of them (n x H x W). Arrays are
-    letterboxed to the bundle's size (and equalised when it was trained with CLAHE) like files are.
+    letterboxed to the bundle's size (and equalised when it was trained with CLAHE) like files are. `trust` says
+    how it was checked: "signed ..." (its signature verified with `TLFUSION_BUNDLE_KEY`) or "integrity only ...".
     """
 
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
         self.classes_ = np.array(bundle.class_names)
         self.threshold = float(bundle.threshold)
+        self.trust = bundle.trust
 
     def predict_proba(self, images: Image | Sequence[Image]) -> np.ndarray:
         """Probabilities [n, 2] of (negative, positive) class, in `classes_` order."""

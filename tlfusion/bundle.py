@@ -12,6 +12,7 @@
       xgboost/<i>.ubj           its booster in XGBoost's own format (when fitted)
       bundle.json               class names, threshold, image size, clahe, backbone order, meta
       manifest.json             versions and the sha256 of every other file
+      signature.json            optional: HMAC-SHA256 of manifest.json under the user's key (`tlfusion.signing`)
 
 skops loads only the types in `TRUSTED_TYPES` beyond its own defaults. XGBoost models are kept out of skops
 (loading them through it would mean trusting the Booster's pickle state): they are cut out of the estimator tree
@@ -47,6 +48,7 @@ from tlfusion.backbones import FEATURES_LAYER, image_size_of, load_model_file
 from tlfusion.data.images import decoded_batches, file_sha256
 from tlfusion.errors import InputError
 from tlfusion.features import BatchRunner, FeatureFusion, fuse, keras_runner, onnx_runner
+from tlfusion.signing import SIGNATURE, check_signature, write_signature
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +86,8 @@ class Bundle:
     """Everything needed to go from images to the probability of the positive class.
 
     `onnx_graphs` maps backbone names to their feature sub-model as ONNX (see `features.onnx_graph`); those
-    backbones run with ONNX Runtime, the others with Keras.
+    backbones run with ONNX Runtime, the others with Keras. `trust` is set by `load_bundle`: "signed ..." or
+    "integrity only ..." (see `tlfusion.signing`).
     """
 
     models: dict[str, keras.Model]
@@ -96,6 +99,7 @@ class Bundle:
     clahe: bool = False
     meta: dict = field(default_factory=dict)
     onnx_graphs: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
+    trust: str = field(default="", compare=False)
     _runners: dict[str, BatchRunner] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -212,6 +216,7 @@ def _write_contents(bundle: Bundle, folder: Path) -> None:
         "files": {path.relative_to(folder).as_posix(): file_sha256(path) for path in files},
     }
     _write_json(folder / MANIFEST, manifest, "manifest")
+    write_signature(folder, (folder / MANIFEST).read_bytes())
 
 
 def _move_into_place(staging: Path, target: Path) -> None:
@@ -232,20 +237,24 @@ def _move_into_place(staging: Path, target: Path) -> None:
 def load_bundle(folder: str | Path) -> Bundle:
     """Load a bundle after checking every file against its manifest (missing, altered or extra -> InputError).
 
-    Every file is opened through `_Listed`, so nothing the manifest does not list is read, and names from
-    bundle.json are checked before any path is built from them.
+    With `TLFUSION_BUNDLE_KEY` set, the manifest's signature is checked first (`tlfusion.signing`). Every file is
+    opened through `_Listed`, so nothing the manifest does not list is read, and names from bundle.json are checked
+    before any path is built from them.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: bundle folder not found")
     if not (folder / MANIFEST).is_file():
         raise InputError(f"{folder}: not a tlfusion bundle (no {MANIFEST})")
-    manifest = _read_json(folder / MANIFEST)
+    raw = _read_bytes(folder / MANIFEST)
+    trust = check_signature(folder, raw)
+    manifest = _parse_json(folder / MANIFEST, raw)
     listed = _Listed(folder, _manifest_files(folder / MANIFEST, manifest.get("files")))
     _verify_files(folder, listed.files)
     _warn_on_other_versions(folder, manifest.get("versions", {}))
     info = _read_info(listed(INFO))
     names = info["backbones"]
+    logger.info("bundle %s: %s", folder, trust)
     xgb_models = [_load_xgboost(listed, i) for i in range(info["xgboost_models"])]
     return Bundle(
         models={name: load_model_file(listed(f"backbones/{name}.keras")) for name in names},
@@ -257,6 +266,7 @@ def load_bundle(folder: str | Path) -> Bundle:
         clahe=info["clahe"],
         meta=info["meta"],
         onnx_graphs={name: listed(f"backbones/{name}.onnx").read_bytes() for name in names if listed.has_onnx(name)},
+        trust=trust,
     )
 
 
@@ -317,7 +327,7 @@ def _verify_files(folder: Path, listed: dict[str, str]) -> None:
             raise InputError(f"{path}: file was altered (sha256 differs from the manifest)")
     for path in sorted(folder.rglob("*")):
         name = path.relative_to(folder).as_posix()
-        if (path.is_symlink() or not path.is_dir()) and name != MANIFEST and name not in listed:
+        if (path.is_symlink() or not path.is_dir()) and name not in (MANIFEST, SIGNATURE) and name not in listed:
             raise InputError(f"{path}: file not listed in the manifest")
 
 
@@ -448,9 +458,20 @@ def _write_json(path: Path, content: dict, what: str) -> None:
 
 
 def _read_json(path: Path) -> dict:
+    return _parse_json(path, _read_bytes(path))
+
+
+def _read_bytes(path: Path) -> bytes:
     try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
+        return path.read_bytes()
+    except OSError as error:
+        raise InputError(f"{path}: unreadable ({error.strerror or error})") from None
+
+
+def _parse_json(path: Path, data: bytes) -> dict:
+    try:
+        content = json.loads(data.decode("utf-8"))
+    except ValueError as error:
         raise InputError(f"{path}: unreadable JSON ({error})") from None
     if not isinstance(content, dict):
         raise InputError(f"{path}: expected a JSON object, not {type(content).__name__}")

@@ -22,6 +22,7 @@ from tlfusion.console import activity, progress, setup_logging
 from tlfusion.data.sources import CHESTXRAY14_FINDINGS
 from tlfusion.errors import InputError
 from tlfusion.fileio import locked, remove_leftovers, write_atomic, write_json
+from tlfusion.signing import key_id
 from tlfusion.stage_code import code_key
 
 log = logging.getLogger("tlfusion")
@@ -106,7 +107,9 @@ class Pipeline:
         config = self.experiment.model_dump()
         sections = {name: config[name] for name in STAGE_SECTIONS[stage]}
         fingerprint = self.data_fingerprint() if stage == "data" and self._table is not None else ""
-        return _digest(stage, upstream, sections, fingerprint, code_key(stage))
+        parts = (stage, upstream, sections, fingerprint, code_key(stage))
+        signing = key_id() if stage == "fit" else ""  # a new key re-runs fit, which signs the bundle with it
+        return _digest(*parts, signing) if signing else _digest(*parts)
 
     # ----------------------------------------------------------------- data
     @property
@@ -776,11 +779,21 @@ def _experiment_rows(data: str, data_root: str | None, split: str) -> tuple[Expe
     return experiment, table
 
 
+def load_reported(bundle_dir: str):
+    """`bundle.load_bundle`, its trust level ("signed ..." or "integrity only ...") printed on stderr."""
+    import sys
+
+    from tlfusion.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    print(f"tlfusion: bundle {bundle_dir}: {bundle.trust}", file=sys.stderr)
+    return bundle
+
+
 def predict_images(bundle_dir: str, inputs: list[str], out: str | None, skip_bad: bool = False) -> None:
     """Write a CSV of path, probability, predicted class for image files / folders."""
     import sys
 
-    from tlfusion.bundle import load_bundle
     from tlfusion.data.images import scan_images
     from tlfusion.data.sources import image_files
 
@@ -796,7 +809,7 @@ def predict_images(bundle_dir: str, inputs: list[str], out: str | None, skip_bad
     for path, reason in bad:
         print(f"tlfusion: skipped {path}: {reason}", file=sys.stderr)
     paths = [p for p, h in zip(paths, hashes, strict=True) if h]
-    bundle = load_bundle(bundle_dir)
+    bundle = load_reported(bundle_dir)
     prob = bundle.predict_paths(paths)
     frame = pd.DataFrame(
         {
@@ -813,11 +826,11 @@ def predict_images(bundle_dir: str, inputs: list[str], out: str | None, skip_bad
 
 def evaluate_bundle(bundle_dir: str, data: str, out: str, data_root: str | None = None, split: str = "test") -> None:
     """Metrics (with CIs) and a report for a saved bundle on an experiment's images."""
-    from tlfusion.bundle import check_class_names, load_bundle
+    from tlfusion.bundle import check_class_names
     from tlfusion.reports import write_reports
 
     experiment, table = _experiment_rows(data, data_root, split)
-    bundle = load_bundle(bundle_dir)
+    bundle = load_reported(bundle_dir)
     check_class_names(bundle, class_names(table["label"], bundle.class_names[1]))
     table = with_binary_target(table, bundle.class_names[1])
     prob = bundle.predict_paths(table["path"].tolist())
@@ -848,14 +861,13 @@ def explain_bundle(
     lime_samples: int,
 ) -> None:
     """Explanation images + review page for a bundle's predictions on an experiment's images."""
-    from tlfusion.bundle import load_bundle
     from tlfusion.explain import explain_cases
 
     unknown = sorted(set(methods) - {"gradcam", "lime"})
     if unknown or not methods:
         raise InputError(f"--method: unknown method(s) {unknown or methods}; use gradcam, lime or both")
     experiment, table = _experiment_rows(data, data_root, split)
-    bundle = load_bundle(bundle_dir)
+    bundle = load_reported(bundle_dir)
     table = with_binary_target(table, bundle.class_names[1])
     if ids:
         wanted = table["path"].map(lambda p: p in ids or Path(p).name in ids)
