@@ -435,12 +435,6 @@ def extracted(tmp_path, experiment, capsys) -> Path:
     return run
 
 
-def test_cached_features_holding_objects_exit_2(extracted, experiment, capsys):
-    np.save(extracted / "features" / "mobilenetv2.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    code, error = run_cli(capsys, "fit", experiment, "--out", extracted)
-    assert_one_line_error(code, error, "mobilenetv2.npy", "--force")
-
-
 def test_killed_runs_leftovers_are_removed_by_the_next_run(extracted, experiment, capsys):
     partial = extracted / ".bundle.k1ll3d.partial"
     (partial / "backbones").mkdir(parents=True)

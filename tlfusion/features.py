@@ -96,6 +96,9 @@ def extract_features(
         cache.append(list(missing), new)
         known.update(zip(missing, new, strict=True))
     logger.info("features: %d images, %d extracted, the rest from %s", len(paths), len(missing), cache.folder)
+    widths = sorted({len(row) for row in known.values()})
+    if len(widths) > 1:
+        raise InputError(f"{cache.folder}: cached features of different widths {widths}; delete it to re-extract")
     return np.stack([known[digest] for digest in hashes]).astype(np.float32, copy=False)
 
 
@@ -311,18 +314,16 @@ class FeatureCache:
         return cls(folder)
 
     def lookup(self, hashes: Sequence[str]) -> dict[str, np.ndarray]:
-        """Cached feature rows of those `hashes` that are in the cache."""
+        """Cached feature rows of those `hashes` that are in the cache; an unreadable chunk (not regular files, not
+        text, not a float array with one row per hash) is a stale entry: warned about and ignored."""
         wanted = set(hashes)
         found: dict[str, np.ndarray] = {}
         for index in sorted(self.folder.glob("chunk-*.txt")):
-            chunk_hashes = index.read_text().split()
-            if wanted.isdisjoint(chunk_hashes):
+            chunk_hashes = _chunk_hashes(index)
+            if chunk_hashes is not None and wanted.isdisjoint(chunk_hashes):
                 continue
-            try:
-                rows = np.load(index.with_suffix(".npy"), mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError):
-                rows = None
-            if rows is None or rows.ndim != 2 or len(rows) != len(chunk_hashes):
+            rows = None if chunk_hashes is None else _chunk_rows(index.with_suffix(".npy"), len(chunk_hashes))
+            if rows is None:
                 logger.warning("features: ignoring unreadable cache chunk %s", index)
                 continue
             found.update((digest, np.array(rows[i])) for i, digest in enumerate(chunk_hashes) if digest in wanted)
@@ -333,6 +334,27 @@ class FeatureCache:
         chunk = self.folder / f"chunk-{uuid.uuid4().hex}"
         write_bytes(chunk.with_suffix(".npy"), _npy_bytes(np.asarray(features, dtype=np.float32)))
         write_bytes(chunk.with_suffix(".txt"), "".join(f"{digest}\n" for digest in hashes).encode())
+
+
+def _chunk_hashes(index: Path) -> list[str] | None:
+    """A chunk's image hashes, None when its index is not a readable regular text file."""
+    if not index.is_file():
+        return None
+    try:
+        return index.read_text(encoding="ascii").split()
+    except (OSError, UnicodeError):
+        return None
+
+
+def _chunk_rows(path: Path, count: int) -> np.ndarray | None:
+    """A chunk's features (memory-mapped), None unless a regular `.npy` of `count` float rows."""
+    if not path.is_file():
+        return None
+    try:
+        rows = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    return rows if rows.ndim == 2 and rows.dtype.kind == "f" and len(rows) == count else None
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

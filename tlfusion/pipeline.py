@@ -22,6 +22,7 @@ from tlfusion.console import activity, progress, setup_logging
 from tlfusion.data.sources import CHESTXRAY14_FINDINGS
 from tlfusion.errors import InputError
 from tlfusion.fileio import locked, remove_leftovers, write_atomic, write_json
+from tlfusion.runfiles import METRICS, PREDICTIONS, read_features, read_json_object, read_predictions, read_selection
 from tlfusion.signing import key_id
 from tlfusion.stage_code import code_key
 
@@ -77,7 +78,7 @@ class Pipeline:
         upstream = ""
         for stage in stages:
             key = self._stage_key(stage, upstream)
-            if stage == "data" or self.force or state.get(stage) != key:
+            if stage == "data" or self.force or state.get(stage) != key or not self._outputs_readable(stage):
                 if stage != "data":  # recorded done only after it completes: a kill re-runs it and those after it
                     state = {name: done for name, done in state.items() if name not in stages[stages.index(stage) :]}
                     write_json(self.state_path, state)
@@ -94,6 +95,21 @@ class Pipeline:
             if stage == until:
                 break
         self._log_outputs()
+
+    def _outputs_readable(self, stage: str) -> bool:
+        """Whether the outputs of `stage` that later stages read back are readable (if not: logged, and re-run)."""
+        checks = {
+            "extract": lambda: self.load_features(self.backbone_keys),
+            "fit": self.fit_outputs,
+            "evaluate": lambda: read_json_object(self.run_dir / METRICS),
+            "semantic": lambda: read_json_object(self.run_dir / METRICS),
+        }
+        try:
+            checks.get(stage, lambda: None)()
+        except InputError as error:
+            log.warning("%s; re-running stage %s", error, stage)
+            return False
+        return True
 
     def _log_outputs(self) -> None:
         """The closing lines: where the run folder, report, review gallery and bundle are."""
@@ -219,7 +235,7 @@ class Pipeline:
             log.info("features %s: %s", key, features.shape)
 
     def load_features(self, keys: list[str]) -> tuple[np.ndarray, list[int]]:
-        blocks = [_load_array(self.feature_path(key)) for key in keys]
+        blocks = [read_features(self.feature_path(key), len(self.table)) for key in keys]
         return np.hstack(blocks), [block.shape[1] for block in blocks]
 
     # ----------------------------------------------------------------- fit
@@ -310,12 +326,16 @@ class Pipeline:
         paths = {key: onnx_cache_path(self.run_dir / "cache", ModelSource(self.model_path(key)).key) for key in keys}
         return {key: path.read_bytes() for key, path in paths.items() if path.is_file()}
 
+    def fit_outputs(self) -> tuple[dict, pd.DataFrame]:
+        """The fit stage's selection record and predictions, checked (`tlfusion.runfiles`)."""
+        selection = read_selection(self.run_dir)
+        return selection, read_predictions(self.run_dir, set(selection["thresholds"]))
+
     # ----------------------------------------------------------------- evaluate
     def stage_evaluate(self) -> None:
         from tlfusion.data.sources import summarise
 
-        selection = json.loads((self.run_dir / "fit" / "selection.json").read_text())
-        predictions = pd.read_csv(self.run_dir / "fit" / "predictions.csv", dtype={"patient": str, "study": str})
+        selection, predictions = self.fit_outputs()
         results = evaluate_predictions(predictions, selection["thresholds"], self.experiment)
         metrics = {
             "experiment": self.experiment.name,
@@ -351,8 +371,7 @@ class Pipeline:
         from tlfusion.bundle import load_bundle
         from tlfusion.explain import explain_cases
 
-        predictions = pd.read_csv(self.run_dir / "fit" / "predictions.csv")
-        selection = json.loads((self.run_dir / "fit" / "selection.json").read_text())
+        selection, predictions = self.fit_outputs()
         test = predictions[(predictions["model"] == selection["selected"]) & (predictions["split"] == "test")]
         cases = pick_cases(test, selection["thresholds"][selection["selected"]], spec.cases)
         with activity(f"explaining {len(cases)} cases ({', '.join(spec.methods)})"):
@@ -371,11 +390,11 @@ class Pipeline:
     def stage_report(self) -> None:
         from tlfusion.reports import write_reports
 
-        metrics = json.loads((self.run_dir / "metrics.json").read_text())
-        metrics["timings"] = {**metrics.get("timings", {}), **self.timings}
-        write_json(self.run_dir / "metrics.json", metrics)
-        predictions_path = self.run_dir / "fit" / "predictions.csv"
-        predictions = pd.read_csv(predictions_path) if predictions_path.is_file() else None
+        metrics = read_json_object(self.run_dir / METRICS)
+        timings = metrics.get("timings")
+        metrics["timings"] = {**(timings if isinstance(timings, dict) else {}), **self.timings}
+        write_json(self.run_dir / METRICS, metrics)
+        predictions = self.fit_outputs()[1] if (self.run_dir / PREDICTIONS).exists() else None
         write_reports(self.run_dir, metrics, predictions)
 
     # ----------------------------------------------------------------- few-shot
@@ -546,7 +565,7 @@ def scan_with_cache(paths: list[str], cache_path: Path, skip_bad: bool) -> tuple
     """`images.scan_images` with a cache keyed by (path, size, mtime), so an unchanged data set re-scans in seconds."""
     from tlfusion.data.images import scan_images
 
-    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    cache = _read_scan_cache(cache_path)
 
     def stamp(path: str) -> str:
         info = Path(path).stat()
@@ -561,6 +580,18 @@ def scan_with_cache(paths: list[str], cache_path: Path, skip_bad: bool) -> tuple
     return [fresh[p] if p in fresh else cache[s] for p, s in zip(paths, stamps, strict=True)], bad
 
 
+def _read_scan_cache(path: Path) -> dict[str, str]:
+    """data/scan.json (file stamp -> sha256); an unreadable one is a stale cache: warned about, then rebuilt."""
+    if not (path.exists() or path.is_symlink()):
+        return {}
+    try:
+        cache = read_json_object(path)
+    except InputError as error:
+        log.warning("%s; scanning every image again", error)
+        return {}
+    return {stamp: digest for stamp, digest in cache.items() if isinstance(digest, str)}
+
+
 def _read_state(path: Path) -> dict[str, str]:
     """The run folder's stage record (`.stages.json`): stage -> key of its last completed run."""
     try:
@@ -570,14 +601,6 @@ def _read_state(path: Path) -> dict[str, str]:
     if not isinstance(state, dict):
         raise InputError(f"{path}: not a stage record; delete it to re-run every stage")
     return state
-
-
-def _load_array(path: Path) -> np.ndarray:
-    """A cached `.npy` array; pickled objects are refused, never loaded."""
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise InputError(f"{path}: not a plain numeric array ({error}); re-run with --force") from None
 
 
 def with_binary_target(table: pd.DataFrame, positive: str) -> pd.DataFrame:

@@ -1,0 +1,93 @@
+"""Reading back what earlier stages wrote into a run folder, checked: a file that is missing, not a regular file,
+unreadable or malformed raises InputError naming it.
+
+The pipeline runs these readers before it skips a stage as unchanged (`Pipeline._outputs_readable`): a damaged
+output makes the stage that wrote it run again, so a run folder's outputs behave like a cache.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tlfusion.errors import InputError
+
+SELECTION = "fit/selection.json"
+PREDICTIONS = "fit/predictions.csv"
+METRICS = "metrics.json"
+PREDICTION_COLUMNS = ("model", "split", "path", "patient", "study", "y_true", "prob")
+_SELECTION_KEYS = ("selected", "scoring", "cv", "cv_scores", "thresholds")
+
+
+def check_regular(path: Path) -> None:
+    """InputError unless `path` is a regular file (never open a FIFO, device or folder)."""
+    if not path.is_file():
+        raise InputError(f"{path}: {'not a regular file' if path.exists() else 'missing'}")
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object."""
+    check_regular(path)
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: unreadable JSON ({type(error).__name__})") from None
+    if not isinstance(content, dict):
+        raise InputError(f"{path}: expected a JSON object, not {type(content).__name__}")
+    return content
+
+
+def read_selection(run_dir: Path) -> dict:
+    """fit/selection.json: the selected model, CV scores and a threshold in [0, 1] for every model."""
+    path = run_dir / SELECTION
+    selection = read_json_object(path)
+    missing = [key for key in _SELECTION_KEYS if key not in selection]
+    if missing:
+        raise InputError(f"{path}: missing key(s) {', '.join(missing)}")
+    thresholds = selection["thresholds"]
+    if not isinstance(thresholds, dict) or not all(_is_probability(value) for value in thresholds.values()):
+        raise InputError(f"{path}: 'thresholds' must map model names to numbers in [0, 1]")
+    if selection["selected"] not in thresholds:
+        raise InputError(f"{path}: 'selected' must name a model in 'thresholds'")
+    return selection
+
+
+def read_predictions(run_dir: Path, models: set[str]) -> pd.DataFrame:
+    """fit/predictions.csv: one row per model, split and image with a label 0/1 and a probability in [0, 1]."""
+    path = run_dir / PREDICTIONS
+    check_regular(path)
+    text_columns = {"model": str, "split": str, "path": str, "patient": str, "study": str}
+    try:
+        frame = pd.read_csv(path, dtype=text_columns)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: unreadable CSV ({type(error).__name__})") from None
+    missing = [column for column in PREDICTION_COLUMNS if column not in frame.columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
+    prob = pd.to_numeric(frame["prob"], errors="coerce")
+    if frame.empty or not prob.between(0, 1).all() or not frame["y_true"].isin([0, 1]).all():
+        raise InputError(f"{path}: needs rows with y_true 0 or 1 and prob in [0, 1]")
+    unknown = sorted(set(frame["model"]) - models)
+    if unknown:
+        raise InputError(f"{path}: model(s) {unknown[:3]} not in {SELECTION}")
+    return frame
+
+
+def read_features(path: Path, rows: int) -> np.ndarray:
+    """A cached feature block: a float array [rows, d] in a plain `.npy` (pickled objects are refused, not loaded)."""
+    check_regular(path)
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: not a plain numeric array ({type(error).__name__})") from None
+    if array.ndim != 2 or array.dtype.kind != "f" or len(array) != rows:
+        raise InputError(f"{path}: expected float features [{rows}, d], found {array.dtype} {array.shape}")
+    return np.asarray(array)
+
+
+def _is_probability(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1 and math.isfinite(value)
