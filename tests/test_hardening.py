@@ -8,6 +8,7 @@ import hmac
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import struct
@@ -30,6 +31,8 @@ from tlfusion.bundle import Bundle, save_bundle
 from tlfusion.cli import main
 from tlfusion.config import load_experiment
 from tlfusion.data.images import file_sha256
+from tlfusion.data.sources import read_chestxray14
+from tlfusion.errors import InputError
 from tlfusion.features import FeatureFusion
 from tlfusion.fileio import locked
 from tlfusion.pipeline import Pipeline
@@ -484,3 +487,36 @@ def test_mura_labels_csv_that_is_a_fifo_is_not_read(tmp_path, mura_tree, capsys)
     data = {"format": "mura", "root": str(mura_tree)}
     code, error = run_cli(capsys, "data", experiment_file(tmp_path, data))
     assert_one_line_error(code, error, "valid_labeled_studies.csv", "not a regular file")
+
+
+@pytest.fixture
+def chestxray14_csv(tmp_path) -> Path:
+    """Two images with a Data_Entry_2017.csv and both official split lists beside it."""
+    names = ["00000001_000.png", "00000002_000.png"]
+    for i, name in enumerate(names):
+        write_png(tmp_path / "nih" / "images" / name, xray_like(i, 16))
+    rows = "".join(f"{name},Mass,{i}\n" for i, name in enumerate(names))
+    (tmp_path / "nih" / "Data_Entry_2017.csv").write_text("Image Index,Finding Labels,Patient ID\n" + rows)
+    (tmp_path / "nih" / "train_val_list.txt").write_text(names[0] + "\n")
+    (tmp_path / "nih" / "test_list.txt").write_text(names[1] + "\n")
+    return tmp_path / "nih" / "Data_Entry_2017.csv"
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (os.mkfifo, "not a regular file (a FIFO)"),
+        (os.mkdir, "not a regular file (a folder)"),
+        (lambda path: path.symlink_to(path.parent / "gone.txt"), "cannot read"),
+        (lambda path: path.write_bytes(b"caf\xe9\n"), "not a UTF-8 text file"),
+        (lambda path: None, "missing beside train_val_list.txt"),
+    ],
+    ids=["fifo", "folder", "dangling-link", "latin-1", "missing"],
+)
+def test_chestxray14_split_list_that_cannot_be_read_is_refused_by_name(chestxray14_csv, damage, message):
+    test_list = chestxray14_csv.parent / "test_list.txt"
+    test_list.unlink()
+    damage(test_list)
+    with deadline(30), pytest.raises(InputError, match=re.escape(f"{test_list}: {message}")):
+        read_chestxray14(chestxray14_csv)
+    assert read_chestxray14(chestxray14_csv, split_lists=False)["split"].tolist() == ["", ""]

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tlfusion.data.images import IMAGE_SUFFIXES
+from tlfusion.data.images import IMAGE_SUFFIXES, read_regular
 from tlfusion.errors import InputError
 
 COLUMNS = ["path", "label", "patient", "study", "split", "region"]
@@ -280,11 +280,25 @@ def _parse_findings(text: str, findings: Sequence[str], csv_path: Path) -> tuple
 
 
 def _official_split(folder: Path, names: list[str]) -> list[str]:
+    """Each image's official split ("train" / "test", "" when unlisted); none when both lists are absent. One list
+    without the other, or one that is not a regular UTF-8 text file, raises InputError naming it (never read)."""
     lists = {"train": folder / "train_val_list.txt", "test": folder / "test_list.txt"}
-    if not all(p.is_file() for p in lists.values()):
+    present = [path for path in lists.values() if path.exists() or path.is_symlink()]
+    if not present:
         return [""] * len(names)
-    membership = {n.strip(): split for split, p in lists.items() for n in p.read_text().split() if n.strip()}
+    membership: dict[str, str] = {}
+    for split, path in lists.items():
+        if path not in present:
+            raise InputError(f"{path}: missing beside {present[0].name}; add it or set split_lists: false")
+        membership.update((name, split) for name in _list_text(path).split())
     return [membership.get(name, "") for name in names]
+
+
+def _list_text(path: Path) -> str:
+    try:
+        return read_regular(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a UTF-8 text file") from None
 
 
 def label_matrix(table: pd.DataFrame, findings: Sequence[str]) -> np.ndarray:
