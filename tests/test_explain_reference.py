@@ -1,16 +1,27 @@
-"""Explanations against independent references: Grad-CAM computed by hand on a tiny model."""
+"""Explanations against independent references: Grad-CAM computed by hand on a tiny model, LIME in a second process."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import cv2
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import write_png, xray_like
 from keras import layers
+from sklearn.linear_model import LogisticRegression
 
-from tlfusion.backbones import gradcam_layer_name
+from tlfusion.backbones import build_backbone, feature_model, gradcam_layer_name
+from tlfusion.bundle import Bundle, load_bundle, save_bundle
+from tlfusion.data.images import load_batch
+from tlfusion.explain import explain_cases, explain_lime
 from tlfusion.explain.gradcam import GradCAM
+from tlfusion.features import FeatureFusion
 
 SIZE = 12
 
@@ -77,3 +88,48 @@ def test_default_layer_map_matches_the_closed_form():
     cams = np.stack([cv2.resize(cam, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR) for cam in raw])
     expected = cams / cams.max(axis=(1, 2), keepdims=True)
     np.testing.assert_allclose(GradCAM(model)(batch), expected, atol=1e-5)
+
+
+def explain_lime_to(bundle_dir: str, out: str, *paths: str) -> None:
+    """Load a saved bundle, write LIME overlays for `paths` to `out` and the first image's LIME arrays to lime.npz."""
+    bundle = load_bundle(bundle_dir)
+    explain_cases(bundle, paths, None, out, methods=["lime"], lime_samples=40, seed=0)
+    explanation = explain_lime(bundle, load_batch(paths[:1], bundle.image_size, False)[0], num_samples=40, seed=0)
+    np.savez(
+        Path(out) / "lime.npz", weights=explanation.weights, segments=explanation.segments, score=explanation.score
+    )
+
+
+def tiny_bundle(folder: Path) -> tuple[Path, list[str]]:
+    """A saved one-backbone bundle (MobileNetV2 alpha 0.35 at 32 px, logistic regression) and two case images."""
+    paths = [write_png(folder / f"case{i}.png", xray_like(i, 48, bright_blob=i % 2 == 1)) for i in range(8)]
+    images = np.stack([cv2.resize(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE), (32, 32)) for p in paths])[..., None]
+    keras.utils.set_random_seed(0)
+    model = build_backbone("mobilenetv2", 32, alpha=0.35)
+    X = feature_model(model).predict(images.astype(np.float32), verbose=0)
+    fusion = FeatureFusion(block_sizes=[X.shape[1]]).fit(X)
+    classifier = LogisticRegression(max_iter=500).fit(fusion.transform(X), np.arange(8) % 2)
+    bundle = Bundle({"tiny": model}, fusion, classifier, 0.5, ["normal", "abnormal"], 32)
+    return save_bundle(bundle, folder / "bundle"), [str(path) for path in paths[:2]]
+
+
+@pytest.mark.slow  # a second interpreter must import TensorFlow: about 20 s of CPU on top of the ~10 s test
+def test_lime_is_identical_in_two_processes(tmp_path):
+    """Same seed, here and in a fresh interpreter with another hash seed: the same LIME weights and the same PNGs."""
+    bundle, paths = tiny_bundle(tmp_path)
+    outs = [tmp_path / "here", tmp_path / "there"]
+    child = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from {__name__} import explain_lime_to; "
+    command = [sys.executable, "-c", child + "explain_lime_to(*sys.argv[1:])", str(bundle), str(outs[1]), *paths]
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    there = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    explain_lime_to(str(bundle), str(outs[0]), *paths)
+    _, errors = there.communicate(timeout=300)  # reads stderr while waiting: a full pipe cannot block the child
+    assert there.returncode == 0, errors
+    first, second = (np.load(out / "lime.npz") for out in outs)
+    assert first["weights"].shape == (32, 32) and np.abs(first["weights"]).max() > 0
+    for key in ("weights", "segments", "score"):
+        np.testing.assert_array_equal(first[key], second[key])
+    pngs = sorted(path.name for path in outs[0].glob("*_lime.png"))
+    assert len(pngs) == 2 and pngs == sorted(path.name for path in outs[1].glob("*_lime.png"))
+    for name in pngs:
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
