@@ -517,10 +517,11 @@ def is_quick(payload: dict) -> bool:
 def section(name: str, payload: dict) -> str:
     """The markdown section for one result file."""
     quick = is_quick(payload)
+    module = payload.get("benchmark", name)  # e.g. fewshot_accuracy_quick.json comes from fewshot_accuracy
     parts = [
         f"## {name}",
-        describe(name),
-        f"Reproduce: `python -m benchmarks.{name}{' --quick' if quick else ''}`"
+        describe(module),
+        f"Reproduce: `python -m benchmarks.{module}{' --quick' if quick else ''}`"
         + (" (this result is from a `--quick` run)" if quick else ""),
         machine_line(payload),
         commit_line(name, payload),
@@ -528,7 +529,7 @@ def section(name: str, payload: dict) -> str:
         notes_line(payload),
     ]
     try:
-        tables = SUMMARISERS.get(name, generic_tables)(payload)
+        tables = SUMMARISERS.get(module, generic_tables)(payload)
     except (KeyError, TypeError, IndexError):
         tables = generic_tables(payload)
     if payload.get("targets"):
