@@ -113,7 +113,8 @@ def test_readme_example_predicts_on_a_numpy_array(tiny_run):
     printed = io.StringIO()
     with contextlib.chdir(REPO), contextlib.redirect_stdout(printed):
         exec(code.replace('"runs/demo/bundle"', repr(str(tiny_run / "bundle"))), {})  # noqa: S102
-    classes, probabilities = printed.getvalue().split("] ", 1)
+    printed_line = next(line for line in printed.getvalue().splitlines() if line.startswith("["))  # logs aside
+    classes, probabilities = printed_line.split("] ", 1)
     assert classes == "['normal' 'abnormal'"
     row = np.array(probabilities.strip(" []\n").split(), float)
     assert row.shape == (2,) and abs(row.sum() - 1) < 1e-6
