@@ -12,7 +12,7 @@ load average before and after. Scenarios: `demo` (the bundled sample, target < 1
 (`tlfusion run experiments/fracatlas_hand.yaml --set image.size=224`: two shipped in-domain backbones,
 fine-tuned, five classifiers + vote, 8 explained cases) and `mura_humerus_size` (experiments/mura_humerus.yaml as
 shipped, its data swapped for all of FracAtlas with a 30 % test part: 1282 train+val images, MURA humerus has 1272;
-targets <= 45 min and <= 8 GiB); `--quick` runs the demo only, `--scenarios` picks.
+targets <= 45 min and <= 8 GiB); `--quick` runs the demo only (into end_to_end_quick.json), `--scenarios` picks.
 One run each (no repeats: a cold run takes minutes). Writes benchmarks/results/end_to_end.json.
 """
 
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         "scenarios": scenarios,
         "targets": {name: target for name, target in TARGETS.items() if name.startswith(tuple(names))},
     }
-    print("results:", write_result("end_to_end", payload))
+    print("results:", write_result("end_to_end_quick" if args.quick else "end_to_end", payload))
     return payload
 
 
