@@ -30,14 +30,17 @@ def xray_like(seed: int, size: int = 48, bright_blob: bool = False) -> np.ndarra
     return image
 
 
-@pytest.fixture
-def folder_dataset(tmp_path: Path) -> Path:
+def write_folder_dataset(root: Path) -> Path:
     """`root/<class>/imgN.png`, 12 images per class, the positive class with a bright blob."""
-    root = tmp_path / "folder"
     for label, blob in (("normal", False), ("abnormal", True)):
         for i in range(12):
             write_png(root / label / f"img{i}.png", xray_like(i + (100 if blob else 0), bright_blob=blob))
     return root
+
+
+@pytest.fixture
+def folder_dataset(tmp_path: Path) -> Path:
+    return write_folder_dataset(tmp_path / "folder")
 
 
 @pytest.fixture

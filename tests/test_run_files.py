@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import write_png, xray_like
+from conftest import write_folder_dataset
 
 from tlfusion.cli import main
 from tlfusion.errors import InputError
@@ -24,9 +24,7 @@ from tlfusion.runfiles import read_features, read_json_object, read_predictions,
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("experiment")
-    for label, blob in (("normal", False), ("abnormal", True)):
-        for i in range(12):
-            write_png(folder / "data" / label / f"img{i}.png", xray_like(i + 100 * blob, bright_blob=blob))
+    write_folder_dataset(folder / "data")
     raw = {
         "name": "runfiles",
         "positive_class": "abnormal",
