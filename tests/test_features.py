@@ -1,7 +1,6 @@
 """Feature extraction (cache, ONNX Runtime vs Keras) and the FeatureFusion transformer."""
 
 import logging
-from collections import OrderedDict
 from pathlib import Path
 
 import cv2
@@ -15,7 +14,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from tlfusion import features
 from tlfusion.backbones import XrayInput, build_backbone, feature_model, stage_layer_names
 from tlfusion.errors import InputError
-from tlfusion.features import FeatureCache, FeatureFusion, extract_features, fuse
+from tlfusion.features import FeatureCache, FeatureExtractor, FeatureFusion, extract_features, fuse
 
 SIZE = 24
 
@@ -39,7 +38,7 @@ def write_png(path, seed: int) -> str:
 @pytest.fixture(autouse=True)
 def fresh_runners(monkeypatch):
     """No converted/traced model carried over from another test."""
-    monkeypatch.setattr(features, "_RUNNERS", OrderedDict())
+    monkeypatch.setattr(features, "EXTRACTOR", FeatureExtractor())
 
 
 @pytest.fixture
@@ -134,7 +133,7 @@ def test_onnx_runtime_matches_keras(tmp_path, pngs):
 def test_converted_graph_is_reused_from_the_cache_folder(tmp_path, pngs, monkeypatch):
     model = tiny_backbone()
     extract_features(model, pngs[:2], SIZE, engine="onnx", cache_dir=tmp_path / "cache")
-    monkeypatch.setattr(features, "_RUNNERS", OrderedDict())
+    monkeypatch.setattr(features, "EXTRACTOR", FeatureExtractor())
     monkeypatch.setattr(features, "export_onnx", lambda model: pytest.fail("converted twice"))
     assert extract_features(model, pngs, SIZE, engine="onnx", cache_dir=tmp_path / "cache").shape == (5, 16)
 

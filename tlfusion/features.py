@@ -15,14 +15,13 @@ sha256 of its file, so a re-run extracts only images it has not seen::
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import logging
 import os
-import uuid
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from numbers import Integral, Real
 from pathlib import Path
 
@@ -36,24 +35,22 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from tlfusion.backbones import INPUT_NAME, feature_model, load_model_file
 from tlfusion.data.images import decoded_batches, file_sha256
 from tlfusion.errors import InputError
+from tlfusion.feature_cache import FeatureCache
 from tlfusion.fileio import write_bytes
 
 logger = logging.getLogger(__name__)
 
 ENGINES = ("auto", "keras", "onnx")
-CACHE_FORMAT = 1
-"""Bump when decoding or preprocessing changes what a cached feature means: old entries are then never read."""
 ONNX_TOLERANCE = 1e-4
 """ONNX Runtime features must match Keras within this (absolute and relative) when the graph is converted."""
 ONNX_CHUNK = 4
 """Images per ONNX Runtime call. On 2 CPU cores at 224 px, chunks of 4 ran EfficientNetB0 1.5x and DenseNet121
 1.1x faster than chunks of 64 (activations stay in cache)."""
 PROGRESS_MIN_IMAGES = 128
-_MAX_RUNNERS = 4
 
 BatchRunner = Callable[[np.ndarray], np.ndarray]
-_RUNNERS: OrderedDict[tuple[str, str], tuple[BatchRunner, int]] = OrderedDict()
-"""Recently used (model key, engine) -> (batch runner, input size): a process converts or traces a model once."""
+Runner = tuple[BatchRunner, int]
+"""A batch runner images [n, s, s, 1] -> features [n, d], and the input size s it takes."""
 
 
 def extract_features(
@@ -66,6 +63,7 @@ def extract_features(
     engine: str = "auto",
     progress: bool = True,
     stages: int = 1,
+    scheduler: str | None = None,
 ) -> np.ndarray:
     """Pooled penultimate features [n, d] (float32) of the images at `paths`, in order.
 
@@ -73,7 +71,8 @@ def extract_features(
     model, preprocessing and image content are read back and only the other images are extracted (each distinct
     image content once). `engine` "auto" runs ONNX Runtime when the conversion succeeds and Keras otherwise
     (the reason is logged); "onnx" and "keras" force one. `stages` > 1 gives multi-scale features
-    (`tlfusion.backbones.feature_model`).
+    (`tlfusion.backbones.feature_model`). With `scheduler` (a Dask scheduler address; needs `cache_dir`, a folder
+    the workers share) the images to extract are sharded over the cluster's workers (`tlfusion.cluster`).
     """
     if engine not in ENGINES:
         raise InputError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
@@ -82,6 +81,8 @@ def extract_features(
     paths = [str(path) for path in paths]
     if not paths:
         raise InputError("paths: no images to extract features from")
+    if scheduler and cache_dir is None:
+        raise InputError("scheduler: extraction on a cluster needs cache_dir, a folder the workers share")
     source = ModelSource(model, stages)
     if cache_dir is None:
         return _compute(source, paths, image_size, clahe, batch_size, engine, None, progress)
@@ -92,7 +93,8 @@ def extract_features(
     known = cache.lookup(hashes)
     missing = {digest: path for digest, path in zip(hashes, paths, strict=True) if digest not in known}
     if missing:
-        new = _compute(source, list(missing.values()), image_size, clahe, batch_size, engine, cache_dir, progress)
+        compute = _cluster_compute(scheduler) if scheduler else _compute
+        new = compute(source, list(missing.values()), image_size, clahe, batch_size, engine, cache_dir, progress)
         cache.append(list(missing), new)
         known.update(zip(missing, new, strict=True))
     logger.info("features: %d images, %d extracted, the rest from %s", len(paths), len(missing), cache.folder)
@@ -110,22 +112,23 @@ class ModelSource:
         if not isinstance(stages, Integral) or stages < 1:
             raise InputError(f"stages must be a positive integer; got {stages!r}")
         self.stages = int(stages)
+        self.path: Path | None = None
         if isinstance(model, keras.Model):
             self._model: keras.Model | None = model
             key = weights_sha256(model)
         else:
-            self._path = Path(model)
-            if not self._path.is_file():
-                raise InputError(f"{self._path}: model file not found")
+            self.path = Path(model)
+            if not self.path.is_file():
+                raise InputError(f"{self.path}: model file not found")
             self._model = None
-            key = file_sha256(self._path)
+            key = file_sha256(self.path)
         # One-stage keys stay the plain model hash, so caches written before `stages` existed remain valid.
         self.key = key if self.stages == 1 else f"{key}-stages{self.stages}"
 
     @property
     def model(self) -> keras.Model:
         if self._model is None:
-            self._model = load_model_file(self._path)
+            self._model = load_model_file(self.path)
         return self._model
 
 
@@ -146,6 +149,51 @@ def _image_sha256(path: str) -> str:
         raise InputError(f"{path}: cannot read image file ({error.strerror or error})") from None
 
 
+class FeatureExtractor:
+    """Runs feature sub-models over image files, keeping the `capacity` most recently used runners, so that a
+    process (or each cluster worker, `tlfusion.cluster`) converts or traces a model once."""
+
+    def __init__(self, capacity: int = 4):
+        self.capacity = capacity
+        self._runners: OrderedDict[tuple[str, str], Runner] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def runner(self, key: tuple[str, str], build: Callable[[], Runner]) -> Runner:
+        """The runner kept under `key` ((model key, engine)), made by `build()` on first use."""
+        with self._lock:
+            if key not in self._runners:
+                self._runners[key] = build()
+                while len(self._runners) > self.capacity:
+                    self._runners.popitem(last=False)
+            self._runners.move_to_end(key)
+            return self._runners[key]
+
+    def extract(
+        self,
+        key: tuple[str, str],
+        build: Callable[[], Runner],
+        paths: Sequence[str],
+        image_size: int,
+        clahe: bool,
+        batch_size: int,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Features [n, d] (float32) of every image at `paths`, in order, through the runner under `key`."""
+        run_batch, input_size = self.runner(key, build)
+        if input_size != image_size:
+            raise InputError(f"image size {image_size} differs from the model's {input_size}")
+        outputs = []
+        with _progress_bar(len(paths), progress) as advance:
+            for batch in decoded_batches(paths, image_size, clahe, batch_size):
+                outputs.append(run_batch(batch))
+                advance(len(batch))
+        return np.concatenate(outputs).astype(np.float32, copy=False)
+
+
+EXTRACTOR = FeatureExtractor()
+"""This process's extractor (`extract_features` without a scheduler)."""
+
+
 def _compute(
     source: ModelSource,
     paths: list[str],
@@ -156,41 +204,35 @@ def _compute(
     cache_dir: Path | None,
     progress: bool,
 ) -> np.ndarray:
-    """Run the model over `paths` (every image here is sent to the model)."""
-    run_batch, input_size = _runner(source, engine, cache_dir)
-    if input_size != image_size:
-        raise InputError(f"image size {image_size} differs from the model's {input_size}")
-    outputs = []
-    with _progress_bar(len(paths), progress) as advance:
-        for batch in decoded_batches(paths, image_size, clahe, batch_size):
-            outputs.append(run_batch(batch))
-            advance(len(batch))
-    return np.concatenate(outputs).astype(np.float32, copy=False)
+    """Run the model over `paths` in this process (every image here is sent to the model)."""
+    build = partial(_new_runner, source, engine, cache_dir)
+    return EXTRACTOR.extract((source.key, engine), build, paths, image_size, clahe, batch_size, progress)
 
 
-def _runner(source: ModelSource, engine: str, cache_dir: Path | None) -> tuple[BatchRunner, int]:
-    key = (source.key, engine)
-    if key not in _RUNNERS:
-        _RUNNERS[key] = _new_runner(source, engine, cache_dir)
-        while len(_RUNNERS) > _MAX_RUNNERS:
-            _RUNNERS.popitem(last=False)
-    _RUNNERS.move_to_end(key)
-    return _RUNNERS[key]
+def _cluster_compute(scheduler: str) -> Callable[..., np.ndarray]:
+    """`_compute`'s counterpart that shards the images over the Dask cluster at `scheduler`."""
+    from tlfusion.cluster import extract_on_cluster
+
+    return partial(extract_on_cluster, scheduler)
 
 
-def _new_runner(source: ModelSource, engine: str, cache_dir: Path | None) -> tuple[BatchRunner, int]:
-    if engine != "keras":
-        try:
-            graph = cached_onnx_graph(source, cache_dir)
-        except Exception as error:
-            if engine == "onnx":
-                raise
-            logger.warning(
-                "features: ONNX Runtime not used (%s: %s); extracting with Keras", type(error).__name__, error
-            )
-        else:
-            return onnx_runner(graph)
-    return keras_runner(source.model, source.stages)
+def _new_runner(source: ModelSource, engine: str, cache_dir: Path | None) -> Runner:
+    graph = engine_graph(source, engine, cache_dir)
+    return onnx_runner(graph) if graph is not None else keras_runner(source.model, source.stages)
+
+
+def engine_graph(source: ModelSource, engine: str, cache_dir: Path | None) -> bytes | None:
+    """The ONNX graph to extract with, or None for Keras: "keras" never converts, "onnx" raises when the conversion
+    fails, "auto" then logs why and returns None."""
+    if engine == "keras":
+        return None
+    try:
+        return cached_onnx_graph(source, cache_dir)
+    except Exception as error:
+        if engine == "onnx":
+            raise
+        logger.warning("features: ONNX Runtime not used (%s: %s); extracting with Keras", type(error).__name__, error)
+    return None
 
 
 def keras_runner(model: keras.Model, stages: int = 1) -> tuple[BatchRunner, int]:
@@ -294,73 +336,6 @@ def _progress_bar(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
     with Progress(*columns, transient=True) as bar:
         task = bar.add_task("features", total=total)
         yield lambda n: bar.advance(task, n)
-
-
-class FeatureCache:
-    """Cached features of one (model, preprocessing) key: append-only chunks, each committed by its hash list."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    @classmethod
-    def open(cls, cache_dir: Path, model_key: str, image_size: int, clahe: bool) -> FeatureCache:
-        """The cache folder for a model and preprocessing (created with its key.json on first use)."""
-        key = {"model": model_key, "image_size": int(image_size), "clahe": bool(clahe), "format": CACHE_FORMAT}
-        name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-        folder = cache_dir / name
-        if not (folder / "key.json").is_file():
-            folder.mkdir(parents=True, exist_ok=True)
-            write_bytes(folder / "key.json", json.dumps(key, indent=1).encode())
-        return cls(folder)
-
-    def lookup(self, hashes: Sequence[str]) -> dict[str, np.ndarray]:
-        """Cached feature rows of those `hashes` that are in the cache; an unreadable chunk (not regular files, not
-        text, not a float array with one row per hash) is a stale entry: warned about and ignored."""
-        wanted = set(hashes)
-        found: dict[str, np.ndarray] = {}
-        for index in sorted(self.folder.glob("chunk-*.txt")):
-            chunk_hashes = _chunk_hashes(index)
-            if chunk_hashes is not None and wanted.isdisjoint(chunk_hashes):
-                continue
-            rows = None if chunk_hashes is None else _chunk_rows(index.with_suffix(".npy"), len(chunk_hashes))
-            if rows is None:
-                logger.warning("features: ignoring unreadable cache chunk %s", index)
-                continue
-            found.update((digest, np.array(rows[i])) for i, digest in enumerate(chunk_hashes) if digest in wanted)
-        return found
-
-    def append(self, hashes: Sequence[str], features: np.ndarray) -> None:
-        """Add one chunk: its features first, then the hash list that makes it visible."""
-        chunk = self.folder / f"chunk-{uuid.uuid4().hex}"
-        write_bytes(chunk.with_suffix(".npy"), _npy_bytes(np.asarray(features, dtype=np.float32)))
-        write_bytes(chunk.with_suffix(".txt"), "".join(f"{digest}\n" for digest in hashes).encode())
-
-
-def _chunk_hashes(index: Path) -> list[str] | None:
-    """A chunk's image hashes, None when its index is not a readable regular text file."""
-    if not index.is_file():
-        return None
-    try:
-        return index.read_text(encoding="ascii").split()
-    except (OSError, UnicodeError):
-        return None
-
-
-def _chunk_rows(path: Path, count: int) -> np.ndarray | None:
-    """A chunk's features (memory-mapped), None unless a regular `.npy` of `count` float rows."""
-    if not path.is_file():
-        return None
-    try:
-        rows = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError):
-        return None
-    return rows if rows.ndim == 2 and rows.dtype.kind == "f" and len(rows) == count else None
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
 
 
 def fuse(blocks: Sequence[np.ndarray]) -> tuple[np.ndarray, list[int]]:
