@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 from sklearn.metrics import cohen_kappa_score, f1_score, roc_auc_score
 
+from tlfusion import metrics as metrics_module
 from tlfusion.errors import InputError
 from tlfusion.metrics import (
     aggregate_by_study,
     binary_metrics,
     bootstrap_ci,
+    bootstrap_mean_auroc_ci,
     choose_threshold,
     multilabel_auroc,
     paired_bootstrap_delta,
@@ -217,3 +219,19 @@ def test_multilabel_auroc_rejects_bad_shapes_and_names():
         multilabel_auroc(Y, np.zeros((4, 2)), ["a"])
     with pytest.raises(InputError, match="NaN"):
         multilabel_auroc(Y, np.full((4, 2), np.nan), ["a", "b"])
+
+
+def test_mean_auroc_interval_resamples_patients_with_the_shared_bootstrap():
+    rng = np.random.default_rng(0)
+    patients = np.repeat(np.arange(30), 2)
+    Y = rng.integers(0, 2, (60, 3))
+    scores = Y + rng.normal(size=(60, 3))
+    ci = bootstrap_mean_auroc_ci(Y, scores, patients, n_boot=200, seed=1)
+    draws, item_group = metrics_module._group_resamples(60, patients, 200, 1)  # the resamples bootstrap_ci draws
+    means = []
+    for counts in draws:  # each resample as repeated rows, scored by the plain multi-label AUROC
+        rows = np.repeat(np.arange(60), counts[item_group])
+        means.append(multilabel_auroc(Y[rows], scores[rows], ["a", "b", "c"])["mean"])
+    assert ci == pytest.approx(np.quantile(means, [0.025, 0.975]).tolist())
+    assert ci[0] < multilabel_auroc(Y, scores, ["a", "b", "c"])["mean"] < ci[1]
+    assert bootstrap_mean_auroc_ci(Y, scores, patients, n_boot=0) is None

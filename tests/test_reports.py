@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from tlfusion.errors import InputError
+from tlfusion.evaluation import fusion_vs_single
 from tlfusion.metrics import aggregate_by_study, binary_metrics, bootstrap_ci
-from tlfusion.pipeline import fusion_vs_single
 from tlfusion.reports import format_metric, summary_lines, write_reports
 
 BACKBONES = ("densenet121", "resnet50")

@@ -88,11 +88,28 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_bundle(path: str):
+    """The bundle at `path`, its trust level ("signed ..." or "integrity only ...") printed on stderr."""
+    from tlfusion.bundle import load_bundle
+
+    bundle = load_bundle(path)
+    print(f"tlfusion: bundle {path}: {bundle.trust}", file=sys.stderr)
+    return bundle
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import_tensorflow_quietly()
-    from tlfusion.pipeline import predict_images
+    from tlfusion.commands import predict_images, readable_images
+    from tlfusion.fileio import write_atomic
 
-    predict_images(args.bundle, args.images, args.out, skip_bad=args.skip_bad)
+    paths, skipped = readable_images(args.images, skip_bad=args.skip_bad)
+    for path, reason in skipped:
+        print(f"tlfusion: skipped {path}: {reason}", file=sys.stderr)
+    frame = predict_images(_load_bundle(args.bundle), paths)
+    if args.out:
+        write_atomic(args.out, lambda temp: frame.to_csv(temp, index=False))
+    else:
+        frame.to_csv(sys.stdout, index=False)
     return 0
 
 
@@ -106,19 +123,23 @@ def _check_data(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     _check_data(args)
-    from tlfusion.pipeline import evaluate_bundle
+    from tlfusion.commands import evaluate_bundle
+    from tlfusion.reports import summary_lines
 
-    evaluate_bundle(args.bundle, args.data, args.out, data_root=args.data_root, split=args.split)
+    bundle = _load_bundle(args.bundle)
+    metrics = evaluate_bundle(bundle, args.data, args.out, data_root=args.data_root, split=args.split)
+    for line in summary_lines(metrics):
+        print(line)
     return 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     _check_data(args)
-    from tlfusion.pipeline import explain_bundle
+    from tlfusion.commands import explain_bundle
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     explain_bundle(
-        args.bundle,
+        _load_bundle(args.bundle),
         args.data,
         args.out,
         methods=methods,
@@ -133,9 +154,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_fewshot(args: argparse.Namespace) -> int:
     import_tensorflow_quietly()
-    from tlfusion.pipeline import fewshot_command
+    from tlfusion.commands import experiment_features, fewshot, load_feature_table
 
-    fewshot_command(args)
+    if args.features:
+        X, y, groups = load_feature_table(args.features)
+    else:
+        X, y, groups = experiment_features(args.data, args.out, args.data_root, args.backbone, args.stages)
+    settings = {name: getattr(args, name) for name in ("ways", "shots", "queries", "episodes", "classifier")}
+    result = fewshot(X, y, groups, args.out, **settings, seed=args.seed)
+    print(json.dumps({k: result[k] for k in ("ways", "shots", "episodes", "classifier", "auroc", "accuracy")}))
     return 0
 
 

@@ -190,21 +190,46 @@ def choose_threshold(y_true, prob, criterion: str = "kappa") -> float:
 
 def multilabel_auroc(Y_true, scores, names: Sequence[str]) -> dict[str, float | None]:
     """AUROC per finding (``None`` where a column has one class) and ``"mean"`` over the defined ones."""
-    Y = np.asarray(Y_true)
-    S = check_scores(scores, "scores", probabilities=False)
-    if Y.ndim != 2 or Y.shape != S.shape:
-        raise InputError(f"Y_true and scores must be 2-D of the same shape, got {Y.shape} and {S.shape}")
+    Y, S = _multilabel_inputs(Y_true, scores)
     names = list(names)
     if len(names) != Y.shape[1]:
         raise InputError(f"names has {len(names)} entries but Y_true has {Y.shape[1]} columns")
     if len(set(names)) != len(names) or "mean" in names:
         raise InputError("names must be unique and must not include 'mean'")
-    Y = check_labels(Y.ravel(), "Y_true").reshape(Y.shape)
     ones = np.ones((1, Y.shape[0]))
     result = {name: _json_float(_auroc(Y[:, j], S[:, j], ones)[0]) for j, name in enumerate(names)}
     defined = [value for value in result.values() if value is not None]
     result["mean"] = float(np.mean(defined)) if defined else None
     return result
+
+
+def bootstrap_mean_auroc_ci(
+    Y_true, scores, groups, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> list[float] | None:
+    """Percentile interval of the mean per-finding AUROC (over the findings defined in each resample), resampling
+    ``groups`` as ``bootstrap_ci`` does; ``None`` when ``n_boot`` is 0 or no resample defines any finding."""
+    if not n_boot:
+        return None
+    Y, S = _multilabel_inputs(Y_true, scores)
+    draws, item_group = _group_resamples(len(Y), groups, n_boot, seed)
+    chunk = max(1, _BOOTSTRAP_CHUNK_CELLS // len(Y))
+    means = []
+    for start in range(0, len(draws), chunk):
+        weights = draws[start : start + chunk][:, item_group].astype(float)
+        per_finding = np.stack([_auroc(Y[:, j], S[:, j], weights) for j in range(Y.shape[1])], axis=1)
+        defined = np.isfinite(per_finding).sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            means.append(np.where(defined > 0, np.nansum(per_finding, axis=1) / defined, np.nan))
+    return _percentiles(np.concatenate(means), level)
+
+
+def _multilabel_inputs(Y_true, scores) -> tuple[np.ndarray, np.ndarray]:
+    """0/1 labels and finite scores, both [items, findings]."""
+    Y = np.asarray(Y_true)
+    S = check_scores(scores, "scores", probabilities=False)
+    if Y.ndim != 2 or Y.shape != S.shape:
+        raise InputError(f"Y_true and scores must be 2-D of the same shape, got {Y.shape} and {S.shape}")
+    return check_labels(Y.ravel(), "Y_true").reshape(Y.shape), S
 
 
 def _binary_inputs(y_true, prob) -> tuple[np.ndarray, np.ndarray]:

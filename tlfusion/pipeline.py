@@ -20,9 +20,19 @@ import pandas as pd
 from tlfusion.config import Experiment
 from tlfusion.console import activity, progress, setup_logging
 from tlfusion.data.sources import CHESTXRAY14_FINDINGS
+from tlfusion.data.table import class_names, scan_with_cache, split_table, with_binary_target
 from tlfusion.errors import InputError
+from tlfusion.evaluation import evaluate_predictions, fusion_vs_single, pick_cases, semantic_metrics
 from tlfusion.fileio import locked, remove_leftovers, write_atomic, write_json
-from tlfusion.runfiles import METRICS, PREDICTIONS, read_features, read_json_object, read_predictions, read_selection
+from tlfusion.runfiles import (
+    METRICS,
+    PREDICTIONS,
+    prediction_rows,
+    read_features,
+    read_json_object,
+    read_predictions,
+    read_selection,
+)
 from tlfusion.signing import key_id
 from tlfusion.stage_code import code_key
 
@@ -147,7 +157,7 @@ class Pipeline:
         table = self._scan(table)
         if experiment.task == "binary":
             table = with_binary_target(table, experiment.positive_class)
-        table = _assign(table, experiment)
+        table = split_table(table, experiment.split, experiment.seed)
         # Identical files under two patients are one patient from here on: CV folds, bootstrap and episodes.
         table["patient"] = content_groups(table)
         if "labels" in table.columns:
@@ -276,9 +286,9 @@ class Pipeline:
                 cv_scores[model_name] = selection.scores[clf_name]
                 thresholds[model_name] = selection.thresholds[clf_name]
                 fitted[model_name] = (keys, fusion, estimator)
-                rows.append(_prediction_rows(table[is_fit], model_name, "cv", selection.oof_prob[clf_name]))
+                rows.append(prediction_rows(table[is_fit], model_name, "cv", selection.oof_prob[clf_name]))
                 rows.append(
-                    _prediction_rows(table[~is_fit], model_name, "test", estimator.predict_proba(Z[~is_fit])[:, 1])
+                    prediction_rows(table[~is_fit], model_name, "test", estimator.predict_proba(Z[~is_fit])[:, 1])
                 )
         selected = max(cv_scores, key=lambda name: (cv_scores[name], name.startswith("fusion/")))
         predictions = pd.concat(rows, ignore_index=True)
@@ -336,7 +346,10 @@ class Pipeline:
         from tlfusion.data.sources import summarise
 
         selection, predictions = self.fit_outputs()
-        results = evaluate_predictions(predictions, selection["thresholds"], self.experiment)
+        spec = self.experiment.evaluate
+        results = evaluate_predictions(
+            predictions, selection["thresholds"], spec.study_aggregation, spec.bootstrap, self.experiment.seed
+        )
         metrics = {
             "experiment": self.experiment.name,
             "task": "binary",
@@ -345,11 +358,7 @@ class Pipeline:
             "selection": {k: selection[k] for k in ("scoring", "cv", "cv_scores")},
             "results": results,
             "fusion_vs_single": fusion_vs_single(
-                predictions,
-                selection["thresholds"],
-                self.experiment.evaluate.study_aggregation,
-                self.experiment.evaluate.bootstrap,
-                self.experiment.seed,
+                predictions, selection["thresholds"], spec.study_aggregation, spec.bootstrap, self.experiment.seed
             ),
             "data": summarise(self.table),
             "test_images_seen_in_pretraining": seen_in_training(
@@ -462,88 +471,6 @@ class Pipeline:
             log.info(line)
 
 
-def semantic_metrics(
-    experiment: Experiment, X: np.ndarray, Y: np.ndarray, table: pd.DataFrame, findings: list[str]
-) -> dict:
-    """Per-finding test AUROC (+ patient-bootstrap CI of the mean) for each loss, and GZSL on the unseen split."""
-    from tlfusion.label_embeddings import load_label_vectors
-    from tlfusion.semantic import SemanticMetricClassifier, evaluate_gzsl, per_finding_auroc
-
-    spec = experiment.semantic
-    vectors = dict(zip(findings, load_label_vectors(spec.label_vectors, findings), strict=True))
-    unknown = sorted(set(spec.unseen) - set(findings))
-    if unknown:
-        raise InputError(f"semantic.unseen: unknown finding(s) {unknown}")
-    seen = [name for name in findings if name not in spec.unseen]
-    fit_rows, val_rows, test_rows = (table["split"].to_numpy() == part for part in ("train", "val", "test"))
-    patients = table["patient"].astype(str).to_numpy()
-    results, gzsl, val_scores = [], {}, {}
-    for loss in spec.losses:
-        model = SemanticMetricClassifier(loss=loss, dim=spec.dim, epochs=spec.epochs, random_state=experiment.seed)
-        model.fit(X[fit_rows], Y[fit_rows], vectors, seen=findings)
-        val_scores[loss] = _mean_auroc(Y[val_rows], model.decision_function(X[val_rows], vectors), findings)
-        scores = model.decision_function(X[test_rows], vectors)
-        auroc = per_finding_auroc(Y[test_rows], scores, findings)
-        ci = _bootstrap_mean_auroc(
-            Y[test_rows], scores, patients[test_rows], findings, experiment.evaluate.bootstrap, experiment.seed
-        )
-        results += [{"model": loss, "finding": name, "split": "test", "auroc": value} for name, value in auroc.items()]
-        results.append(
-            {
-                "model": loss,
-                "finding": "mean",
-                "split": "test",
-                "n": int(test_rows.sum()),
-                "auroc": _mean_auroc(Y[test_rows], scores, findings),
-                "ci": {"auroc": ci},
-            }
-        )
-        if spec.unseen:
-            zero_shot = SemanticMetricClassifier(
-                loss=loss, dim=spec.dim, epochs=spec.epochs, random_state=experiment.seed
-            )
-            seen_columns = [findings.index(name) for name in seen]
-            zero_shot.fit(X[fit_rows], Y[fit_rows][:, seen_columns], vectors, seen=seen)
-            gzsl[loss] = evaluate_gzsl(
-                Y[test_rows], zero_shot.decision_function(X[test_rows], vectors), findings, seen, spec.unseen
-            )
-    best = max(val_scores, key=lambda loss: val_scores[loss] or 0)
-    return {
-        "experiment": experiment.name,
-        "task": "multilabel",
-        "selected": best,
-        "val_mean_auroc": val_scores,
-        "findings": findings,
-        "seen": seen,
-        "unseen": list(spec.unseen),
-        "results": results,
-        "gzsl": gzsl,
-    }
-
-
-# --------------------------------------------------------------------------- helpers used by the stages
-
-
-def _mean_auroc(Y: np.ndarray, scores: np.ndarray, findings: list[str]) -> float | None:
-    from tlfusion.metrics import multilabel_auroc
-
-    return multilabel_auroc(Y, scores, findings)["mean"]
-
-
-def _bootstrap_mean_auroc(Y, scores, patients, findings, n_boot: int, seed: int) -> list[float]:
-    """Percentile 95% CI of the mean per-finding AUROC, resampling patients."""
-    rng = np.random.default_rng(seed)
-    unique = np.unique(patients)
-    rows_of = {patient: np.flatnonzero(patients == patient) for patient in unique}
-    values = []
-    for _ in range(n_boot):
-        rows = np.concatenate([rows_of[p] for p in rng.choice(unique, len(unique))])
-        value = _mean_auroc(Y[rows], scores[rows], findings)
-        if value is not None:
-            values.append(value)
-    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if values else []
-
-
 def backbone_keys(experiment: Experiment) -> list[str]:
     """Unique, readable names for the experiment's backbones (`densenet121`, `densenet121_2`, ...)."""
     keys: list[str] = []
@@ -561,37 +488,6 @@ def _plain_backbone(entry, image_size: int):
     return build_backbone(entry.name, image_size, entry.weights, **entry.options)
 
 
-def scan_with_cache(paths: list[str], cache_path: Path, skip_bad: bool) -> tuple[list[str], list[tuple[str, str]]]:
-    """`images.scan_images` with a cache keyed by (path, size, mtime), so an unchanged data set re-scans in seconds."""
-    from tlfusion.data.images import scan_images
-
-    cache = _read_scan_cache(cache_path)
-
-    def stamp(path: str) -> str:
-        info = Path(path).stat()
-        return f"{path}|{info.st_size}|{info.st_mtime_ns}"
-
-    stamps = [stamp(p) if Path(p).is_file() else "" for p in paths]
-    todo = [p for p, s in zip(paths, stamps, strict=True) if not s or s not in cache]
-    hashes, bad = scan_images(todo, skip_bad=skip_bad)
-    fresh = dict(zip(todo, hashes, strict=True))
-    cache.update({s: fresh[p] for p, s in zip(paths, stamps, strict=True) if s and fresh.get(p)})
-    write_json(cache_path, cache)
-    return [fresh[p] if p in fresh else cache[s] for p, s in zip(paths, stamps, strict=True)], bad
-
-
-def _read_scan_cache(path: Path) -> dict[str, str]:
-    """data/scan.json (file stamp -> sha256); an unreadable one is a stale cache: warned about, then rebuilt."""
-    if not (path.exists() or path.is_symlink()):
-        return {}
-    try:
-        cache = read_json_object(path)
-    except InputError as error:
-        log.warning("%s; scanning every image again", error)
-        return {}
-    return {stamp: digest for stamp, digest in cache.items() if isinstance(digest, str)}
-
-
 def _read_state(path: Path) -> dict[str, str]:
     """The run folder's stage record (`.stages.json`): stage -> key of its last completed run."""
     try:
@@ -603,132 +499,11 @@ def _read_state(path: Path) -> dict[str, str]:
     return state
 
 
-def with_binary_target(table: pd.DataFrame, positive: str) -> pd.DataFrame:
-    """Add `y` (1 for the positive class); the data must have exactly two classes."""
-    classes = sorted(table["label"].astype(str).unique())
-    if positive not in classes:
-        raise InputError(f"positive_class: {positive!r} is not a label of the data (labels: {classes})")
-    if len(classes) != 2:
-        raise InputError(f"data: a binary experiment needs exactly two labels, found {classes} (use data.label_map)")
-    return table.assign(label=table["label"].astype(str), y=(table["label"].astype(str) == positive).astype(int))
-
-
-def class_names(labels: pd.Series, positive: str) -> list[str]:
-    """[negative, positive] as a bundle stores them."""
-    return [*sorted(set(labels.astype(str)) - {positive}), positive]
-
-
-def _assign(table: pd.DataFrame, experiment: Experiment) -> pd.DataFrame:
-    from tlfusion.data.splits import assign_splits
-
-    spec = experiment.split
-    multilabel = "label" not in table.columns
-    if multilabel:  # stratify on "any finding"
-        table = table.assign(label=table["labels"].map(lambda labels: "abnormal" if labels else "normal"))
-    split = assign_splits(
-        table, spec.test_fraction, spec.val_fraction, spec.group, experiment.seed, tuple(spec.test_split)
-    )
-    return split.drop(columns="label") if multilabel else split
-
-
 def make_fusion(experiment: Experiment, block_sizes: list[int]):
     from tlfusion.features import FeatureFusion
 
     spec = experiment.features
     return FeatureFusion(block_sizes=block_sizes, standardize=spec.standardize, l2=spec.l2, pca=spec.pca)
-
-
-def _prediction_rows(rows: pd.DataFrame, model: str, split: str, prob: np.ndarray) -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "model": model,
-            "split": split,
-            "path": rows["path"].to_numpy(),
-            "patient": rows["patient"].astype(str).to_numpy(),
-            "study": rows["study"].astype(str).to_numpy(),
-            "y_true": rows["y"].to_numpy(),
-            "prob": prob,
-        }
-    )
-
-
-def evaluate_predictions(predictions: pd.DataFrame, thresholds: dict[str, float], experiment: Experiment) -> list:
-    """metrics.json result rows: every model, CV (out-of-fold) and test split, image and (optionally) study level."""
-    from tlfusion.metrics import binary_metrics, bootstrap_ci
-
-    spec = experiment.evaluate
-    results = []
-    for (model, split), rows in predictions.groupby(["model", "split"], sort=False):
-        threshold = thresholds[model]
-        for level, y, p, groups in evaluation_levels(rows, spec.study_aggregation):
-            row = {
-                "model": model,
-                "level": level,
-                "split": split,
-                **binary_metrics(y, p, threshold),
-                "threshold": threshold,
-            }
-            row["ci"] = (
-                bootstrap_ci(y, p, groups, threshold, n_boot=spec.bootstrap, seed=experiment.seed)
-                if spec.bootstrap and split == "test"
-                else {}
-            )
-            results.append(row)
-    return results
-
-
-def evaluation_levels(rows: pd.DataFrame, study_aggregation: str | None) -> list[tuple[str, np.ndarray, ...]]:
-    """(level, labels, probabilities, patient of each item) at image level and, when aggregating, study level."""
-    from tlfusion.metrics import aggregate_by_study
-
-    levels = [("image", rows["y_true"].to_numpy(), rows["prob"].to_numpy(), rows["patient"].to_numpy())]
-    if study_aggregation:
-        studies, y, p = aggregate_by_study(
-            rows["study"].to_numpy(), rows["y_true"].to_numpy(), rows["prob"].to_numpy(), how=study_aggregation
-        )
-        patient_of = dict(zip(rows["study"], rows["patient"], strict=True))
-        levels.append(("study", y, p, np.array([patient_of[s] for s in studies])))
-    return levels
-
-
-def fusion_vs_single(
-    predictions: pd.DataFrame,
-    thresholds: dict[str, float],
-    study_aggregation: str | None = None,
-    n_boot: int = 1000,
-    seed: int = 0,
-) -> list[dict]:
-    """Fusion minus each single backbone with the same classifier on the test split, per level: kappa and AUROC
-    differences with paired patient-bootstrap CIs (both models scored on the same resamples)."""
-    from tlfusion.metrics import paired_bootstrap_delta
-
-    if not n_boot:
-        return []
-    test = predictions[predictions["split"] == "test"].sort_values("path", kind="stable")
-    levels = {model: evaluation_levels(rows, study_aggregation) for model, rows in test.groupby("model", sort=False)}
-    comparisons = []
-    for fused in levels:
-        feature_set, _, classifier = fused.partition("/")
-        if feature_set != "fusion":
-            continue
-        for single in levels:
-            if single == fused or single.partition("/")[2] != classifier:
-                continue
-            for (level, y, p_fused, groups), (_, _, p_single, _) in zip(levels[fused], levels[single], strict=True):
-                delta = paired_bootstrap_delta(
-                    y, p_fused, p_single, groups, thresholds[fused], thresholds[single], n_boot, seed
-                )
-                row = {"level": level, "classifier": classifier, "fusion": fused, "single": single}
-                comparisons.append(row | {metric: delta[metric] for metric in ("kappa", "auroc")})
-    return comparisons
-
-
-def pick_cases(test: pd.DataFrame, threshold: float, count: int) -> pd.DataFrame:
-    """Cases worth a reviewer's time: errors first (most confident first), then the most confident correct ones."""
-    test = test.assign(
-        wrong=(test["prob"] >= threshold).astype(int) != test["y_true"], confidence=(test["prob"] - threshold).abs()
-    )
-    return test.sort_values(["wrong", "confidence"], ascending=False).head(count)
 
 
 def _log_training(key: str, result) -> None:
@@ -783,173 +558,3 @@ def warn_if_test_seen(seen: dict[str, int]) -> None:
                 key,
                 count,
             )
-
-
-# --------------------------------------------------------------------------- bundle commands
-
-
-def _experiment_rows(data: str, data_root: str | None, split: str) -> tuple[Experiment, pd.DataFrame]:
-    from tlfusion.config import load_experiment
-    from tlfusion.data.sources import read_sources
-
-    experiment = load_experiment(data, data_root=data_root)
-    table = read_sources(experiment.data)
-    if split != "all":
-        table = _assign(table, experiment)
-        table = table[table["split"] == split]
-    if table.empty:
-        raise InputError(f"{data}: no images in split {split!r}")
-    return experiment, table
-
-
-def load_reported(bundle_dir: str):
-    """`bundle.load_bundle`, its trust level ("signed ..." or "integrity only ...") printed on stderr."""
-    import sys
-
-    from tlfusion.bundle import load_bundle
-
-    bundle = load_bundle(bundle_dir)
-    print(f"tlfusion: bundle {bundle_dir}: {bundle.trust}", file=sys.stderr)
-    return bundle
-
-
-def predict_images(bundle_dir: str, inputs: list[str], out: str | None, skip_bad: bool = False) -> None:
-    """Write a CSV of path, probability, predicted class for image files / folders."""
-    import sys
-
-    from tlfusion.data.images import scan_images
-    from tlfusion.data.sources import image_files
-
-    paths: list[str] = []
-    for item in map(Path, inputs):
-        if item.is_dir():  # entries that are not regular files are listed for scan_images to refuse by name
-            paths += [str(p) for p in image_files(item, follow_symlinks=True)]
-        elif item.exists() or item.is_symlink():
-            paths.append(str(item))
-        else:
-            raise InputError(f"{item}: no such file or folder")
-    hashes, bad = scan_images(paths, skip_bad=skip_bad)
-    for path, reason in bad:
-        print(f"tlfusion: skipped {path}: {reason}", file=sys.stderr)
-    paths = [p for p, h in zip(paths, hashes, strict=True) if h]
-    bundle = load_reported(bundle_dir)
-    prob = bundle.predict_paths(paths)
-    frame = pd.DataFrame(
-        {
-            "path": paths,
-            f"prob_{bundle.class_names[1]}": prob,
-            "predicted": np.where(prob >= bundle.threshold, bundle.class_names[1], bundle.class_names[0]),
-        }
-    )
-    if out:
-        write_atomic(out, lambda temp: frame.to_csv(temp, index=False))
-    else:
-        frame.to_csv(sys.stdout, index=False)
-
-
-def evaluate_bundle(bundle_dir: str, data: str, out: str, data_root: str | None = None, split: str = "test") -> None:
-    """Metrics (with CIs) and a report for a saved bundle on an experiment's images."""
-    from tlfusion.bundle import check_class_names
-    from tlfusion.reports import write_reports
-
-    experiment, table = _experiment_rows(data, data_root, split)
-    bundle = load_reported(bundle_dir)
-    check_class_names(bundle, class_names(table["label"], bundle.class_names[1]))
-    table = with_binary_target(table, bundle.class_names[1])
-    prob = bundle.predict_paths(table["path"].tolist())
-    name = bundle.meta.get("model", "bundle")
-    predictions = _prediction_rows(table, name, split, prob)
-    metrics = {
-        "experiment": experiment.name,
-        "task": "binary",
-        "positive_class": bundle.class_names[1],
-        "selected": name,
-        "results": evaluate_predictions(predictions, {name: bundle.threshold}, experiment),
-    }
-    write_json(Path(out) / "metrics.json", metrics)
-    write_reports(Path(out), metrics, predictions)
-    for line in _summary(metrics):
-        print(line)
-
-
-def explain_bundle(
-    bundle_dir: str,
-    data: str,
-    out: str,
-    methods: list[str],
-    cases: int,
-    ids: list[str] | None,
-    data_root: str | None,
-    split: str,
-    lime_samples: int,
-) -> None:
-    """Explanation images + review page for a bundle's predictions on an experiment's images."""
-    from tlfusion.explain import explain_cases
-
-    unknown = sorted(set(methods) - {"gradcam", "lime"})
-    if unknown or not methods:
-        raise InputError(f"--method: unknown method(s) {unknown or methods}; use gradcam, lime or both")
-    experiment, table = _experiment_rows(data, data_root, split)
-    bundle = load_reported(bundle_dir)
-    table = with_binary_target(table, bundle.class_names[1])
-    if ids:
-        wanted = table["path"].map(lambda p: p in ids or Path(p).name in ids)
-        missing = set(ids) - set(table["path"]) - set(table["path"].map(lambda p: Path(p).name))
-        if missing:
-            raise InputError(f"--ids: not in the {split} split: {sorted(missing)[:3]}")
-        chosen = table[wanted]
-    else:
-        prob = bundle.predict_paths(table["path"].tolist())
-        chosen = pick_cases(table.assign(prob=prob, y_true=table["y"]), bundle.threshold, cases)
-    explain_cases(
-        bundle,
-        chosen["path"].tolist(),
-        chosen["y"].tolist(),
-        Path(out),
-        methods=tuple(methods),
-        lime_samples=lime_samples,
-        seed=experiment.seed,
-        clahe=bundle.clahe,
-    )
-
-
-def fewshot_command(args: Any) -> None:
-    """`tlfusion fewshot`: episodes on a cached feature table or on an experiment's images."""
-    from tlfusion.fewshot import run_fewshot
-
-    if args.features:
-        X, y, groups = load_feature_table(args.features)
-    else:
-        X, y, groups = _experiment_features(args)
-    result = run_fewshot(
-        X, y, groups, args.ways, args.shots, args.queries, args.episodes, args.classifier, seed=args.seed
-    )
-    write_json(Path(args.out) / "fewshot.json", result)
-    print(json.dumps({k: result[k] for k in ("ways", "shots", "episodes", "classifier", "auroc", "accuracy")}))
-
-
-def load_feature_table(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A cached feature table: `.npz` with arrays X, y, groups (no pickled objects)."""
-    if not Path(path).is_file():
-        raise InputError(f"{path}: feature table not found")
-    try:
-        with np.load(path, allow_pickle=False) as table:
-            return table["X"], table["y"].astype(str), table["groups"].astype(str)
-    except (KeyError, ValueError, OSError) as error:
-        raise InputError(f"{path}: not a feature table with X, y, groups ({error})") from None
-
-
-def _experiment_features(args: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from tlfusion.config import load_experiment
-
-    overrides = ["task=fewshot"]
-    if args.backbone:
-        overrides.append(f"backbones=[{{name: {args.backbone}}}]")
-    if args.stages is not None:
-        overrides.append(f"features.stages={args.stages}")
-    experiment = load_experiment(args.data, overrides, args.data_root)
-    pipeline = Pipeline(experiment, Path(args.out))
-    pipeline.run(until="extract")
-    X, _ = pipeline.load_features(pipeline.backbone_keys)
-    table = pipeline.table
-    return X, table["label"].astype(str).to_numpy(), table["patient"].astype(str).to_numpy()

@@ -77,6 +77,21 @@ def read_predictions(run_dir: Path, models: set[str]) -> pd.DataFrame:
     return frame
 
 
+def prediction_rows(rows: pd.DataFrame, model: str, split: str, prob: np.ndarray) -> pd.DataFrame:
+    """fit/predictions.csv rows (`PREDICTION_COLUMNS`) of one model on one split: table `rows` and their `prob`."""
+    return pd.DataFrame(
+        {
+            "model": model,
+            "split": split,
+            "path": rows["path"].to_numpy(),
+            "patient": rows["patient"].astype(str).to_numpy(),
+            "study": rows["study"].astype(str).to_numpy(),
+            "y_true": rows["y"].to_numpy(),
+            "prob": prob,
+        }
+    )
+
+
 def read_features(path: Path, rows: int) -> np.ndarray:
     """A cached feature block: a float array [rows, d] in a plain `.npy` (pickled objects are refused, not loaded)."""
     check_regular(path)

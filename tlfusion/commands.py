@@ -1,0 +1,190 @@
+"""The bundle commands behind `tlfusion predict / evaluate / explain / fewshot`: explicit parameters in, data out.
+
+They take a loaded `Bundle` (the CLI loads it and reports its trust level) and return what the CLI prints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from tlfusion.config import Experiment, load_experiment
+from tlfusion.data.table import class_names, split_table, with_binary_target
+from tlfusion.errors import InputError
+from tlfusion.evaluation import evaluate_predictions, pick_cases
+from tlfusion.fileio import write_json
+from tlfusion.runfiles import prediction_rows
+
+if TYPE_CHECKING:
+    from tlfusion.bundle import Bundle
+
+EXPLAIN_METHODS = ("gradcam", "lime")
+
+
+def experiment_rows(data: str, data_root: str | None, split: str) -> tuple[Experiment, pd.DataFrame]:
+    """The experiment at `data` and its images in `split` ("all": every image)."""
+    from tlfusion.data.sources import read_sources
+
+    experiment = load_experiment(data, data_root=data_root)
+    table = read_sources(experiment.data)
+    if split != "all":
+        table = split_table(table, experiment.split, experiment.seed)
+        table = table[table["split"] == split]
+    if table.empty:
+        raise InputError(f"{data}: no images in split {split!r}")
+    return experiment, table
+
+
+def readable_images(inputs: list[str], skip_bad: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
+    """The image files named or found in the folders named, and (path, reason) of those skipped as unreadable."""
+    from tlfusion.data.images import scan_images
+    from tlfusion.data.sources import image_files
+
+    paths: list[str] = []
+    for item in map(Path, inputs):
+        if item.is_dir():  # entries that are not regular files are listed for scan_images to refuse by name
+            paths += [str(p) for p in image_files(item, follow_symlinks=True)]
+        elif item.exists() or item.is_symlink():
+            paths.append(str(item))
+        else:
+            raise InputError(f"{item}: no such file or folder")
+    hashes, bad = scan_images(paths, skip_bad=skip_bad)
+    return [p for p, h in zip(paths, hashes, strict=True) if h], bad
+
+
+def predict_images(bundle: Bundle, paths: list[str]) -> pd.DataFrame:
+    """path, probability of the positive class and predicted class for readable image files."""
+    prob = bundle.predict_paths(paths)
+    return pd.DataFrame(
+        {
+            "path": paths,
+            f"prob_{bundle.class_names[1]}": prob,
+            "predicted": np.where(prob >= bundle.threshold, bundle.class_names[1], bundle.class_names[0]),
+        }
+    )
+
+
+def evaluate_bundle(bundle: Bundle, data: str, out: str | Path, data_root: str | None = None, split: str = "test"):
+    """Metrics (with CIs) and a report for a saved bundle on an experiment's images, written to `out`; returns
+    the metrics."""
+    from tlfusion.bundle import check_class_names
+    from tlfusion.reports import write_reports
+
+    experiment, table = experiment_rows(data, data_root, split)
+    check_class_names(bundle, class_names(table["label"], bundle.class_names[1]))
+    table = with_binary_target(table, bundle.class_names[1])
+    prob = bundle.predict_paths(table["path"].tolist())
+    name = bundle.meta.get("model", "bundle")
+    predictions = prediction_rows(table, name, split, prob)
+    spec = experiment.evaluate
+    metrics = {
+        "experiment": experiment.name,
+        "task": "binary",
+        "positive_class": bundle.class_names[1],
+        "selected": name,
+        "results": evaluate_predictions(
+            predictions, {name: bundle.threshold}, spec.study_aggregation, spec.bootstrap, experiment.seed
+        ),
+    }
+    write_json(Path(out) / "metrics.json", metrics)
+    write_reports(Path(out), metrics, predictions)
+    return metrics
+
+
+def explain_bundle(
+    bundle: Bundle,
+    data: str,
+    out: str | Path,
+    methods: list[str],
+    cases: int,
+    ids: list[str] | None,
+    data_root: str | None,
+    split: str,
+    lime_samples: int,
+) -> None:
+    """Explanation images + review page in `out` for a bundle's predictions on an experiment's images."""
+    from tlfusion.explain import explain_cases
+
+    unknown = sorted(set(methods) - set(EXPLAIN_METHODS))
+    if unknown or not methods:
+        raise InputError(f"--method: unknown method(s) {unknown or methods}; use gradcam, lime or both")
+    experiment, table = experiment_rows(data, data_root, split)
+    table = with_binary_target(table, bundle.class_names[1])
+    if ids:
+        chosen = _named_rows(table, ids, split)
+    else:
+        prob = bundle.predict_paths(table["path"].tolist())
+        chosen = pick_cases(table.assign(prob=prob, y_true=table["y"]), bundle.threshold, cases)
+    explain_cases(
+        bundle,
+        chosen["path"].tolist(),
+        chosen["y"].tolist(),
+        Path(out),
+        methods=tuple(methods),
+        lime_samples=lime_samples,
+        seed=experiment.seed,
+        clahe=bundle.clahe,
+    )
+
+
+def _named_rows(table: pd.DataFrame, ids: list[str], split: str) -> pd.DataFrame:
+    """The rows whose path or file name is in `ids`; every id must name one."""
+    names = table["path"].map(lambda p: Path(p).name)
+    missing = set(ids) - set(table["path"]) - set(names)
+    if missing:
+        raise InputError(f"--ids: not in the {split} split: {sorted(missing)[:3]}")
+    return table[table["path"].isin(ids) | names.isin(ids)]
+
+
+def load_feature_table(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A cached feature table: `.npz` with arrays X, y, groups (no pickled objects)."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: feature table not found")
+    try:
+        with np.load(path, allow_pickle=False) as table:
+            return table["X"], table["y"].astype(str), table["groups"].astype(str)
+    except (KeyError, ValueError, OSError) as error:
+        raise InputError(f"{path}: not a feature table with X, y, groups ({error})") from None
+
+
+def experiment_features(
+    data: str, out: str | Path, data_root: str | None = None, backbone: str | None = None, stages: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features, labels, patients) of an experiment's images, extracted (and cached) in run folder `out`."""
+    from tlfusion.pipeline import Pipeline
+
+    overrides = ["task=fewshot"]
+    if backbone:
+        overrides.append(f"backbones=[{{name: {backbone}}}]")
+    if stages is not None:
+        overrides.append(f"features.stages={stages}")
+    experiment = load_experiment(data, overrides, data_root)
+    pipeline = Pipeline(experiment, Path(out))
+    pipeline.run(until="extract")
+    X, _ = pipeline.load_features(pipeline.backbone_keys)
+    table = pipeline.table
+    return X, table["label"].astype(str).to_numpy(), table["patient"].astype(str).to_numpy()
+
+
+def fewshot(
+    X: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    out: str | Path,
+    *,
+    ways: int,
+    shots: int,
+    queries: int,
+    episodes: int,
+    classifier: str,
+    seed: int = 0,
+) -> dict:
+    """n-way k-shot episodes (`fewshot.run_fewshot`), written to `out`/fewshot.json; returns the result."""
+    from tlfusion.fewshot import run_fewshot
+
+    result = run_fewshot(X, y, groups, ways, shots, queries, episodes, classifier, seed=seed)
+    write_json(Path(out) / "fewshot.json", result)
+    return result

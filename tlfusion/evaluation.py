@@ -1,0 +1,153 @@
+"""Scoring predictions: binary result rows (image and study level), fusion vs single backbones, multi-label AUROC.
+
+Every confidence interval comes from `tlfusion.metrics`' one patient bootstrap.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from tlfusion import metrics
+from tlfusion.errors import InputError
+
+if TYPE_CHECKING:
+    from tlfusion.config import Experiment
+
+
+def evaluate_predictions(
+    predictions: pd.DataFrame, thresholds: dict[str, float], study_aggregation: str | None, n_boot: int, seed: int
+) -> list[dict]:
+    """metrics.json result rows: every model, CV (out-of-fold) and test split, image and (optionally) study level."""
+    results = []
+    for (model, split), rows in predictions.groupby(["model", "split"], sort=False):
+        threshold = thresholds[model]
+        for level, y, p, groups in evaluation_levels(rows, study_aggregation):
+            row = {
+                "model": model,
+                "level": level,
+                "split": split,
+                **metrics.binary_metrics(y, p, threshold),
+                "threshold": threshold,
+            }
+            row["ci"] = (
+                metrics.bootstrap_ci(y, p, groups, threshold, n_boot=n_boot, seed=seed)
+                if n_boot and split == "test"
+                else {}
+            )
+            results.append(row)
+    return results
+
+
+def evaluation_levels(rows: pd.DataFrame, study_aggregation: str | None) -> list[tuple[str, np.ndarray, ...]]:
+    """(level, labels, probabilities, patient of each item) at image level and, when aggregating, study level."""
+    levels = [("image", rows["y_true"].to_numpy(), rows["prob"].to_numpy(), rows["patient"].to_numpy())]
+    if study_aggregation:
+        studies, y, p = metrics.aggregate_by_study(
+            rows["study"].to_numpy(), rows["y_true"].to_numpy(), rows["prob"].to_numpy(), how=study_aggregation
+        )
+        patient_of = dict(zip(rows["study"], rows["patient"], strict=True))
+        levels.append(("study", y, p, np.array([patient_of[s] for s in studies])))
+    return levels
+
+
+def fusion_vs_single(
+    predictions: pd.DataFrame,
+    thresholds: dict[str, float],
+    study_aggregation: str | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> list[dict]:
+    """Fusion minus each single backbone with the same classifier on the test split, per level: kappa and AUROC
+    differences with paired patient-bootstrap CIs (both models scored on the same resamples)."""
+    if not n_boot:
+        return []
+    test = predictions[predictions["split"] == "test"].sort_values("path", kind="stable")
+    levels = {model: evaluation_levels(rows, study_aggregation) for model, rows in test.groupby("model", sort=False)}
+    comparisons = []
+    for fused in levels:
+        feature_set, _, classifier = fused.partition("/")
+        if feature_set != "fusion":
+            continue
+        for single in levels:
+            if single == fused or single.partition("/")[2] != classifier:
+                continue
+            for (level, y, p_fused, groups), (_, _, p_single, _) in zip(levels[fused], levels[single], strict=True):
+                delta = metrics.paired_bootstrap_delta(
+                    y, p_fused, p_single, groups, thresholds[fused], thresholds[single], n_boot, seed
+                )
+                row = {"level": level, "classifier": classifier, "fusion": fused, "single": single}
+                comparisons.append(row | {metric: delta[metric] for metric in ("kappa", "auroc")})
+    return comparisons
+
+
+def pick_cases(test: pd.DataFrame, threshold: float, count: int) -> pd.DataFrame:
+    """Cases worth a reviewer's time: errors first (most confident first), then the most confident correct ones."""
+    test = test.assign(
+        wrong=(test["prob"] >= threshold).astype(int) != test["y_true"], confidence=(test["prob"] - threshold).abs()
+    )
+    return test.sort_values(["wrong", "confidence"], ascending=False).head(count)
+
+
+def semantic_metrics(
+    experiment: Experiment, X: np.ndarray, Y: np.ndarray, table: pd.DataFrame, findings: list[str]
+) -> dict:
+    """Per-finding test AUROC (+ patient-bootstrap CI of the mean) for each loss, and GZSL on the unseen split."""
+    from tlfusion.label_embeddings import load_label_vectors
+    from tlfusion.semantic import SemanticMetricClassifier, evaluate_gzsl, per_finding_auroc
+
+    spec = experiment.semantic
+    vectors = dict(zip(findings, load_label_vectors(spec.label_vectors, findings), strict=True))
+    unknown = sorted(set(spec.unseen) - set(findings))
+    if unknown:
+        raise InputError(f"semantic.unseen: unknown finding(s) {unknown}")
+    seen = [name for name in findings if name not in spec.unseen]
+    fit_rows, val_rows, test_rows = (table["split"].to_numpy() == part for part in ("train", "val", "test"))
+    patients = table["patient"].astype(str).to_numpy()
+    results, gzsl, val_scores = [], {}, {}
+    for loss in spec.losses:
+        model = SemanticMetricClassifier(loss=loss, dim=spec.dim, epochs=spec.epochs, random_state=experiment.seed)
+        model.fit(X[fit_rows], Y[fit_rows], vectors, seen=findings)
+        val_scores[loss] = _mean_auroc(Y[val_rows], model.decision_function(X[val_rows], vectors), findings)
+        scores = model.decision_function(X[test_rows], vectors)
+        auroc = per_finding_auroc(Y[test_rows], scores, findings)
+        n_boot = experiment.evaluate.bootstrap
+        ci = metrics.bootstrap_mean_auroc_ci(Y[test_rows], scores, patients[test_rows], n_boot, experiment.seed)
+        results += [{"model": loss, "finding": name, "split": "test", "auroc": value} for name, value in auroc.items()]
+        results.append(
+            {
+                "model": loss,
+                "finding": "mean",
+                "split": "test",
+                "n": int(test_rows.sum()),
+                "auroc": _mean_auroc(Y[test_rows], scores, findings),
+                "ci": {"auroc": ci},
+            }
+        )
+        if spec.unseen:
+            zero_shot = SemanticMetricClassifier(
+                loss=loss, dim=spec.dim, epochs=spec.epochs, random_state=experiment.seed
+            )
+            seen_columns = [findings.index(name) for name in seen]
+            zero_shot.fit(X[fit_rows], Y[fit_rows][:, seen_columns], vectors, seen=seen)
+            gzsl[loss] = evaluate_gzsl(
+                Y[test_rows], zero_shot.decision_function(X[test_rows], vectors), findings, seen, spec.unseen
+            )
+    best = max(val_scores, key=lambda loss: val_scores[loss] or 0)
+    return {
+        "experiment": experiment.name,
+        "task": "multilabel",
+        "selected": best,
+        "val_mean_auroc": val_scores,
+        "findings": findings,
+        "seen": seen,
+        "unseen": list(spec.unseen),
+        "results": results,
+        "gzsl": gzsl,
+    }
+
+
+def _mean_auroc(Y: np.ndarray, scores: np.ndarray, findings: list[str]) -> float | None:
+    return metrics.multilabel_auroc(Y, scores, findings)["mean"]
