@@ -146,7 +146,7 @@ def paired_intervals(metrics: dict, folder: Path) -> dict[str, dict]:
     if rows is None:
         import pandas as pd
 
-        from tlfusion.pipeline import fusion_vs_single
+        from tlfusion.evaluation import fusion_vs_single
 
         predictions = pd.read_csv(folder / "fit" / "predictions.csv", dtype={"patient": str, "study": str})
         thresholds = json.loads((folder / "fit" / "selection.json").read_text())["thresholds"]
