@@ -1,4 +1,4 @@
-"""Few-shot accuracy: 2-way 5-shot AUROC / accuracy (mean ± 95% CI over episodes) per data set, extractor and
+"""Few-shot accuracy: 2-way 5-shot AUROC / accuracy (mean, 95% CI over patients) per data set, extractor and
 few-shot classifier, with our in-domain backbones against the same architectures with random weights.
 
     python -m benchmarks.fewshot_accuracy [--quick]
@@ -54,8 +54,15 @@ from benchmarks._common import machine_info, write_result
 from tlfusion.data.images import file_sha256
 from tlfusion.data.sources import read_csv
 from tlfusion.data.splits import assign_splits, content_groups
-from tlfusion.fewshot import FEWSHOT_CLASSIFIERS, evaluate_episodes, make_fewshot_classifier, sample_episodes
-from tlfusion.training import SEEN_IMAGES, read_seen_images
+from tlfusion.fewshot import (
+    FEWSHOT_CLASSIFIERS,
+    SUMMARY_KEYS,
+    evaluate_episodes,
+    make_fewshot_classifier,
+    sample_episodes,
+)
+from tlfusion.fewshot_intervals import METHOD, episode_membership, interval_note
+from tlfusion.provenance import SEEN_IMAGES, read_seen_images
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
@@ -224,7 +231,7 @@ def classifier_variants(base_mean: np.ndarray | None) -> dict[str, BaseEstimator
 
 
 def summary(scores: dict) -> dict:
-    return {metric: {k: scores[metric][k] for k in ("mean", "ci95")} for metric in ("auroc", "accuracy")}
+    return {metric: {k: scores[metric][k] for k in SUMMARY_KEYS} for metric in ("auroc", "accuracy")}
 
 
 def run_dataset(name: str, episodes: int, base_paths: list[str]) -> dict:
@@ -242,7 +249,7 @@ def run_dataset(name: str, episodes: int, base_paths: list[str]) -> dict:
         started = time.perf_counter()
         rows = {}
         for classifier, estimator in classifier_variants(base[extractor].mean(axis=0)).items():
-            rows[classifier] = summary(evaluate_episodes(X, y, sampled, estimator))
+            rows[classifier] = summary(evaluate_episodes(X, y, sampled, estimator, groups=groups))
         results[extractor] = rows
         best = max(rows, key=lambda c: rows[c]["auroc"]["mean"])
         print(
@@ -254,7 +261,13 @@ def run_dataset(name: str, episodes: int, base_paths: list[str]) -> dict:
         str(label): {"images": int((y == label).sum()), "patients": int(len(np.unique(groups[y == label])))}
         for label in np.unique(y)
     }
-    return {"queries": QUERIES[name], "counts": counts, "images_seen_in_pretraining": overlap, "results": results}
+    return {
+        "queries": QUERIES[name],
+        "counts": counts,
+        "interval": interval_note(episode_membership(sampled, groups)),
+        "images_seen_in_pretraining": overlap,
+        "results": results,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -275,7 +288,8 @@ def main(argv: list[str] | None = None) -> dict:
             "episodes": episodes,
             "seed": SEED,
             "image_size": {"imagenet": IMAGENET_SIZE, "in_domain, scratch, chest": IMAGE_SIZE},
-            "ci": "mean ± 1.96·std/√episodes",
+            "ci95": METHOD,
+            "episode_ci95": "mean ± 1.96·std/√episodes (this pool's patients only)",
             "fusion": "per-backbone L2 then concatenation (stateless; as the pipeline's few-shot stage)",
             "scratch": "same architecture, random weights (keras seed 0)",
             "base_set": "nih1000 (all 1000 thumbnails) for simpleshot_nih_base",

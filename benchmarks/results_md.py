@@ -257,7 +257,20 @@ def recipe_cells(recipe: str, row: dict, result: dict) -> list:
 
 
 def auroc_cell(auroc: dict) -> str:
+    """Mean AUROC and its patient-level 95% CI; ``(no patient CI)`` when not estimable; results from before
+    patient intervals (no ``episode_ci95``) show their episode-only interval."""
+    if "episode_ci95" in auroc and auroc["ci95"] is None:
+        return f"{fmt(auroc['mean'])} (no patient CI)"
     return with_ci(auroc["mean"], auroc["ci95"])
+
+
+def fewshot_title(dataset: str, block: dict) -> str:
+    """The table title: which interval the cells show and the patients per class it rests on."""
+    first = next((scores for result in block["results"].values() for scores in result.values()), {})
+    patient_level = "episode_ci95" in first.get("auroc", {})
+    interval = "95% CI over patients" if patient_level else "95% CI over episodes only, patients ignored"
+    patients = ", ".join(f"{label} {count['patients']}" for label, count in block.get("counts", {}).items())
+    return f"{dataset}: episode AUROC [{interval}]" + (f"; patients per class: {patients}" if patients else "")
 
 
 def summarise_fewshot_accuracy(payload: dict) -> list[Table]:
@@ -269,7 +282,7 @@ def summarise_fewshot_accuracy(payload: dict) -> list[Table]:
             [extractor, *(auroc_cell(scores[name]["auroc"]) for name in classifiers)]
             for extractor, scores in block["results"].items()
         ]
-        tables.append((f"{dataset}: episode AUROC [95% CI]", ["extractor", *classifiers], rows))
+        tables.append((fewshot_title(dataset, block), ["extractor", *classifiers], rows))
     return tables
 
 

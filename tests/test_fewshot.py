@@ -164,11 +164,11 @@ def test_knn_caps_neighbours_at_the_support_count():
     np.testing.assert_array_equal(clf.predict([[1.0], [9.0]]), [0, 1])
 
 
-def test_confidence_interval_shrinks_with_more_episodes():
+def test_episode_interval_shrinks_with_more_episodes():
     X, y, g = make_features(separation=0.3)
     widths = []
     for n_episodes in (20, 400):
-        ci = run_fewshot(X, y, g, 2, 1, 5, n_episodes, "prototype")["auroc"]["ci95"]
+        ci = run_fewshot(X, y, g, 2, 1, 5, n_episodes, "prototype")["auroc"]["episode_ci95"]
         assert ci[0] < ci[1]
         widths.append(ci[1] - ci[0])
     assert widths[1] < widths[0] / 2
@@ -187,13 +187,16 @@ def test_run_fewshot_schema_and_seed():
         "auroc",
         "accuracy",
         "per_class",
+        "interval",
     }
     assert (record["ways"], record["shots"], record["queries"], record["episodes"]) == (2, 3, 5, 10)
     assert (record["classifier"], record["seed"]) == ("knn", 5)
     for metric in ("auroc", "accuracy"):
-        assert set(record[metric]) == {"mean", "ci95"}
-        low, high = record[metric]["ci95"]
-        assert low <= record[metric]["mean"] <= high
+        assert set(record[metric]) == {"mean", "ci95", "episode_ci95", "episode_std"}
+        for interval in ("ci95", "episode_ci95"):
+            low, high = record[metric][interval]
+            assert low <= record[metric]["mean"] <= high
+    assert record["interval"]["patients"] == 90 and record["interval"]["estimable"]
     assert record["per_class"]["class0"] == {"images": 60, "patients": 30}
     assert json.loads(json.dumps(record)) == record
     assert run_fewshot(X, y, g, 2, 3, 5, 10, "knn", seed=5) == record

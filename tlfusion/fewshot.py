@@ -1,4 +1,5 @@
-"""Few-shot (n-way k-shot) evaluation on cached features: episode sampler, distance classifiers, mean ± 95% CI.
+"""Few-shot (n-way k-shot) evaluation on cached features: episode sampler, distance classifiers, mean and 95% CIs
+over patients (`tlfusion.fewshot_intervals`).
 
 Question answered: "how well would a classifier on these features do with only K labelled patients per class?"
 Each episode draws ``ways`` classes, ``shots`` support images per class (one per patient) and ``queries`` query
@@ -21,10 +22,12 @@ from sklearn.preprocessing import Normalizer
 from threadpoolctl import ThreadpoolController
 
 from tlfusion.errors import InputError
+from tlfusion.fewshot_intervals import episode_membership, interval_note, score_summary
 from tlfusion.fileio import write_atomic
 
 _METRICS = ("euclidean", "cosine")
 _KNN_WEIGHTS = ("uniform", "distance")
+SUMMARY_KEYS = ("mean", "ci95", "episode_ci95", "episode_std")
 
 
 # ----------------------------------------------------------------------------------------------- episodes
@@ -346,23 +349,22 @@ def _episode_auroc(log_proba: np.ndarray, y_idx: np.ndarray) -> float:
     return float(((wins * pairs).sum((0, 1)) / pairs.sum((0, 1))).mean())
 
 
-def _summary(values: list[float]) -> dict:
-    values_arr = np.asarray(values)
-    mean = float(values_arr.mean())
-    half_width = 1.96 * float(values_arr.std(ddof=1)) / float(np.sqrt(len(values_arr)))
-    return {"mean": mean, "ci95": [mean - half_width, mean + half_width], "per_episode": values_arr.tolist()}
-
-
 @cache
 def _threadpools() -> ThreadpoolController:
     """The process's BLAS/OpenMP pools, looked up once (a fresh lookup costs milliseconds)."""
     return ThreadpoolController()
 
 
-def evaluate_episodes(X, y, episodes: Sequence[Episode], classifier: str | BaseEstimator) -> dict:
+def evaluate_episodes(
+    X, y, episodes: Sequence[Episode], classifier: str | BaseEstimator, groups: Sequence | None = None
+) -> dict:
     """Fit ``classifier`` (a registry name or an unfitted estimator, cloned here) on each episode's supports
-    and score its queries: AUROC and accuracy per episode, their mean, and mean ± 1.96·std/√E."""
+    and score its queries: AUROC and accuracy per episode and their summary (`fewshot_intervals.score_summary`):
+    the mean, the patient-level ``ci95`` when ``groups`` (one patient id per row) is given, else None, the
+    episode-only ``episode_ci95`` (mean ± 1.96·std/√E) and the per-episode spread."""
     X, y = _check_features(X, y)
+    if groups is not None and len(groups) != len(y):
+        raise InputError(f"fewshot: {len(y)} labels but {len(groups)} patient groups")
     if len(episodes) < 2:
         raise InputError(f"fewshot: {len(episodes)} episode(s); at least 2 are needed for a confidence interval")
     estimator = clone(make_fewshot_classifier(classifier) if isinstance(classifier, str) else classifier)
@@ -377,7 +379,8 @@ def evaluate_episodes(X, y, episodes: Sequence[Episode], classifier: str | BaseE
             log_proba = estimator.predict_log_proba(X[episode.query_idx])
             aurocs.append(_episode_auroc(log_proba, y_idx))
             accuracies.append(float((log_proba.argmax(axis=1) == y_idx).mean()))
-    return {"auroc": _summary(aurocs), "accuracy": _summary(accuracies)}
+    membership = None if groups is None else episode_membership(episodes, groups)
+    return {"auroc": score_summary(aurocs, membership), "accuracy": score_summary(accuracies, membership)}
 
 
 def run_fewshot(
@@ -396,7 +399,7 @@ def run_fewshot(
     X, y = _check_features(X, y)
     estimator = make_fewshot_classifier(classifier, base_mean=base_mean)
     sampled = sample_episodes(y, groups, ways, shots, queries, episodes, seed=seed)
-    scores = evaluate_episodes(X, y, sampled, estimator)
+    scores = evaluate_episodes(X, y, sampled, estimator, groups=groups)
     groups = np.asarray(groups)
     per_class = {
         str(label): {"images": int((y == label).sum()), "patients": len(np.unique(groups[y == label]))}
@@ -409,9 +412,10 @@ def run_fewshot(
         "episodes": episodes,
         "classifier": classifier,
         "seed": seed,
-        "auroc": {key: scores["auroc"][key] for key in ("mean", "ci95")},
-        "accuracy": {key: scores["accuracy"][key] for key in ("mean", "ci95")},
+        "auroc": {key: scores["auroc"][key] for key in SUMMARY_KEYS},
+        "accuracy": {key: scores["accuracy"][key] for key in SUMMARY_KEYS},
         "per_class": per_class,
+        "interval": interval_note(episode_membership(sampled, groups)),
     }
 
 
@@ -436,7 +440,8 @@ def shots_curve(
 
 
 def plot_shots_curve(rows: Sequence[dict], path: str | os.PathLike) -> Path:
-    """AUROC against shots with 95% CI error bars, one line per classifier, written atomically as a PNG."""
+    """AUROC against shots with patient-level 95% CI error bars, one line per classifier, written atomically as a
+    PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -449,11 +454,11 @@ def plot_shots_curve(rows: Sequence[dict], path: str | os.PathLike) -> Path:
         line = sorted((row for row in rows if row["classifier"] == name), key=lambda row: row["shots"])
         shots = [row["shots"] for row in line]
         means = np.array([row["auroc"]["mean"] for row in line])
-        bounds = np.array([row["auroc"]["ci95"] for row in line])
-        errors = np.abs(bounds.T - means)
+        bounds = np.array([row["auroc"]["ci95"] or [np.nan, np.nan] for row in line], dtype=np.float64)
+        errors = np.abs(bounds.T - means)  # no bar where the patient interval is not estimable
         axes.errorbar(shots, means, yerr=errors, marker="o", capsize=3, label=name)
     ways = sorted({row["ways"] for row in rows})
-    axes.set(xlabel="shots per class", ylabel="AUROC (mean ± 95% CI)", title=f"{'/'.join(map(str, ways))}-way few-shot")
+    axes.set(xlabel="shots per class", ylabel="AUROC (95% CI over patients)", title=f"{'/'.join(map(str, ways))}-way")
     axes.set_xticks(sorted({row["shots"] for row in rows}))
     axes.legend()
     return write_atomic(path, lambda temp: figure.savefig(temp, format="png", dpi=120))
