@@ -3,37 +3,27 @@
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import subprocess
 import threading
 import time
 from collections.abc import Sequence
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from tlfusion.fileio import write_json
+from tlfusion.provenance import environment
 
 RESULTS_DIR = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 
 
 def machine_info(*packages: str) -> dict:
-    """Platform, CPU count, 1-minute load average (shared machines skew timings), Python version, the installed
-    versions of ``packages`` (distribution names) and the git commit the benchmark runs at (``git_state``)."""
-    versions = {}
-    for package in packages:
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = None
+    """`tlfusion.provenance.environment(*packages)` (platform, CPUs, Python, package versions by distribution name,
+    GPUs once TensorFlow is imported), the 1-minute load average (shared machines skew timings) and the git commit
+    the benchmark runs at (``git_state``)."""
     return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
+        **environment(*packages),
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "python": platform.python_version(),
-        "packages": versions,
         "git": git_state(),
     }
 

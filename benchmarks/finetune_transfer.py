@@ -35,7 +35,8 @@ from tlfusion.data.sources import read_csv
 from tlfusion.data.splits import content_groups, grouped_folds, join_identical_images
 from tlfusion.errors import InputError
 from tlfusion.metrics import binary_metrics, bootstrap_ci, choose_threshold, paired_bootstrap_delta
-from tlfusion.training import SEEN_IMAGES, finetune, read_seen_images
+from tlfusion.provenance import SEEN_IMAGES, read_seen_images
+from tlfusion.training import finetune
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_CSV = ROOT.parent / "shared" / "data" / "fracatlas" / "dataset.csv"

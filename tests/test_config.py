@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tlfusion.config import load_experiment
+from tlfusion import pretraining, training
+from tlfusion.config import FinetuneSpec, ImageSpec, PretrainSettings, load_experiment, load_pretraining_config
 from tlfusion.errors import InputError
 
 
@@ -91,9 +92,9 @@ def test_shipped_experiments_validate():
 
             Experiment.model_validate(raw)
         else:  # a pretraining spec
-            from tlfusion.training import load_pretraining_config
+            from tlfusion.config import load_pretraining_config
 
-            assert load_pretraining_config(path)["sources"]
+            assert load_pretraining_config(path).sources
 
 
 def csv_source(folder: Path, root: str) -> Path:
@@ -152,3 +153,45 @@ def test_errors_suggest_the_closest_key_or_name(tmp_path, folder_dataset, overri
     with pytest.raises(InputError) as error:
         load_experiment(write_experiment(tmp_path, folder_dataset), [override])
     assert message in f"{error.value}; "
+
+
+def write_pretraining(folder: Path, **changes) -> Path:
+    raw = {"data_root": "data", "weights": "start/model.keras", "sources": [{"name": "a", "csv": "a.csv"}], **changes}
+    path = folder / "pretrain.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_pretraining_config_resolves_paths_and_fills_the_pretrain_defaults(tmp_path):
+    config = load_pretraining_config(write_pretraining(tmp_path, epochs=3))
+    assert config.data_root == str(tmp_path / "data") and config.weights == str(tmp_path / "start" / "model.keras")
+    assert config.settings() == {**PretrainSettings().model_dump(), "epochs": 3, "weights": config.weights}
+    assert config.drop_splits == ["test"] and config.split.test_fraction == 0.2
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"epoch": 3}, r"pretrain.yaml: epoch: unknown key \(did you mean 'epochs'\?\)"),
+        ({"sources": [{"name": "a", "csv": "a.csv", "label_colum": "y"}]}, r"sources.0.label_colum: unknown key .*'label_column'"),
+        ({"sources": [{"name": "a", "csv": "a.csv", "regions": ["leg"]}]}, "'regions' needs 'region_column'"),
+        ({"sources": []}, "sources: List should have at least 1 item"),
+        ({"split": {"seed": 1, "group": "study"}}, "split.group: unknown key"),
+    ],
+)
+def test_pretraining_config_errors_name_the_file_and_key(tmp_path, changes, message):
+    with pytest.raises(InputError, match=message):
+        load_pretraining_config(write_pretraining(tmp_path, **changes))
+
+
+def test_training_function_defaults_are_the_config_defaults():
+    """One source of defaults: `finetune` / `pretrain` keyword defaults equal the config models' field defaults."""
+    import inspect
+
+    finetune = inspect.signature(training.finetune).parameters
+    for name, value in FinetuneSpec().model_dump(exclude={"enabled"}).items():
+        assert finetune[name].default == value, name
+    assert finetune["image_size"].default == ImageSpec().size and finetune["clahe"].default == ImageSpec().clahe
+    pretrain = inspect.signature(pretraining.pretrain).parameters
+    for name, value in PretrainSettings().model_dump().items():
+        assert pretrain[name].default == value, name

@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 from conftest import SHARED_DATA, write_png, xray_like
 
+from tlfusion.config import PretrainSource, PretrainSplit
 from tlfusion.data import images, sources, splits
+from tlfusion.data.pretraining import pretraining_table
 from tlfusion.errors import InputError
 
 # ----------------------------------------------------------------------------- decoding
@@ -332,3 +334,25 @@ def test_shared_datasets_read_and_summarise():
     assert sources.summarise(kermany)["classes"] == {"NORMAL": 403, "PNEUMONIA": 450}
     assert sources.summarise(fracatlas)["regions"]["hand"] == 779
     assert sources.summarise(nih)["patients"] == 264
+
+
+def test_pretraining_table_combines_sources_and_drops_test_rows(tmp_path):
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(40):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), rng.integers(0, 255, (8, 8), dtype=np.uint8))
+        rows.append({"path": f"{i}.png", "fractured": str(i % 2), "primary_region": ["leg", "hand"][i % 4 // 2]})
+    pd.DataFrame(rows).to_csv(tmp_path / "dataset.csv", index=False)
+    source = PretrainSource(
+        name="fa",
+        csv="dataset.csv",
+        label_column="fractured",
+        region_column="primary_region",
+        regions=["leg"],
+        class_names={"0": "normal", "1": "fractured"},
+    )
+
+    combined = pretraining_table([source], tmp_path, PretrainSplit(seed=0))
+
+    assert set(combined["label"]) == {"fa/leg/normal", "fa/leg/fractured"}
+    assert set(combined["split"]) == {"train", "val"} and len(combined) == 16  # 20 leg rows minus 4 test rows

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tlfusion import backbones, training
+from tlfusion import backbones, model_cards, pretraining, training
 from tlfusion.data.images import file_sha256
 from tlfusion.errors import InputError
 
@@ -39,7 +39,7 @@ def table(tmp_path_factory) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def pretrained(table, tmp_path_factory):
-    return training.pretrain(table, "mobilenetv2", tmp_path_factory.mktemp("pretrain"), epochs=1, **TINY)
+    return pretraining.pretrain(table, "mobilenetv2", tmp_path_factory.mktemp("pretrain"), epochs=1, **TINY)
 
 
 def test_pretrain_writes_a_reloadable_model_and_its_records(pretrained, table):
@@ -86,7 +86,7 @@ def test_finetune_from_pretrained_warms_up_then_unfreezes_all_but_batchnorm(pret
 
 def test_pretrain_from_imagenet_warms_up_the_head_then_keeps_batchnorm(table, tmp_path):
     settings = {**TINY, "options": {}}  # ImageNet weights exist for alpha 1.0 only
-    result = training.pretrain(
+    result = pretraining.pretrain(
         table,
         "mobilenet",
         tmp_path,
@@ -105,7 +105,7 @@ def test_pretrain_from_imagenet_warms_up_the_head_then_keeps_batchnorm(table, tm
     for name in ("conv_pw_13_bn", "conv_pw_13"):  # BatchNorm kept from ImageNet, the convolutions trained
         moved = np.abs(start.get_layer(name).get_weights()[0] - checkpoint.get_layer(name).get_weights()[0]).max()
         assert (moved > 1e-6) == (name == "conv_pw_13")
-    card = training.model_card({**json.loads((tmp_path / "train.json").read_text()), "config": {}}, "x", "cmd")
+    card = model_cards.model_card({**json.loads((tmp_path / "train.json").read_text()), "config": {}}, "x", "cmd")
     assert "Start: ImageNet" in card and "head alone for 1 epoch(s) at lr 0.001" in card and "BatchNorm frozen" in card
 
 
@@ -133,7 +133,7 @@ def test_finetune_refuses_an_unknown_batchnorm_mode(table, tmp_path):
 
 
 def test_resume_continues_from_the_checkpoint(pretrained, table, tmp_path, monkeypatch):
-    training.pretrain(table, "mobilenetv2", tmp_path, epochs=1, **TINY)
+    pretraining.pretrain(table, "mobilenetv2", tmp_path, epochs=1, **TINY)
     first = json.loads((tmp_path / "state.json").read_text())
     assert first["history"][0]["loss"] == pytest.approx(pretrained.history[0]["loss"], rel=1e-5)  # same seed
     checkpoint = keras.saving.load_model(tmp_path / "checkpoint.keras")
@@ -142,7 +142,7 @@ def test_resume_continues_from_the_checkpoint(pretrained, table, tmp_path, monke
     record_start = lambda self, logs=None: at_start.setdefault("w", self.model.get_weights())  # noqa: E731
     monkeypatch.setattr(training._EpochRecorder, "on_train_begin", record_start)
 
-    result = training.pretrain(table, "mobilenetv2", tmp_path, epochs=2, resume=True, **TINY)
+    result = pretraining.pretrain(table, "mobilenetv2", tmp_path, epochs=2, resume=True, **TINY)
 
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["epoch"] == 2 and [row["epoch"] for row in result.history] == [1, 2]
@@ -167,12 +167,12 @@ def test_resume_continues_from_the_checkpoint(pretrained, table, tmp_path, monke
 )
 def test_bad_tables_are_input_errors(table, tmp_path, change, message):
     with pytest.raises(InputError, match=message):
-        training.pretrain(change(table), "mobilenetv2", tmp_path, **TINY)
+        pretraining.pretrain(change(table), "mobilenetv2", tmp_path, **TINY)
 
 
 def test_bad_backbone_weights_and_positive_class_are_input_errors(pretrained, table, tmp_path):
     with pytest.raises(InputError, match="unknown backbone"):
-        training.pretrain(table, "alexnet", tmp_path, **TINY)
+        pretraining.pretrain(table, "alexnet", tmp_path, **TINY)
     with pytest.raises(InputError, match="positive_class"):
         training.finetune(table, "mobilenetv2", tmp_path, positive_class="broken", **TINY)
     val_one_class = table[(table["split"] == "train") | (table["label"] == "normal")]
@@ -188,25 +188,3 @@ def test_bad_backbone_weights_and_positive_class_are_input_errors(pretrained, ta
             image_size=32,
             verbose=0,
         )
-
-
-def test_pretraining_table_combines_sources_and_drops_test_rows(tmp_path):
-    rng = np.random.default_rng(1)
-    rows = []
-    for i in range(40):
-        cv2.imwrite(str(tmp_path / f"{i}.png"), rng.integers(0, 255, (8, 8), dtype=np.uint8))
-        rows.append({"path": f"{i}.png", "fractured": str(i % 2), "primary_region": ["leg", "hand"][i % 4 // 2]})
-    pd.DataFrame(rows).to_csv(tmp_path / "dataset.csv", index=False)
-    source = {
-        "name": "fa",
-        "csv": "dataset.csv",
-        "label_column": "fractured",
-        "region_column": "primary_region",
-        "regions": ["leg"],
-        "class_names": {"0": "normal", "1": "fractured"},
-    }
-
-    combined = training.pretraining_table([source], tmp_path, {"seed": 0})
-
-    assert set(combined["label"]) == {"fa/leg/normal", "fa/leg/fractured"}
-    assert set(combined["split"]) == {"train", "val"} and len(combined) == 16  # 20 leg rows minus 4 test rows

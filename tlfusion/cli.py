@@ -82,7 +82,7 @@ def cmd_stage(stage: str) -> Callable[[argparse.Namespace], int]:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     import_tensorflow_quietly()
-    from tlfusion.training import pretrain_and_ship
+    from tlfusion.pretraining import pretrain_and_ship
 
     pretrain_and_ship(args.config, args.arch, args.out, args.run_dir, args.data_root, args.resume)
     return 0

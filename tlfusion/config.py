@@ -5,13 +5,15 @@ from __future__ import annotations
 import difflib
 from collections.abc import Hashable, Iterable
 from pathlib import Path, PurePath
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tlfusion import names as registry_names
 from tlfusion.errors import InputError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -206,6 +208,66 @@ class Experiment(Strict):
         return self
 
 
+class PretrainSource(Strict):
+    """One CSV source of a pretraining set; its labels become "<name>/<region>/<class>" ("<name>/<class>")."""
+
+    name: str
+    csv: str
+    path_column: str = "path"
+    label_column: str = "label"
+    patient_column: str | None = None
+    region_column: str | None = None
+    regions: list[str] | None = None
+    class_names: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _regions_need_column(self) -> PretrainSource:
+        if self.regions and not self.region_column:
+            raise ValueError("'regions' needs 'region_column' (the CSV column holding the region)")
+        return self
+
+
+class PretrainSplit(Strict):
+    """`data.splits.assign_splits` arguments: the split an experiment on each source alone would use."""
+
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    val_fraction: float = Field(0.2, ge=0, lt=1)
+    seed: int = 0
+
+
+class PretrainSettings(Strict):
+    """How `pretraining.pretrain` trains (its defaults are these); `unfrozen_learning_rate` None: `learning_rate`."""
+
+    weights: str | None = None
+    image_size: int = Field(128, ge=32, le=1024)
+    warmup_epochs: int = Field(0, ge=0)
+    epochs: int = Field(15, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    unfrozen_learning_rate: float | None = Field(None, gt=0)
+    patience: int = Field(4, ge=1)
+    seed: int = 0
+    augment: bool = True
+    clahe: bool = False
+    batchnorm: Literal["auto", "train", "freeze"] = "auto"
+
+
+class PretrainingConfig(PretrainSettings):
+    """One pretraining YAML (e.g. `experiments/pretrain_xray.yaml`): settings, sources and the held-out policy."""
+
+    description: str = ""
+    hold_out_policy: str = ""
+    limits: str = ""
+    data_root: str = "."
+    sources: list[PretrainSource] = Field(min_length=1)
+    split: PretrainSplit = Field(default_factory=PretrainSplit)
+    drop_splits: list[str] = Field(default_factory=lambda: ["test"])
+
+    def settings(self) -> dict[str, Any]:
+        """The `PretrainSettings` fields, as keyword arguments of `pretraining.pretrain`."""
+        return self.model_dump(include=set(PretrainSettings.model_fields))
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """`yaml.SafeLoader` that refuses a mapping with the same key twice (PyYAML keeps the last one silently)."""
 
@@ -258,20 +320,20 @@ def apply_override(raw: dict, text: str) -> None:
             node = node.setdefault(key, {}) if isinstance(node, dict) else node[key]
 
 
-def _first_error(path: Path, error: ValidationError) -> str:
+def _first_error(path: Path, error: ValidationError, schema: type[BaseModel]) -> str:
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"]) or "(top level)"
     if first["type"] == "extra_forbidden":
-        message = "unknown key" + did_you_mean(first["loc"][-1], _keys_beside(first["loc"]))
+        message = "unknown key" + did_you_mean(first["loc"][-1], _keys_beside(first["loc"], schema))
     else:
         message = first["msg"]
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
     return f"{path}: {where}: {message}{more}"
 
 
-def _keys_beside(loc: tuple) -> list[str]:
+def _keys_beside(loc: tuple, schema: type[BaseModel]) -> list[str]:
     """The keys the section holding `loc`'s last key accepts ([] when that section is not a schema model)."""
-    model: type[BaseModel] | None = Experiment
+    model: type[BaseModel] | None = schema
     for part in loc[:-1]:
         if isinstance(part, str):
             field = model.model_fields.get(part) if model else None
@@ -286,6 +348,28 @@ def _section_model(annotation: Any) -> type[BaseModel] | None:
     return next(filter(None, map(_section_model, get_args(annotation))), None)
 
 
+def _read_mapping(path: Path, what: str) -> dict:
+    """The top-level YAML mapping of a settings file (InputError naming `path` when missing, not UTF-8 or not a
+    mapping)."""
+    if not path.is_file():
+        raise InputError(f"{path}: {what} file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}: not a UTF-8 text file (byte {error.start}); {what} files are YAML text") from None
+    raw = parse_yaml(text, str(path))
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected a mapping of settings at the top level")
+    return raw
+
+
+def _validate(schema: type[ModelT], raw: dict, path: Path) -> ModelT:
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as error:
+        raise InputError(_first_error(path, error, schema)) from None
+
+
 def load_experiment(
     path: str | Path, overrides: list[str] | tuple[str, ...] = (), data_root: str | Path | None = None
 ) -> Experiment:
@@ -296,22 +380,22 @@ def load_experiment(
     experiment file's folder.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: experiment file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise InputError(f"{path}: not a UTF-8 text file (byte {error.start}); an experiment is YAML text") from None
-    raw = parse_yaml(text, str(path))
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: expected a mapping of settings at the top level")
+    raw = _read_mapping(path, "experiment")
     for text in overrides:
         apply_override(raw, text)
-    try:
-        experiment = Experiment.model_validate(raw)
-    except ValidationError as error:
-        raise InputError(_first_error(path, error)) from None
-    return _resolve_paths(experiment, path.parent.resolve(), data_root)
+    return _resolve_paths(_validate(Experiment, raw, path), path.parent.resolve(), data_root)
+
+
+def load_pretraining_config(path: str | Path) -> PretrainingConfig:
+    """Read and validate a pretraining YAML; `data_root` and a weights file become absolute paths (relative ones
+    resolve against the YAML's folder)."""
+    path = Path(path)
+    config = _validate(PretrainingConfig, _read_mapping(path, "pretraining"), path)
+    home = path.parent.resolve()
+    config.data_root = str((home / config.data_root).resolve())
+    if config.weights not in (None, "imagenet"):
+        config.weights = str((home / config.weights).resolve())
+    return config
 
 
 def _resolve_paths(experiment: Experiment, home: Path, data_root: str | Path | None) -> Experiment:

@@ -523,7 +523,7 @@ def _summary(metrics: dict) -> list[str]:
 def seen_in_training(experiment: Experiment, keys: list[str], table: pd.DataFrame) -> dict[str, int]:
     """Backbone key -> how many of the table's images are in its weights' `seen_images.txt` (backbones without a
     local weights file are left out; a weights file without the list is warned about and left out)."""
-    from tlfusion.training import SEEN_IMAGES, read_seen_images
+    from tlfusion.provenance import SEEN_IMAGES, read_seen_images
 
     images = set(table["sha256"])
     seen = {}

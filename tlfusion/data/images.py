@@ -206,6 +206,47 @@ def image_dataset(
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
+def training_dataset(
+    paths: Sequence[str],
+    targets: np.ndarray,
+    size: int,
+    clahe: bool,
+    batch_size: int,
+    seed: int | None = None,
+    augment: bool = False,
+):
+    """(image, target) batches for Keras training, decoded images cached in memory; with `seed`, shuffled every
+    epoch (repeatably) and, with `augment`, jittered per batch by `radiograph_augmentation`."""
+    import tensorflow as tf
+
+    data = image_dataset(list(map(str, paths)), size, clahe, batch_size, targets).unbatch()
+    data = data.apply(tf.data.experimental.assert_cardinality(len(paths))).cache()  # known length: progress bars
+    if seed is not None:
+        data = data.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    data = data.batch(batch_size)
+    if seed is not None and augment:
+        augmenter = radiograph_augmentation(seed)
+        data = data.map(lambda x, y: (tf.clip_by_value(augmenter(x, training=True), 0.0, 255.0), y))
+    return data.prefetch(tf.data.AUTOTUNE)
+
+
+def radiograph_augmentation(seed: int = 0):
+    """Mild geometric and photometric jitter suited to radiographs, on [0, 255] grayscale batches (a Keras model)."""
+    import keras
+
+    layers = keras.layers
+    return keras.Sequential(
+        [
+            layers.RandomFlip("horizontal", seed=seed),
+            layers.RandomRotation(0.03, fill_mode="constant", seed=seed + 1),  # about +-10 degrees
+            layers.RandomZoom((-0.15, 0.05), fill_mode="constant", seed=seed + 2),  # mostly zoom in: random crops
+            layers.RandomBrightness(0.1, value_range=(0, 255), seed=seed + 3),
+            layers.RandomContrast(0.15, value_range=(0, 255), seed=seed + 4),
+        ],
+        name="radiograph_augmentation",
+    )
+
+
 def scan_images(paths: Sequence[str], skip_bad: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
     """Decode every image once: (sha256 per path, or "" for a skipped one; [(path, reason)] of bad files).
 

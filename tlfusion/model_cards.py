@@ -1,0 +1,121 @@
+"""Shipping a pretrained backbone: its files copied beside a MODEL_CARD.md, and the shipped files' manifest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from tlfusion.data.images import file_sha256
+from tlfusion.fileio import write_atomic, write_json, write_text
+from tlfusion.provenance import SEEN_IMAGES
+from tlfusion.training import MODEL, TRAINED_BATCHNORM_MOMENTUM, trains_batchnorm
+
+SHIPPED_FILES = (MODEL, "MODEL_CARD.md", SEEN_IMAGES, "train.json", "history.csv", "curves.png")
+
+
+def ship_pretrained(run_dir: str | Path, ship_dir: str | Path, command: str) -> Path:
+    """Copy a pretraining run's shippable files to `ship_dir`, write its MODEL_CARD.md and update the manifest.
+
+    The manifest (`ship_dir/../manifest.json`) lists every shipped file with its size and sha256.
+    """
+    run_dir, ship_dir = Path(run_dir), Path(ship_dir)
+    ship_dir.mkdir(parents=True, exist_ok=True)
+    for name in SHIPPED_FILES:
+        if (run_dir / name).is_file():
+            write_atomic(ship_dir / name, lambda temp, source=run_dir / name: shutil.copyfile(source, temp))
+    summary = json.loads((run_dir / "train.json").read_text())
+    write_text(ship_dir / "MODEL_CARD.md", model_card(summary, ship_dir.name, command))
+    manifest_path = ship_dir.parent / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"files": {}}
+    for name in SHIPPED_FILES:
+        path = ship_dir / name
+        if path.is_file():
+            manifest["files"][f"{ship_dir.name}/{name}"] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    manifest["files"] = dict(sorted(manifest["files"].items()))
+    write_json(manifest_path, manifest)
+    return ship_dir
+
+
+def model_card(summary: Mapping[str, Any], name: str, command: str) -> str:
+    """MODEL_CARD.md text from a pretraining run's `train.json`."""
+    settings, config, env = summary["settings"], summary.get("config", {}), summary["environment"]
+    versions = env.get("packages", env)  # train.json before 0.1.0 kept the versions at the top level
+    sources = summary.get("sources", {})
+    source_rows = "\n".join(f"| {src} | {c.get('train', 0)} | {c.get('val', 0)} |" for src, c in sources.items())
+    class_rows = "\n".join(
+        f"| {label} | {summary['data']['train'].get(label, 0)} | {summary['data']['val'].get(label, 0)} |"
+        for label in summary["classes"]
+    )
+    metrics = ", ".join(f"{key} {value:.4f}" for key, value in summary["val_metrics"].items())
+    return f"""# {name}: {summary["backbone"]} pretrained in-domain on radiographs
+
+{config.get("description", "").strip()}
+
+Input: one grayscale channel in [0, 255], {settings["image_size"]}x{settings["image_size"]} (aspect kept, black
+padding: `tlfusion.data.images.load_image`). Layers `features` (pooled penultimate features) and `head`
+({len(summary["classes"])} logits, classes below). Load with `tlfusion.backbones.load_model_file` or pass the
+file as `weights=` to `build_backbone` / `training.finetune` (the head is replaced).
+
+## Data ({summary["seen_images"]["count"]} images; sha256 of each in `{SEEN_IMAGES}`)
+
+| source | train | val |
+|---|---|---|
+{source_rows}
+
+| class | train | val |
+|---|---|---|
+{class_rows}
+
+## Held-out policy
+
+{config.get("hold_out_policy", "").strip()}
+
+## Training
+
+Start: {_start_description(settings.get("weights"))}. Softmax over the classes above with balanced class weights,
+Adam, batch {settings["batch_size"]}; {_schedule_description(settings)};
+augmentation {"on" if settings["augment"] else "off"} (flip, +-10 deg rotation,
+zoom/crop, brightness, contrast), CLAHE {"on" if settings["clahe"] else "off"}, seed {settings["seed"]}; up to
+{settings["epochs"]} epochs with early stopping on val loss (patience {settings["patience"]}).
+Ran {summary["epochs_run"]} epochs{" (stopped early)" if summary["stopped_early"] else ""}; best epoch
+{summary["best_epoch"]} (kept as `model.keras`).
+
+Validation (grouped val split, best epoch): {metrics}.
+
+Wall time {summary["wall_seconds"] / 60:.1f} min on {env["platform"]}, {env["cpu_count"]} CPU cores
+(shared), GPUs: {env.get("gpus") or "none"}; TensorFlow {versions["tensorflow"]}, Keras {versions["keras"]}.
+Curves: `curves.png`; per-epoch numbers: `history.csv`; everything else: `train.json`.
+
+## Reproduce
+
+```
+{command}
+```
+
+## Limits
+
+Small pretraining set (a few thousand images at most, two public sources); validation accuracy is over a
+combined label space with rare classes, so read it as a sanity check, not as a diagnostic figure.
+{config.get("limits", "").strip()}
+"""
+
+
+def _start_description(weights: str | None) -> str:
+    if weights is None:
+        return "random init"
+    if weights == "imagenet":
+        return "ImageNet (tlfusion/resources/imagenet, Apache-2.0: photographs, no radiographs)"
+    return f"`{Path(weights).name}` from {Path(weights).parent.name}"
+
+
+def _schedule_description(settings: Mapping[str, Any]) -> str:
+    """The learning-rate phases and BatchNorm handling of a training run, in words."""
+    warmup = settings.get("warmup_epochs", 0)
+    unfrozen_rate = settings.get("unfrozen_learning_rate") or settings["learning_rate"]
+    head = f"head alone for {warmup} epoch(s) at lr {settings['learning_rate']}, then " if warmup else ""
+    trained = trains_batchnorm(settings.get("batchnorm", "auto"), settings.get("weights"))
+    batchnorm = f"BatchNorm trained (momentum {TRAINED_BATCHNORM_MOMENTUM})" if trained else "BatchNorm frozen"
+    return f"{head}every layer at lr {unfrozen_rate} ({batchnorm})"
