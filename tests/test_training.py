@@ -127,9 +127,11 @@ def test_finetune_can_train_batchnorm_from_pretrained_weights(pretrained, table,
     assert {layer.momentum for layer in batchnorm} == {training.TRAINED_BATCHNORM_MOMENTUM}
 
 
-def test_finetune_refuses_an_unknown_batchnorm_mode(table, tmp_path):
-    with pytest.raises(InputError, match="batchnorm"):
+def test_finetune_refuses_an_unknown_batchnorm_mode_as_a_callers_mistake(table, tmp_path):
+    """An experiment's `batchnorm` is validated by its schema: a bad one here is a programming error (exit 1)."""
+    with pytest.raises(ValueError, match="batchnorm") as raised:
         training.finetune(table, "mobilenetv2", tmp_path, positive_class="fractured", batchnorm="sometimes", **TINY)
+    assert not isinstance(raised.value, InputError)
 
 
 def test_resume_continues_from_the_checkpoint(pretrained, table, tmp_path, monkeypatch):
@@ -162,12 +164,17 @@ def test_resume_continues_from_the_checkpoint(pretrained, table, tmp_path, monke
         (lambda t: t.assign(split="val"), "no rows with split 'train'"),
         (lambda t: t.assign(split="train"), "no rows with split 'val'"),
         (lambda t: t.assign(label="normal"), "only one class"),
-        (lambda t: t.drop(columns="split"), "missing column"),
     ],
 )
 def test_bad_tables_are_input_errors(table, tmp_path, change, message):
     with pytest.raises(InputError, match=message):
         pretraining.pretrain(change(table), "mobilenetv2", tmp_path, **TINY)
+
+
+def test_a_table_without_the_split_column_is_a_callers_mistake(table, tmp_path):
+    with pytest.raises(ValueError, match="missing column") as raised:
+        pretraining.pretrain(table.drop(columns="split"), "mobilenetv2", tmp_path, **TINY)
+    assert not isinstance(raised.value, InputError)
 
 
 def test_bad_backbone_weights_and_positive_class_are_input_errors(pretrained, table, tmp_path):

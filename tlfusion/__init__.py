@@ -1,6 +1,7 @@
 """tlfusion: feature-fusion transfer learning for X-ray classification from small labelled sets.
 
-Public API (TensorFlow is imported on first use, not by ``import tlfusion``):
+Public API (TensorFlow is imported on first use, not by ``import tlfusion``, which changes no process state: the
+``tlfusion`` command sets its environment defaults and logging itself, see ``tlfusion.console``):
 
 - ``load_bundle(path)``: a saved model with ``predict_proba`` / ``predict`` on file paths or grayscale arrays;
 - ``run_experiment(path, out=None, overrides=(), data_root=None, force=False)``: ``tlfusion run`` from Python;
@@ -8,11 +9,6 @@ Public API (TensorFlow is imported on first use, not by ``import tlfusion``):
 """
 
 import importlib
-import os
-
-# XGBoost's and OpenMP's default busy-waiting makes small fits many times slower on a shared 2-core machine.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 __version__ = "0.1.0"
 _LAZY = {

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tlfusion import __version__
-from tlfusion.console import import_tensorflow_quietly
+from tlfusion.console import configure_process, import_tensorflow_quietly, log_internal_error, setup_logging
 from tlfusion.errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +50,9 @@ def cmd_run(args: argparse.Namespace, until: str | None = None) -> int:
     experiment = _load(args)
     from tlfusion.pipeline import Pipeline
 
-    pipeline = Pipeline(experiment, _run_folder(args, experiment.name), skip_bad=args.skip_bad, force=args.force)
-    pipeline.run(until=until)
+    run_dir = _run_folder(args, experiment.name)
+    args.run_log = setup_logging(run_dir)
+    Pipeline(experiment, run_dir, skip_bad=args.skip_bad, force=args.force).run(until=until)
     return 0
 
 
@@ -264,8 +263,9 @@ def _check_out(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command: 0 done, 2 bad input (one line on stderr), 1 internal error (traceback in the run log)."""
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("TQDM_DISABLE", "1")  # LIME's unlabelled tqdm bars; the explain stage shows its own
+    configure_process()
     try:
         _check_out(args)
         return args.handler(args)
@@ -276,7 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tlfusion: interrupted", file=sys.stderr)
         return 130
-    except Exception:
-        traceback.print_exc()
-        print("tlfusion: internal error (please report it with the traceback above)", file=sys.stderr)
+    except Exception as error:
+        log = getattr(args, "run_log", None)
+        log_internal_error(log)
+        where = f"traceback in {log}" if log else "traceback above"
+        print(f"tlfusion: internal error: {type(error).__name__} ({where}; please report it)", file=sys.stderr)
         return 1

@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +18,19 @@ from typing import TypeVar
 LIBRARY_LOGGERS = ("tensorflow", "tf2onnx", "absl", "keras", "onnxruntime", "py.warnings")
 """Loggers kept out of the console during a run: run.log gets their INFO and above (tf2onnx's DEBUG is thousands
 of lines per graph)."""
+PROCESS_ENVIRONMENT = {
+    "OMP_WAIT_POLICY": "PASSIVE",  # OpenMP's busy-waiting makes small XGBoost fits many times slower on 2 cores
+    "TF_CPP_MIN_LOG_LEVEL": "3",  # TensorFlow's C++ start-up lines would bury the one-line error messages
+    "TQDM_DISABLE": "1",  # LIME's unlabelled tqdm bars; the explain stage shows its own
+}
+"""Environment defaults of a `tlfusion` process (a variable already set is kept), set before the libraries load."""
 T = TypeVar("T")
+
+
+def configure_process() -> None:
+    """Set `PROCESS_ENVIRONMENT`'s defaults; for entry points (the CLI), before TensorFlow, XGBoost or LIME load."""
+    for name, value in PROCESS_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
 
 
 def import_tensorflow_quietly() -> None:
@@ -33,9 +47,9 @@ def import_tensorflow_quietly() -> None:
         os.close(saved)
 
 
-def setup_logging(run_dir: Path) -> None:
+def setup_logging(run_dir: Path) -> Path:
     """tlfusion's INFO lines to the console; those, tlfusion's DEBUG lines, library loggers and Python warnings to
-    run.log."""
+    run.log (returned). For entry points (the CLI): a library leaves logging to its caller."""
     from rich.logging import RichHandler
 
     import_tensorflow_quietly()
@@ -50,6 +64,17 @@ def setup_logging(run_dir: Path) -> None:
         _route(logging.getLogger(name), [file], logging.INFO)
         logging.getLogger(name).propagate = False
     logging.captureWarnings(True)
+    return run_dir / "run.log"
+
+
+def log_internal_error(run_log: Path | None) -> None:
+    """The exception being handled, with its traceback: appended to `run_log` (the run's log, when the command set
+    one up) or else printed on stderr."""
+    if run_log is None:
+        traceback.print_exc()
+        return
+    with open(run_log, "a", encoding="utf-8") as log:
+        log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ERROR internal error\n{traceback.format_exc()}")
 
 
 def _route(logger: logging.Logger, handlers: list[logging.Handler], level: int) -> None:

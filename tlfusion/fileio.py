@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,25 +15,33 @@ from typing import Any
 from tlfusion.errors import InputError
 
 LOCK = ".lock"
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(temp_path)`, then move the temp file onto `path`; a failure leaves `path` untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffixes = "".join(path.suffixes[-2:])  # keep ".weights.h5" / ".keras": Keras checks the file name
-    handle, temp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp" + suffixes, dir=path.parent)
-    os.close(handle)
+    temp = _new_temp_file(path)
     try:
-        write(Path(temp))
-        os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give outputs the usual permissions
+        write(temp)
         os.replace(temp, path)
     except BaseException:
-        Path(temp).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _new_temp_file(path: Path) -> Path:
+    """A new empty file beside `path`, named `.<stem>.<random>.tmp<suffixes>` (kept: Keras checks ".weights.h5" and
+    ".keras"), created with mode 0666 less the process umask, as a plain `open` would."""
+    suffixes = "".join(path.suffixes[-2:])
+    while True:
+        temp = path.parent / f".{path.stem}.{secrets.token_hex(4)}.tmp{suffixes}"
+        try:
+            os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return temp
+        except FileExistsError:
+            continue
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:

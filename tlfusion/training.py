@@ -152,10 +152,11 @@ def training_settings(weights: str | Path | None, options: Mapping[str, Any] | N
 
 
 def train_val_rows(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The table's "train" and "val" rows (InputError when a column or either part is missing)."""
+    """The table's "train" and "val" rows: ValueError without the columns (a caller's mistake), InputError when
+    either part is empty (the data or its split settings)."""
     missing = [column for column in ("path", "label", "split") if column not in table.columns]
     if missing:
-        raise InputError(f"training table: missing column(s) {missing}")
+        raise ValueError(f"training table: missing column(s) {missing}")  # the caller built a wrong table
     train = table[table["split"] == "train"].reset_index(drop=True)
     val = table[table["split"] == "val"].reset_index(drop=True)
     if train.empty:
@@ -187,7 +188,7 @@ def phases(
     if not 0 <= warmup_epochs <= _positive(epochs, "epochs"):
         raise InputError(f"training: warmup_epochs must be between 0 and epochs ({epochs}), got {warmup_epochs}")
     if batchnorm not in ("auto", "train", "freeze"):
-        raise InputError(f"training: batchnorm must be 'auto', 'train' or 'freeze', got {batchnorm!r}")
+        raise ValueError(f"training: batchnorm must be 'auto', 'train' or 'freeze', got {batchnorm!r}")
     unfrozen = "all" if trains_batchnorm(batchnorm, weights) else "all_but_batchnorm"
     both = (
         Phase("warmup", warmup_epochs, learning_rate, "head", False),

@@ -1,0 +1,67 @@
+"""The `tlfusion` entry point: exit codes for internal errors, and process set-up done there, not at import."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import yaml
+
+from tlfusion import cli
+from tlfusion.console import PROCESS_ENVIRONMENT
+
+
+def test_an_internal_error_exits_1_with_its_traceback_in_the_run_log(tmp_path, folder_dataset, monkeypatch, capsys):
+    """A ValueError (InputError's base class) from inside a run is an internal error: exit 1, not 2."""
+    from tlfusion.pipeline import Pipeline
+
+    def broken(self, until=None):
+        raise ValueError("a programming mistake")
+
+    monkeypatch.setattr(Pipeline, "run", broken)
+    raw = {"name": "t", "positive_class": "abnormal", "data": {"format": "folder", "root": str(folder_dataset)}}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({**raw, "backbones": [{"name": "mobilenetv2"}]}))
+
+    code = cli.main(["run", str(tmp_path / "t.yaml"), "--out", str(tmp_path / "run")])
+
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(error) == 1
+    log_path = tmp_path / "run" / "run.log"
+    assert error[0] == f"tlfusion: internal error: ValueError (traceback in {log_path}; please report it)"
+    log = log_path.read_text()
+    assert "ERROR internal error\nTraceback (most recent call last):" in log
+    assert log.rstrip().endswith("ValueError: a programming mistake")
+
+
+def test_an_internal_error_without_a_run_log_prints_its_traceback(monkeypatch, capsys):
+    def broken(args):
+        raise TypeError("no run folder here")
+
+    monkeypatch.setattr(cli, "_check_out", broken)
+    code = cli.main(["predict", "bundle", "image.png"])
+    error = capsys.readouterr().err
+    assert code == 1 and "Traceback (most recent call last):" in error and "TypeError: no run folder here" in error
+    assert error.rstrip().splitlines()[-1] == "tlfusion: internal error: TypeError (traceback above; please report it)"
+
+
+def test_importing_tlfusion_changes_no_process_state(tmp_path):
+    """Environment variables and the umask are the CLI's to set (`console.configure_process`), not an import's."""
+    code = """
+        import os
+        mask = os.umask(0o027)
+        import tlfusion, tlfusion.config, tlfusion.console, tlfusion.fileio, tlfusion.provenance
+        from tlfusion.console import PROCESS_ENVIRONMENT, configure_process
+        tlfusion.fileio.write_text("out.txt", "x")
+        set_by_import = [name for name in PROCESS_ENVIRONMENT if name in os.environ]
+        print(set_by_import, os.umask(mask) == 0o027, oct(os.stat("out.txt").st_mode & 0o777))
+        configure_process()
+        print(os.environ["OMP_WAIT_POLICY"], os.environ["TF_CPP_MIN_LOG_LEVEL"])
+    """
+    env = {key: value for key, value in os.environ.items() if key not in PROCESS_ENVIRONMENT}
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["[] True 0o640", "PASSIVE 3"]
