@@ -10,8 +10,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from tlfusion.console import configure_process
 from tlfusion.fileio import write_json
 from tlfusion.provenance import environment
+
+configure_process()  # the tlfusion command's environment defaults, for the benchmarks that run tlfusion in-process
 
 RESULTS_DIR = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parents[1]
