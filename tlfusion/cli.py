@@ -166,6 +166,9 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tlfusion.config import ExplainSpec, FewshotSpec
+
+    shown, episodes = ExplainSpec(), FewshotSpec()  # one set of defaults: an experiment's `explain` and `fewshot`
     parser = argparse.ArgumentParser(
         prog="tlfusion",
         description="Feature-fusion transfer learning for X-ray classification from small labelled sets.",
@@ -224,10 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--data", required=True, help="experiment YAML whose images to explain")
     explain.add_argument("--data-root")
     explain.add_argument("--split", default="test")
-    explain.add_argument("--cases", type=int, default=8, help="number of cases (errors first)")
+    explain.add_argument("--cases", type=int, default=shown.cases, help="number of cases (errors first)")
     explain.add_argument("--ids", nargs="*", help="explain these image paths (or file names) instead")
-    explain.add_argument("--method", default="gradcam,lime", help="gradcam, lime or both (comma-separated)")
-    explain.add_argument("--lime-samples", type=int, default=1000)
+    methods = ",".join(shown.methods)
+    explain.add_argument("--method", default=methods, help="gradcam, lime or both (comma-separated)")
+    explain.add_argument("--lime-samples", type=int, default=shown.lime_samples)
     explain.add_argument("--out", required=True)
     explain.set_defaults(handler=cmd_explain)
 
@@ -237,11 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--features", help="cached feature table (.npz with X, y, groups)")
     fewshot.add_argument("--data-root")
     fewshot.add_argument("--backbone", help="backbone name, .keras file or bundle folder (default: experiment's)")
-    fewshot.add_argument("--ways", type=int, default=2)
-    fewshot.add_argument("--shots", type=int, default=5)
-    fewshot.add_argument("--queries", type=int, default=15)
-    fewshot.add_argument("--episodes", type=int, default=600)
-    fewshot.add_argument("--classifier", default="prototype")
+    for name in ("ways", "shots", "queries", "episodes"):
+        fewshot.add_argument(f"--{name}", type=int, default=getattr(episodes, name))
+    fewshot.add_argument("--classifier", default=episodes.classifier)
     fewshot.add_argument(
         "--stages", type=int, help="resolution stages pooled per backbone (with --data; default: the experiment's)"
     )
