@@ -1,4 +1,5 @@
-"""Rebuild the bundled demo sample from the CC BY 4.0 sets in ../shared/data (run from the repository root).
+"""Rebuild the bundled demo sample, tlfusion/demo/sample (package data; data/sample links to it), from the CC BY 4.0
+sets in ../shared/data (run from the repository root).
 
 Kermany images come only from the held-out TEST part of the grouped split that the experiments and the shipped
 in-domain backbones use (seed 0, 20% of patients), so the demo never evaluates on images a shipped backbone saw.
@@ -19,7 +20,7 @@ from tlfusion.data.splits import assign_splits
 PER_CLASS = {"kermany": 60, "fracatlas_hand": 40}
 
 
-def main(shared: Path = Path("../shared/data"), out: Path = Path("data/sample")) -> None:
+def main(shared: Path = Path("../shared/data"), out: Path = Path("tlfusion/demo/sample")) -> None:
     kermany = read_csv(shared / "kermany_pneumonia/labels.csv", patient_column="patient_key")
     kermany = assign_splits(kermany, test_fraction=0.2, val_fraction=0.2, seed=0)
     kermany = kermany[kermany["split"] == "test"].drop_duplicates("patient")

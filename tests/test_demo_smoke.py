@@ -1,9 +1,9 @@
-"""The demo's experiment on the shipped sample, shrunk: experiments/demo.yaml + data/sample through the whole pipeline.
+"""The demo's experiment on the shipped sample, shrunk: tlfusion/demo (package data) through the whole pipeline.
 
 `tlfusion demo` takes no settings (it runs demo.yaml as shipped, a few minutes on CPU), so this runs the same
 experiment file through `tlfusion run` with `--set` overrides that keep its data, backbones and ImageNet weights
 but shrink the work (32 px, no fine-tuning, one classifier, no explanations: those have their own tests). It fails
-when demo.yaml no longer loads or points elsewhere, when a data/sample file or label is missing or duplicated, or when the run's
+when demo.yaml no longer loads or points elsewhere, when a sample file or label is missing or duplicated, or when the run's
 numbers do not follow from its own predictions and bundle.
 """
 
@@ -21,7 +21,7 @@ from tlfusion import load_bundle
 from tlfusion.cli import DEMO_EXPERIMENT, main
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "data" / "sample"
+SAMPLE = REPO / "tlfusion" / "demo" / "sample"
 SMALL = [
     "image.size=32",
     "finetune.enabled=false",
@@ -43,7 +43,7 @@ def demo_run(tmp_path_factory) -> Path:
 
 
 def test_demo_reads_every_kermany_image_of_the_shipped_sample(demo_run):
-    assert DEMO_EXPERIMENT == REPO / "experiments" / "demo.yaml"
+    assert DEMO_EXPERIMENT == REPO / "tlfusion" / "demo" / "demo.yaml"
     labels = pd.read_csv(SAMPLE / "labels.csv")
     expected = labels[labels["source"] == "kermany"]
     table = pd.read_csv(demo_run / "data" / "table.csv", dtype={"patient": str})

@@ -6,9 +6,12 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
+import pytest
 import yaml
 
+import tlfusion
 from tlfusion import cli
 from tlfusion.console import PROCESS_ENVIRONMENT
 
@@ -81,3 +84,23 @@ def test_command_defaults_are_the_experiment_defaults():
     fewshot = vars(parser.parse_args(["fewshot", "--features", "f.npz", "--out", "o"]))
     names = {"ways", "shots", "queries", "episodes", "classifier"}
     assert {name: fewshot[name] for name in names} == FewshotSpec().model_dump(include=names)
+
+
+def test_the_demo_experiment_and_its_data_are_package_data():
+    """`tlfusion demo` reads tlfusion/demo/demo.yaml and tlfusion/demo/sample, inside the package, so an installed
+    wheel has them: pyproject's package-data patterns cover every file there, and the experiment agrees with
+    experiments/demo.yaml (the same experiment for a checkout, on the same files through data/sample)."""
+    from tlfusion.config import load_experiment
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    package = Path(tlfusion.__file__).resolve().parent
+    assert package / "demo" / "demo.yaml" == cli.DEMO_EXPERIMENT
+    demo = load_experiment(cli.DEMO_EXPERIMENT)
+    assert Path(demo.data[0].root) == package / "demo" / "sample"
+    pyproject = tomllib.loads((package.parent / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["tlfusion"]
+    files = {path for path in (package / "demo").rglob("*") if path.is_file()}
+    assert len(files) == 202 and files <= {path for pattern in patterns for path in package.glob(pattern)}
+    checkout = load_experiment(package.parent / "experiments" / "demo.yaml")
+    assert checkout.model_dump() == demo.model_dump()

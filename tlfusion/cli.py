@@ -12,8 +12,8 @@ from tlfusion import __version__
 from tlfusion.console import configure_process, import_tensorflow_quietly, log_internal_error, setup_logging
 from tlfusion.errors import InputError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEMO_EXPERIMENT = REPO_ROOT / "experiments" / "demo.yaml"
+DEMO_EXPERIMENT = Path(__file__).resolve().parent / "demo" / "demo.yaml"
+"""`tlfusion demo`'s experiment and its data (`demo/sample/`): package data, there in a checkout and in a wheel."""
 
 
 def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
