@@ -37,7 +37,7 @@ class Strict(BaseModel):
 
 
 class DataSpec(Strict):
-    """One dataset on disk, read by one of `tlfusion.data.sources.READERS`."""
+    """One dataset on disk, read by `tlfusion.data.sources.read_source` with the reader of its `format`."""
 
     format: Literal["mura", "folder", "csv", "chestxray14"]
     root: str

@@ -306,9 +306,6 @@ def label_matrix(table: pd.DataFrame, findings: Sequence[str]) -> np.ndarray:
     return np.array([[name in labels for name in findings] for labels in table["labels"]], dtype=np.float32)
 
 
-READERS = {"mura": read_mura, "folder": read_folder, "csv": read_csv, "chestxray14": read_chestxray14}
-
-
 def read_source(spec: Any) -> pd.DataFrame:
     """Read one `config.DataSpec` (format + root + reader options) with the matching reader."""
     root, follow = Path(spec.root), spec.follow_symlinks
