@@ -3,8 +3,8 @@
 `tlfusion demo` takes no settings (it runs demo.yaml as shipped, a few minutes on CPU), so this runs the same
 experiment file through `tlfusion run` with `--set` overrides that keep its data, backbones and ImageNet weights
 but shrink the work (32 px, no fine-tuning, one classifier, no explanations: those have their own tests). It fails
-when demo.yaml no longer loads or points elsewhere, when a sample file or label is missing or duplicated, or when the run's
-numbers do not follow from its own predictions and bundle.
+when demo.yaml no longer loads or points elsewhere, when a sample file or label is missing or duplicated, or
+when the run's numbers do not follow from its own predictions and bundle.
 """
 
 from __future__ import annotations
