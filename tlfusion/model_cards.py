@@ -41,14 +41,7 @@ def ship_pretrained(run_dir: str | Path, ship_dir: str | Path, command: str) -> 
 
 def model_card(summary: Mapping[str, Any], name: str, command: str) -> str:
     """MODEL_CARD.md text from a pretraining run's `train.json`."""
-    settings, config, env = summary["settings"], summary.get("config", {}), summary["environment"]
-    versions = env.get("packages", env)  # train.json before 0.1.0 kept the versions at the top level
-    sources = summary.get("sources", {})
-    source_rows = "\n".join(f"| {src} | {c.get('train', 0)} | {c.get('val', 0)} |" for src, c in sources.items())
-    class_rows = "\n".join(
-        f"| {label} | {summary['data']['train'].get(label, 0)} | {summary['data']['val'].get(label, 0)} |"
-        for label in summary["classes"]
-    )
+    settings, config = summary["settings"], summary.get("config", {})
     metrics = ", ".join(f"{key} {value:.4f}" for key, value in summary["val_metrics"].items())
     return f"""# {name}: {summary["backbone"]} pretrained in-domain on radiographs
 
@@ -61,13 +54,7 @@ file as `weights=` to `build_backbone` / `training.finetune` (the head is replac
 
 ## Data ({summary["seen_images"]["count"]} images; sha256 of each in `{SEEN_IMAGES}`)
 
-| source | train | val |
-|---|---|---|
-{source_rows}
-
-| class | train | val |
-|---|---|---|
-{class_rows}
+{_data_tables(summary)}
 
 ## Held-out policy
 
@@ -85,8 +72,7 @@ Ran {summary["epochs_run"]} epochs{" (stopped early)" if summary["stopped_early"
 
 Validation (grouped val split, best epoch): {metrics}.
 
-Wall time {summary["wall_seconds"] / 60:.1f} min on {env["platform"]}, {env["cpu_count"]} CPU cores
-(shared), GPUs: {env.get("gpus") or "none"}; TensorFlow {versions["tensorflow"]}, Keras {versions["keras"]}.
+Wall time {summary["wall_seconds"] / 60:.1f} min on {_machine_description(summary["environment"])}.
 Curves: `curves.png`; per-epoch numbers: `history.csv`; everything else: `train.json`.
 
 ## Reproduce
@@ -101,6 +87,27 @@ Small pretraining set (a few thousand images at most, two public sources); valid
 combined label space with rare classes, so read it as a sanity check, not as a diagnostic figure.
 {config.get("limits", "").strip()}
 """
+
+
+def _data_tables(summary: Mapping[str, Any]) -> str:
+    """Markdown tables of the training and validation images per source and per class."""
+    sources = summary.get("sources", {})
+    source_rows = [f"| {src} | {c.get('train', 0)} | {c.get('val', 0)} |" for src, c in sources.items()]
+    data = summary["data"]
+    class_rows = [f"| {c} | {data['train'].get(c, 0)} | {data['val'].get(c, 0)} |" for c in summary["classes"]]
+    header = ["| {} | train | val |", "|---|---|---|"]
+    return "\n".join(
+        [header[0].format("source"), header[1], *source_rows, "", header[0].format("class"), header[1], *class_rows]
+    )
+
+
+def _machine_description(env: Mapping[str, Any]) -> str:
+    """Platform, CPU cores, GPUs and TensorFlow / Keras versions of a `provenance.environment()` record."""
+    versions = env.get("packages", env)  # train.json before 0.1.0 kept the versions at the top level
+    return (
+        f"{env['platform']}, {env['cpu_count']} CPU cores\n(shared), GPUs: {env.get('gpus') or 'none'}; "
+        f"TensorFlow {versions['tensorflow']}, Keras {versions['keras']}"
+    )
 
 
 def _start_description(weights: str | None) -> str:
