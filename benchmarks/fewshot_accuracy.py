@@ -26,19 +26,21 @@ training parts; it saw the NIH base set but none of the evaluated images). Each 
 features alone (``stages=1``) and with multi-scale features (``stages=2``: the pooled outputs of the last two
 resolution stages, each L2-normalised; the few-shot default, see below); the extractor name carries the count.
 
-No test-set selection: feature transforms (power 0.5, centring on the support / episode / NIH base mean) and
-transductive soft k-means prototype refinement were screened on the development sets ``kermany_test`` and
-``fracatlas_hand`` only (300 episodes, seed 1; see ``DEV_SCREEN``). None beat the L2-normalised (cosine)
-prototype by more than 0.003 mean AUROC and refinement lost 0.03-0.05, so none was adopted. Multi-scale features
-were screened the same way (``STAGES_SCREEN``): 2 stages gained 0.016 mean AUROC over every classifier and
-in-domain extractor (0.033 for the default ``prototype``), 3 and 4 slightly less, so the few-shot experiments
-use ``features.stages: 2``. COVID is reported for every registered classifier, none selected on it. Writes
-benchmarks/results/fewshot_accuracy.json.
+Choices are made on development sets that this benchmark never reports: ``benchmarks.fewshot_screen`` screens the
+number of pooled stages and feature transforms (power 0.5, centring on the supports / episode / NIH base mean,
+transductive soft k-means) on Kermany's train and val parts and FracAtlas leg, and writes its decisions to
+benchmarks/results/fewshot_screen.json, which this benchmark records under ``settings.screen``. (The earlier
+hand-typed screen ran on ``kermany_test`` and ``fracatlas_hand``, which are reported here, and is gone.) The
+ImageNet vs in-domain choice cannot be screened there: the in-domain backbones saw both sets in pretraining.
+COVID is reported for every registered classifier, none selected on it. Intervals: ``ci95`` is over patients
+(``tlfusion.fewshot_intervals``), ``episode_ci95`` over episodes only; ``counts`` gives the patients per class.
+Writes benchmarks/results/fewshot_accuracy.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from collections.abc import Callable
@@ -50,7 +52,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator
 
-from benchmarks._common import machine_info, write_result
+from benchmarks._common import RESULTS_DIR, machine_info, write_result
 from tlfusion.data.images import file_sha256
 from tlfusion.data.sources import read_csv
 from tlfusion.data.splits import assign_splits, content_groups
@@ -76,23 +78,7 @@ SHIPPED = {arch: ROOT / "saved_models" / f"{arch}_xray128" / "model.keras" for a
 CHEST = ROOT / "saved_models" / "mobilenetv2_chest128" / "model.keras"
 WAYS, SHOTS, SEED = 2, 5, 0
 QUERIES = {"covid": 5, "covid_actualmed": 5, "covid_source": 5, "kermany_test": 15, "fracatlas_hand": 15}
-DEVELOPMENT = ("kermany_test", "fracatlas_hand")
-# Mean AUROC over kermany_test and fracatlas_hand x in-domain (mobilenetv2, efficientnetb0, fusion), 2-way 5-shot
-# 15 queries, 300 episodes, seed 1 (a development seed): (power, centring, soft k-means steps, temperature).
-DEV_SCREEN = {
-    "L2-normalised prototype, i.e. prototype_cosine (1, none, 0)": 0.755,
-    "l2 + support centring (1, support, 0)": 0.743,
-    "l2 + episode centring, transductive (1, episode, 0)": 0.740,
-    "l2 + NIH base centring (1, base, 0)": 0.753,
-    "power 0.5 + l2 (0.5, none, 0)": 0.752,
-    "power 0.5 + NIH base centring + l2 (0.5, base, 0)": 0.758,
-    "power 0.5 + episode centring + l2 + soft k-means 5 steps, T=10": 0.724,
-    "power 0.5 + support centring + l2 + soft k-means 5 steps, T=10": 0.727,
-    "l2 + episode centring + soft k-means 5 steps, T=10": 0.706,
-}
-# Mean AUROC over kermany_test and fracatlas_hand x in-domain (mobilenetv2, efficientnetb0, fusion) x every
-# registered classifier (and, second, the default `prototype` alone), 300 episodes, seed 1, per `stages`.
-STAGES_SCREEN = {1: (0.743, 0.728), 2: (0.758, 0.761), 3: (0.756, 0.758), 4: (0.754, 0.756)}
+SCREEN = RESULTS_DIR / "fewshot_screen.json"  # written by benchmarks.fewshot_screen (development sets only)
 STAGES = (1, 2)
 COVID_LABELS = {"COVID-19": "covid", "No finding": "normal"}
 COVID_SOURCES = ("actualmed", "figure1")
@@ -270,6 +256,20 @@ def run_dataset(name: str, episodes: int, base_paths: list[str]) -> dict:
     }
 
 
+def screen_record() -> dict:
+    """The decisions of benchmarks.fewshot_screen (development sets only) and the commit they were made at; the
+    screen's numbers stay in its own result file."""
+    if not SCREEN.is_file():
+        return {"status": f"not run: python -m benchmarks.fewshot_screen writes {SCREEN.name}"}
+    screen = json.loads(SCREEN.read_text())
+    return {
+        "file": SCREEN.name,
+        "development_sets": list(screen["settings"]["development_sets"]),
+        "decisions": screen["decisions"],
+        "commit": screen.get("machine", {}).get("git", {}).get("commit"),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="100 episodes instead of 1000")
@@ -293,12 +293,8 @@ def main(argv: list[str] | None = None) -> dict:
             "fusion": "per-backbone L2 then concatenation (stateless; as the pipeline's few-shot stage)",
             "scratch": "same architecture, random weights (keras seed 0)",
             "base_set": "nih1000 (all 1000 thumbnails) for simpleshot_nih_base",
-            "development_sets": list(DEVELOPMENT),
-            "dev_screen_mean_auroc": DEV_SCREEN,
-            "dev_screen_decision": "none adopted (gain <= 0.003 AUROC); decided on the development sets only",
             "stages": list(STAGES),
-            "stages_screen_mean_auroc_all_classifiers_and_prototype": STAGES_SCREEN,
-            "stages_decision": "stages=2 for few-shot experiments; decided on the development sets only",
+            "screen": screen_record(),
             "quick": quick,
         },
         "datasets": datasets,

@@ -286,6 +286,25 @@ def summarise_fewshot_accuracy(payload: dict) -> list[Table]:
     return tables
 
 
+def summarise_fewshot_screen(payload: dict) -> list[Table]:
+    """The stages screen, the transforms screen (per development set) and the decisions they gave."""
+    sets = list(payload["settings"]["development_sets"])
+    stages = [
+        [key, row["mean_auroc_all_classifiers"], row["mean_auroc_prototype"], *(row["per_set"][s] for s in sets)]
+        for key, row in payload["stages"].items()
+    ]
+    header = ["stages", "mean AUROC, all classifiers", "mean AUROC, prototype", *sets]
+    transforms = [
+        [name, row["mean_auroc"], *(row["per_set"][s] for s in sets)] for name, row in payload["transforms"].items()
+    ]
+    decisions = [[key, value] for key, value in payload["decisions"].items()]
+    return [
+        ("stages (development sets only)", header, stages),
+        ("transforms at the decided stages", ["transform", "mean AUROC", *sets], transforms),
+        ("decisions", ["", "value"], decisions),
+    ]
+
+
 def summarise_semantic(payload: dict) -> list[Table]:
     supervised = [
         [name, r["mean_auroc"], r["ci95"], r.get("fold_mean_auroc")] for name, r in payload["supervised"].items()
@@ -461,6 +480,7 @@ SUMMARISERS: dict[str, Callable[[dict], list[Table]]] = {
     "fewshot_speed": summarise_fewshot,
     "finetune_transfer": summarise_finetune,
     "fewshot_accuracy": summarise_fewshot_accuracy,
+    "fewshot_screen": summarise_fewshot_screen,
     "semantic_nih1000": summarise_semantic,
     "scaling": summarise_scaling,
     "end_to_end": summarise_end_to_end,
