@@ -1,0 +1,111 @@
+"""Grad-CAM and LIME through a bundle the pipeline wrote: a tiny experiment run end to end with explanations on,
+then its saved bundle reloaded and explained again, against the run's own outputs and a closed-form Grad-CAM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import write_folder_dataset
+
+from tlfusion.backbones import FEATURES_LAYER, HEAD_LAYER, gradcam_layer_name
+from tlfusion.bundle import load_bundle
+from tlfusion.cli import main
+from tlfusion.data.images import load_batch
+from tlfusion.explain import bundle_gradcam, explain_lime
+
+SIZE = 64  # the last convolution is 2x2: a Grad-CAM map that can vary over the image
+
+
+@pytest.fixture(scope="module")
+def explained_run(tmp_path_factory) -> Path:
+    """A finished run (one tiny MobileNetV2 with random weights, logistic regression) with 2 explained test cases."""
+    folder = tmp_path_factory.mktemp("explain_bundle")
+    experiment = {
+        "name": "tiny_explain",
+        "positive_class": "abnormal",
+        "data": {"format": "folder", "root": str(write_folder_dataset(folder / "data"))},
+        "split": {"test_fraction": 0.25, "val_fraction": 0.25},
+        "image": {"size": SIZE},
+        "backbones": [{"name": "mobilenetv2", "options": {"alpha": 0.35}}],
+        "finetune": {"enabled": False},  # fine-tuning has its own tests; the head stays at its random start
+        "features": {"engine": "keras"},
+        "classifiers": {"models": ["lr"], "cv": 2},
+        "evaluate": {"bootstrap": 20},
+        "explain": {"cases": 2, "lime_samples": 20},
+    }
+    (folder / "tiny.yaml").write_text(yaml.safe_dump(experiment))
+    assert main(["run", str(folder / "tiny.yaml"), "--out", str(folder / "run")]) == 0
+    return folder / "run"
+
+
+@pytest.fixture(scope="module")
+def bundle(explained_run):
+    return load_bundle(explained_run / "bundle")
+
+
+def explained_cases(run: Path) -> pd.DataFrame:
+    return pd.read_csv(run / "explanations" / "review.csv")
+
+
+def test_explained_probabilities_are_the_bundles_and_the_runs(explained_run, bundle):
+    """The probability shown for each explained case is what the saved bundle predicts for that file and what the
+    fit stage stored for it."""
+    cases = explained_cases(explained_run)
+    assert len(cases) == 2
+    images = load_batch(list(cases["path"]), bundle.image_size, bundle.clahe)
+    predicted = np.asarray(bundle.predict_proba(images))[:, 1]
+    np.testing.assert_allclose(cases["probability"], predicted, rtol=0, atol=1e-6)  # review.csv keeps 6 decimals
+    stored = pd.read_csv(explained_run / "fit" / "predictions.csv")
+    stored = stored[(stored["model"] == "mobilenetv2/lr") & (stored["split"] == "test")].set_index("path")["prob"]
+    np.testing.assert_allclose(stored[cases["path"]].to_numpy(), predicted, rtol=0, atol=1e-5)
+    for case_id in cases["case_id"]:
+        for suffix in ("", "_gradcam_mobilenetv2", "_lime"):
+            png = explained_run / "explanations" / f"{case_id}{suffix}.png"
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+def test_gradcam_of_the_saved_backbone_is_the_closed_form(explained_run, bundle):
+    """Behind global average pooling, (inference-time no-op) dropout and a linear head, the mean gradient of the
+    logit over the last convolution's channel c is head_kernel[c] / (h * w): Grad-CAM is ReLU(A @ kernel) resized
+    and divided by its maximum. The reloaded bundle's maps must equal that, be finite and differ across images."""
+    model = bundle.models["mobilenetv2"]
+    images = load_batch(list(explained_cases(explained_run)["path"]), bundle.image_size, bundle.clahe)
+    maps = bundle_gradcam(bundle, images)
+    assert set(maps) == {"mobilenetv2", "mean"}
+    cams = maps["mobilenetv2"]
+    assert cams.shape == (2, SIZE, SIZE) and np.isfinite(cams).all()
+    layer = gradcam_layer_name(model)
+    activations = keras.Model(model.input, model.get_layer(layer).output)(images).numpy()
+    assert model.get_layer(FEATURES_LAYER).input.name == model.get_layer(layer).output.name
+    kernel = model.get_layer(HEAD_LAYER).get_weights()[0][:, 0]
+    expected = []
+    for raw in np.maximum(activations @ kernel, 0):
+        resized = cv2.resize(raw, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR)
+        expected.append(resized / resized.max())
+    np.testing.assert_allclose(cams, np.stack(expected), atol=1e-5)
+    assert np.allclose(cams.max(axis=(1, 2)), 1.0) and (cams.min(axis=(1, 2)) < 0.9).all()
+    assert not np.allclose(cams[0], cams[1], atol=1e-3)
+
+
+def test_lime_through_the_bundle_predicts_what_hiding_superpixels_does(explained_run, bundle):
+    """LIME's weights are a linear model of the bundle's positive probability in which superpixels are on or off
+    (off: filled with the image mean). Hiding random halves of the superpixels must change the bundle's probability
+    as the weights on those pixels say: fails for flipped signs or weights painted on the wrong superpixels."""
+    image = load_batch(list(explained_cases(explained_run)["path"][:1]), bundle.image_size, bundle.clahe)[0]
+    explanation = explain_lime(bundle, image, num_samples=150, seed=0)
+    assert explanation.weights.shape == (SIZE, SIZE) and np.isfinite(explanation.weights).all()
+    assert explanation.weights.max() > 0 > explanation.weights.min()
+    segments = explanation.segments
+    weight_of = np.zeros(segments.max() + 1)
+    weight_of[segments.ravel()] = explanation.weights.ravel()
+    hidden = np.random.default_rng(1).random((20, len(weight_of))) < 0.5
+    changed = np.stack([np.where(off[segments][..., None], image.mean(), image) for off in hidden]).astype(np.float32)
+    probabilities = np.asarray(bundle.predict_proba(np.concatenate([image[None], changed])))[:, 1]
+    actual, predicted = probabilities[1:] - probabilities[0], -(hidden * weight_of).sum(axis=1)
+    assert np.corrcoef(actual, predicted)[0, 1] > 0.8  # 0.999 here
