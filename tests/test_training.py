@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -195,3 +196,30 @@ def test_bad_backbone_weights_and_positive_class_are_input_errors(pretrained, ta
             image_size=32,
             verbose=0,
         )
+
+
+def test_pretrain_and_ship_from_a_pretraining_yaml(table, tmp_path):
+    """The YAML's settings reach `pretrain`, its validated config and per-source counts land in train.json, and the
+    shipped folder holds the model, its card and the seen-images list."""
+    import yaml
+
+    images = Path(table["path"][0]).parent
+    csv = table.assign(path=[Path(path).name for path in table["path"]])
+    csv[["path", "label", "patient"]].to_csv(images / "pretrain_and_ship.csv", index=False)
+    spec = {"image_size": 32, "epochs": 1, "batch_size": 4, "augment": False, "description": "Tiny."}
+    spec["data_root"] = str(images)
+    spec["sources"] = [{"name": "tiny", "csv": "pretrain_and_ship.csv", "patient_column": "patient"}]
+    spec["split"] = {"test_fraction": 0.2, "val_fraction": 0.3, "seed": 0}
+    (tmp_path / "pretrain.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "shipped" / "tiny_model"
+
+    pretraining.pretrain_and_ship(str(tmp_path / "pretrain.yaml"), "mobilenetv2", str(out), str(tmp_path / "run"))
+
+    summary = json.loads((out / "train.json").read_text())
+    assert summary["settings"]["augment"] is False and summary["settings"]["image_size"] == 32
+    assert summary["config"]["data_root"] == str(images) and summary["config"]["drop_splits"] == ["test"]
+    assert summary["sources"]["tiny"]["train"] + summary["sources"]["tiny"]["val"] == summary["seen_images"]["count"]
+    assert "test" not in summary["sources"]["tiny"]  # dropped before training
+    assert set(summary["classes"]) == {"tiny/fractured", "tiny/normal"}
+    assert "Tiny." in (out / "MODEL_CARD.md").read_text() and (out / "seen_images.txt").is_file()
+    assert "tiny_model/model.keras" in json.loads((out.parent / "manifest.json").read_text())["files"]
