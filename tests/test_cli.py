@@ -15,6 +15,7 @@ from tlfusion.backbones import build_backbone
 from tlfusion.cli import build_parser, main
 from tlfusion.config import load_experiment
 from tlfusion.fewshot import run_fewshot
+from tlfusion.metrics_schema import validate_metrics
 
 TINY_BACKBONE = {"name": "mobilenetv2", "options": {"alpha": 0.35}}
 
@@ -95,6 +96,7 @@ def test_run_end_to_end_then_rerun_skips_and_bundle_commands(tmp_path, folder_da
     run = tmp_path / "run"
     assert main(["run", experiment, "--out", str(run)]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
+    validate_metrics(metrics)  # the one schema every producer of metrics.json writes
     names = {row["model"] for row in metrics["results"]}
     assert names == {f"{s}/{c}" for s in ("mobilenetv2", "mobilenetv2_2", "fusion") for c in ("lr", "xgb")}
     assert metrics["selected"] in names
@@ -129,7 +131,8 @@ def test_run_end_to_end_then_rerun_skips_and_bundle_commands(tmp_path, folder_da
     assert predictions["predicted"].tolist() == expected.tolist()
 
     assert main(["evaluate", str(run / "bundle"), "--data", experiment, "--out", str(tmp_path / "eval")]) == 0
-    (evaluated,) = json.loads((tmp_path / "eval" / "metrics.json").read_text())["results"]
+    evaluation = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    (evaluated,) = validate_metrics(evaluation).model_dump()["results"]
     (in_run,) = [r for r in test_rows if r["model"] == metrics["selected"] and r["level"] == "image"]
     assert evaluated["n"] == in_run["n"] and evaluated["auroc"] == pytest.approx(in_run["auroc"], abs=1e-3)
 

@@ -3,6 +3,7 @@ nothing read outside the data root or the bundle's manifest, no leftovers; run-f
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -37,6 +38,7 @@ from tlfusion.features import FeatureFusion
 from tlfusion.fileio import locked
 from tlfusion.pipeline import Pipeline
 from tlfusion.signing import KEY_ENV
+from tlfusion.stages import REGISTRY
 
 SIZE = 32
 
@@ -410,7 +412,7 @@ def test_the_fit_stage_key_depends_on_the_signing_key(tmp_path, experiment, monk
             monkeypatch.delenv(KEY_ENV, raising=False)
         else:
             monkeypatch.setenv(KEY_ENV, key)
-        keys.append((pipeline._stage_key("fit", "up"), pipeline._stage_key("extract", "up")))
+        keys.append((pipeline.stage_key("fit", "up"), pipeline.stage_key("extract", "up")))
     assert len({fit for fit, _ in keys}) == 3 and keys[1] == keys[3]
     assert len({extract for _, extract in keys}) == 1
 
@@ -449,10 +451,10 @@ def test_killed_runs_leftovers_are_removed_by_the_next_run(extracted, experiment
 
 
 def test_a_stage_is_recorded_done_only_after_it_completes(extracted, experiment, capsys, monkeypatch):
-    def killed(self):
+    def killed(run):
         raise RuntimeError("killed mid-stage")
 
-    monkeypatch.setattr(Pipeline, "stage_extract", killed)
+    monkeypatch.setitem(REGISTRY, "extract", dataclasses.replace(REGISTRY["extract"], run=killed))
     assert run_cli(capsys, "extract", experiment, "--out", extracted, "--force")[0] == 1
     state = json.loads((extracted / ".stages.json").read_text())
     assert "finetune" in state and "extract" not in state

@@ -12,6 +12,7 @@ import pytest
 from tlfusion import metrics as metrics_module
 from tlfusion.cli import main
 from tlfusion.metrics import binary_metrics
+from tlfusion.metrics_schema import validate_metrics
 
 EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "mura_humerus.yaml"
 SMALL = [
@@ -45,6 +46,7 @@ def mura_run(tmp_path, mura_tree, monkeypatch) -> tuple[Path, list]:
 def test_study_level_rows_are_the_mean_of_their_images(mura_run):
     run, aggregated = mura_run
     metrics = json.loads((run / "metrics.json").read_text())
+    validate_metrics(metrics)
     table = pd.read_csv(run / "data" / "table.csv", dtype={"patient": str, "study": str})
     predictions = pd.read_csv(run / "fit" / "predictions.csv", dtype={"patient": str, "study": str})
     test_studies = table.loc[table["split"] == "test", "study"].nunique()

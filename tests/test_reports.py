@@ -64,7 +64,6 @@ def binary_metrics_json(predictions, study_level=True):
         "selection": {"scoring": "kappa", "cv": 5, "cv_scores": cv_scores},
         "results": results,
         "data": {"images": 80, "patients": 40, "splits": {"test": 80, "train": 80}, "classes": {"0": 40, "1": 40}},
-        "timings": {"fit": 1.5, "evaluate": 0.25},
     }
 
 
@@ -111,12 +110,15 @@ def multilabel_metrics_json(seed=0):
     }
 
 
+TIMINGS = {"fit": 1.5, "evaluate": 0.25}
+
+
 @pytest.fixture(scope="module")
 def binary_run(tmp_path_factory):
     predictions = make_predictions()
     metrics = binary_metrics_json(predictions)
     run_dir = tmp_path_factory.mktemp("binary_run")
-    return run_dir, metrics, write_reports(run_dir, metrics, predictions)
+    return run_dir, metrics, write_reports(run_dir, metrics, predictions, TIMINGS)
 
 
 def section(markdown: str, title: str) -> str:
@@ -185,6 +187,7 @@ def test_binary_report_mentions_models_and_selection(binary_run):
     score = format_metric(metrics["selection"]["cv_scores"][selected])
     assert f"**{selected}** was chosen by its 5-fold CV kappa {score} on the training split" in markdown
     assert "the test split played no part in the choice" in markdown
+    assert table_rows(section(markdown, "Timings")) == [["fit", "1.5"], ["evaluate", "0.2"]]
     for model in {row["model"] for row in metrics["results"]}:
         assert model in section(markdown, "Metrics on the test split, study level")
         assert model in section(markdown, "Metrics on the test split, image level")
@@ -330,7 +333,7 @@ def test_undefined_values_and_missing_records_do_not_crash(tmp_path):
 def test_single_model_bundle_evaluation_on_another_split(tmp_path):
     predictions = make_predictions().query("model == 'fusion/lr' and split == 'test'").assign(split="val")
     metrics = binary_metrics_json(predictions, study_level=False)
-    del metrics["selection"], metrics["data"], metrics["timings"]
+    del metrics["selection"], metrics["data"]
     metrics["selected"] = "fusion/lr"
     paths = write_reports(tmp_path, metrics, predictions)
     markdown = paths["report.md"].read_text()

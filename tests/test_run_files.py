@@ -18,6 +18,7 @@ from conftest import write_folder_dataset
 
 from tlfusion.cli import main
 from tlfusion.errors import InputError
+from tlfusion.run_paths import RunPaths
 from tlfusion.runfiles import read_features, read_json_object, read_predictions, read_selection
 
 
@@ -175,7 +176,7 @@ PREDICTIONS = "model,split,path,patient,study,y_true,prob\na/lr,test,x.png,1,1,1
 def test_bad_selection_is_refused_naming_it(tmp_path, selection, message):
     folder = fit_folder(tmp_path, selection, PREDICTIONS)
     with pytest.raises(InputError, match="selection.json: " + message.replace("(", r"\(").replace(")", r"\)")):
-        read_selection(folder)
+        read_selection(RunPaths(folder))
 
 
 @pytest.mark.parametrize(
@@ -191,7 +192,7 @@ def test_bad_selection_is_refused_naming_it(tmp_path, selection, message):
 def test_bad_predictions_are_refused_naming_them(tmp_path, predictions, message):
     folder = fit_folder(tmp_path, SELECTION, predictions)
     with pytest.raises(InputError, match="predictions.csv: .*" + message):
-        read_predictions(folder, {"a/lr"})
+        read_predictions(RunPaths(folder), {"a/lr"})
 
 
 def test_readers_never_open_a_fifo_or_load_a_pickle(tmp_path):

@@ -11,6 +11,7 @@ import yaml
 
 from tlfusion.config import load_experiment
 from tlfusion.pipeline import Pipeline
+from tlfusion.stages import binary
 
 N_PATIENTS, IMAGES_PER_PATIENT = 30, 2
 
@@ -34,8 +35,8 @@ def fit_run(folder: Path, data_root: Path, features: dict[str, np.ndarray], tabl
     for key, block in features.items():
         np.save(run / "features" / f"{key}.npy", block)
     saved = []
-    monkeypatch.setattr(Pipeline, "_save_bundle", lambda self, selected, *rest: saved.append((selected, rest[-1])))
-    Pipeline(load_experiment(experiment), run).stage_fit()
+    monkeypatch.setattr(binary, "save_run_bundle", lambda run, selected, *rest: saved.append((selected, rest[-1])))
+    binary.run_fit(Pipeline(load_experiment(experiment), run))
     selection = json.loads((run / "fit" / "selection.json").read_text())
     return selection, saved, pd.read_csv(run / "fit" / "predictions.csv")
 

@@ -9,31 +9,36 @@ import yaml
 
 from tlfusion import stage_code
 from tlfusion.config import load_experiment
-from tlfusion.pipeline import STAGES, Pipeline
+from tlfusion.pipeline import Pipeline
+from tlfusion.stages import REGISTRY, TASKS
 
 
 def names(stage: str) -> set[str]:
-    return {path.relative_to(stage_code.PACKAGE_DIR).as_posix() for path in stage_code.stage_files(stage)}
+    return {
+        path.relative_to(stage_code.PACKAGE_DIR).as_posix() for path in stage_code.stage_files(REGISTRY[stage].modules)
+    }
 
 
 def test_stage_files_follow_module_level_imports_only():
     extract = names("extract")
-    assert {"pipeline.py", "features.py", "backbones.py", "data/images.py"} <= extract  # images: imported by features
-    assert "classifiers.py" not in extract and "training.py" not in extract  # pipeline imports those lazily
+    assert {"stages/prepare.py", "stages/context.py", "features.py", "backbones.py", "data/images.py"} <= extract
+    assert "classifiers.py" not in extract and "training.py" not in extract  # the stages import those lazily
+    assert "pipeline.py" not in extract and "stages/binary.py" not in extract  # the runner and other stages
     assert {"explain/gradcam.py", "explain/lime.py", "bundle.py"} <= names("explain")
     assert "explain/gradcam.py" not in names("fit")
 
 
 def test_code_key_changes_with_a_source_file_and_the_version(monkeypatch):
-    before = stage_code.code_key("fit")
+    fit, extract = REGISTRY["fit"].modules, REGISTRY["extract"].modules
+    before = stage_code.code_key(fit)
     real_hash = stage_code.source_hash
     monkeypatch.setattr(
         stage_code, "source_hash", lambda path: "edited" if path.name == "classifiers.py" else real_hash(path)
     )
-    edited = stage_code.code_key("fit")
-    assert edited != before and stage_code.code_key("extract") == stage_code.code_key("extract")
+    edited = stage_code.code_key(fit)
+    assert edited != before and stage_code.code_key(extract) == stage_code.code_key(extract)
     monkeypatch.setattr(stage_code, "__version__", "9.9.9")
-    assert stage_code.code_key("fit") not in (before, edited)
+    assert stage_code.code_key(fit) not in (before, edited)
 
 
 def ran_stages(run_dir: Path, since: int) -> list[str]:
@@ -68,7 +73,7 @@ def test_a_changed_stage_source_reruns_it_and_the_stages_after_it(tmp_path, fold
         ran, log_size = ran_stages(run_dir, log_size), len((run_dir / "run.log").read_text())
         return ran
 
-    assert run_and_list() == list(STAGES["binary"])
+    assert run_and_list() == list(TASKS["binary"])
     assert run_and_list() == ["data"]  # data is always re-read; its key (and so everything after it) is unchanged
 
     snapshot[stage_code.PACKAGE_DIR / "classifiers.py"] = "edited"

@@ -16,6 +16,7 @@ from tlfusion.data.table import class_names, split_table, with_binary_target
 from tlfusion.errors import InputError
 from tlfusion.evaluation import evaluate_predictions, pick_cases
 from tlfusion.fileio import write_json
+from tlfusion.metrics_schema import write_metrics
 from tlfusion.runfiles import prediction_rows
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ def evaluate_bundle(bundle: Bundle, data: str, out: str | Path, data_root: str |
             predictions, {name: bundle.threshold}, spec.study_aggregation, spec.bootstrap, experiment.seed
         ),
     }
-    write_json(Path(out) / "metrics.json", metrics)
+    write_metrics(Path(out) / "metrics.json", metrics)
     write_reports(Path(out), metrics, predictions)
     return metrics
 

@@ -12,6 +12,7 @@ import pandas as pd
 
 from tlfusion import metrics
 from tlfusion.errors import InputError
+from tlfusion.model_name import ModelName
 
 if TYPE_CHECKING:
     from tlfusion.config import Experiment
@@ -68,11 +69,11 @@ def fusion_vs_single(
     levels = {model: evaluation_levels(rows, study_aggregation) for model, rows in test.groupby("model", sort=False)}
     comparisons = []
     for fused in levels:
-        feature_set, _, classifier = fused.partition("/")
-        if feature_set != "fusion":
+        classifier = ModelName.parse(fused).classifier
+        if not ModelName.parse(fused).is_fusion:
             continue
         for single in levels:
-            if single == fused or single.partition("/")[2] != classifier:
+            if single == fused or ModelName.parse(single).classifier != classifier:
                 continue
             for (level, y, p_fused, groups), (_, _, p_single, _) in zip(levels[fused], levels[single], strict=True):
                 delta = metrics.paired_bootstrap_delta(

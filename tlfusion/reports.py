@@ -24,11 +24,11 @@ import numpy as np
 from tlfusion.errors import InputError
 from tlfusion.fileio import write_bytes
 from tlfusion.metrics import METRICS, binary_metrics
+from tlfusion.model_name import FUSION, ModelName
 
 if TYPE_CHECKING:
     import pandas as pd
 
-FUSION = "fusion"
 MISSING = "—"
 PLOT_DPI = 100
 PREDICTION_COLUMNS = ("model", "split", "y_true", "prob")
@@ -82,12 +82,18 @@ def summary_lines(metrics: Mapping) -> list[str]:
     return lines
 
 
-def write_reports(run_dir: str | os.PathLike, metrics: Mapping, predictions: pd.DataFrame | None) -> dict[str, Path]:
+def write_reports(
+    run_dir: str | os.PathLike,
+    metrics: Mapping,
+    predictions: pd.DataFrame | None,
+    timings: Mapping[str, Any] | None = None,
+) -> dict[str, Path]:
     """Write ``plots/*.png``, ``report.md`` and ``report.html`` into ``run_dir``, each atomically.
 
     ``predictions`` (columns model, split, y_true, prob; one row per image, model and split) feeds the ROC
-    curves of binary runs; ``None`` leaves them out. Returns the written files keyed by their path relative to
-    ``run_dir``: ``"report.md"``, ``"report.html"``, ``"plots/confusion.png"``, ...
+    curves of binary runs; ``None`` leaves them out. ``timings`` (stage -> seconds) adds a Timings section.
+    Returns the written files keyed by their path relative to ``run_dir``: ``"report.md"``, ``"report.html"``,
+    ``"plots/confusion.png"``, ...
     """
     _check_metrics(metrics)
     if predictions is not None:
@@ -97,7 +103,7 @@ def write_reports(run_dir: str | os.PathLike, metrics: Mapping, predictions: pd.
     run_dir = Path(run_dir)
     plots = _write_plots(run_dir, metrics, predictions)
     title = f"tlfusion report: {metrics.get('experiment', run_dir.name)}"
-    sections = _sections(metrics, plots)
+    sections = _sections(metrics, plots, timings or {})
     written = {plot.file: run_dir / plot.file for plot in plots}
     written["report.md"] = write_bytes(run_dir / "report.md", _render_markdown(title, sections).encode())
     written["report.html"] = write_bytes(run_dir / "report.html", _render_html(title, sections).encode())
@@ -127,12 +133,6 @@ def _is_interval(ci: Sequence | None) -> bool:
 
 def _is_multilabel(metrics: Mapping) -> bool:
     return metrics.get("task") == "multilabel"
-
-
-def _split_model(name: str) -> tuple[str, str]:
-    """``"densenet121/lr"`` -> (feature set, classifier); a name without ``/`` is a feature set alone."""
-    feature_set, _, classifier = name.partition("/")
-    return feature_set, classifier
 
 
 def _evaluation_split(metrics: Mapping) -> str:
@@ -189,14 +189,10 @@ def _sorted_by(rows: Mapping[str, Mapping], metric: str) -> list[str]:
 
 def _feature_sets_and_classifiers(models: Sequence[str]) -> tuple[list[str], list[str]]:
     """Single backbones in recorded order then fusion, and classifiers in recorded order."""
-    parts = [_split_model(name) for name in models]
+    parts = [ModelName.parse(name) for name in models]
     singles = list(dict.fromkeys(fs for fs, _ in parts if fs != FUSION))
     fused = [FUSION] if any(fs == FUSION for fs, _ in parts) else []
     return singles + fused, list(dict.fromkeys(classifier for _, classifier in parts))
-
-
-def _model_name(feature_set: str, classifier: str) -> str:
-    return f"{feature_set}/{classifier}" if classifier else feature_set
 
 
 def _cv_scores(metrics: Mapping) -> dict[str, Any]:
@@ -278,7 +274,7 @@ def _write_plots(run_dir: Path, metrics: Mapping, predictions: pd.DataFrame | No
                 + ".",
             )
         for feature_set in _feature_sets_and_classifiers(list(curves))[0]:
-            members = {m: curve for m, curve in curves.items() if _split_model(m)[0] == feature_set}
+            members = {m: curve for m, curve in curves.items() if ModelName.parse(m).feature_set == feature_set}
             save(
                 _roc_figure(members, f"{split}: {feature_set} features"),
                 f"roc_{feature_set}",
@@ -294,7 +290,7 @@ def _write_plots(run_dir: Path, metrics: Mapping, predictions: pd.DataFrame | No
         )
     if any(_is_number(row.get(headline.metric)) for row in headline.rows.values()):
         feature_sets, classifiers = _feature_sets_and_classifiers(list(headline.rows))
-        series = {fs: [headline.rows.get(_model_name(fs, clf), {}) for clf in classifiers] for fs in feature_sets}
+        series = {fs: [headline.rows.get(str(ModelName(fs, clf)), {}) for clf in classifiers] for fs in feature_sets}
         save(
             _grouped_bars(classifiers, series, headline.metric, headline.label, selected),
             f"{headline.metric}_by_classifier",
@@ -349,9 +345,9 @@ def _compared_models(metrics: Mapping, available: Mapping[str, Any]) -> dict[str
     test), the fused model with the selected classifier; those without a curve in ``available`` are left out."""
     selected = metrics.get("selected") or ""
     cv_scores = _cv_scores(metrics)
-    singles = [m for m in available if _split_model(m)[0] != FUSION and _is_number(cv_scores.get(m))]
+    singles = [m for m in available if not ModelName.parse(m).is_fusion and _is_number(cv_scores.get(m))]
     best_single = max(singles, key=cv_scores.__getitem__, default=None)
-    fused = _model_name(FUSION, _split_model(selected)[1])
+    fused = str(ModelName(FUSION, ModelName.parse(selected).classifier))
     roles: dict[str, str] = {}
     for model, role in (
         (selected, "selected"),
@@ -455,7 +451,7 @@ _Block = str | list | _Table | _Plot  # paragraph (may hold **bold** / `code`), 
 _Section = tuple[str, list[_Block]]
 
 
-def _sections(metrics: Mapping, plots: Sequence[_Plot]) -> list[_Section]:
+def _sections(metrics: Mapping, plots: Sequence[_Plot], timings: Mapping[str, Any]) -> list[_Section]:
     split = _evaluation_split(metrics)
     sections: list[_Section] = [("Data", _data_blocks(metrics)), ("Selected model", _selected_blocks(metrics))]
     if _is_multilabel(metrics):
@@ -475,8 +471,8 @@ def _sections(metrics: Mapping, plots: Sequence[_Plot]) -> list[_Section]:
         ("Cross-validation on the training split", _cv_blocks(metrics)),
         ("Plots", list(plots) or ["No plots: no results to draw."]),
     ]
-    if metrics.get("timings"):
-        sections.append(("Timings", _timing_blocks(metrics["timings"])))
+    if timings:
+        sections.append(("Timings", _timing_blocks(timings)))
     return sections
 
 
@@ -599,13 +595,15 @@ def _fusion_blocks(metrics: Mapping) -> list[_Block]:
     cv_scores = _cv_scores(metrics)
     table = _Table(["classifier", *feature_sets, "fusion − single chosen on CV"], [])
     for classifier in classifiers:
-        rows = [headline.rows.get(_model_name(fs, classifier), {}) for fs in feature_sets]
+        rows = [headline.rows.get(str(ModelName(fs, classifier)), {}) for fs in feature_sets]
         chosen = _cv_chosen_single(cv_scores, singles, classifier)
         single_value = headline.rows.get(chosen, {}).get(headline.metric) if chosen else None
         fused = rows[-1].get(headline.metric)
         gain = fused - single_value if _is_number(single_value) and _is_number(fused) else None
         label = _signed(gain, paired.get((classifier, chosen)))
-        gain_cell = _value_cell(gain, f"{label} vs {_split_model(chosen)[0]}" if _is_number(gain) else label)
+        gain_cell = _value_cell(
+            gain, f"{label} vs {ModelName.parse(chosen).feature_set}" if _is_number(gain) else label
+        )
         table.rows.append([_Cell(classifier, classifier), *_best_cells(rows, headline.metric), gain_cell])
     note = (
         f"Each cell is the {headline.label} of one feature set with one classifier; the best of each row is in bold. "
@@ -623,7 +621,7 @@ def _fusion_blocks(metrics: Mapping) -> list[_Block]:
 
 def _cv_chosen_single(cv_scores: Mapping[str, Any], singles: Sequence[str], classifier: str) -> str | None:
     """The single-backbone model with ``classifier`` that has the best CV score; None without CV scores."""
-    scored = {_model_name(fs, classifier): cv_scores.get(_model_name(fs, classifier)) for fs in singles}
+    scored = {str(ModelName(fs, classifier)): cv_scores.get(str(ModelName(fs, classifier))) for fs in singles}
     ranked = [name for name in _ranked(scored) if _is_number(scored[name])]
     return ranked[0] if ranked else None
 

@@ -1,7 +1,7 @@
 """Reading back what earlier stages wrote into a run folder, checked: a file that is missing, not a regular file,
 unreadable or malformed raises InputError naming it.
 
-The pipeline runs these readers before it skips a stage as unchanged (`Pipeline._outputs_readable`): a damaged
+The pipeline runs these readers before it skips a stage as unchanged (each stage's `check` in the registry): a damaged
 output makes the stage that wrote it run again, so a run folder's outputs behave like a cache.
 """
 
@@ -15,10 +15,8 @@ import numpy as np
 import pandas as pd
 
 from tlfusion.errors import InputError
+from tlfusion.run_paths import RunPaths
 
-SELECTION = "fit/selection.json"
-PREDICTIONS = "fit/predictions.csv"
-METRICS = "metrics.json"
 PREDICTION_COLUMNS = ("model", "split", "path", "patient", "study", "y_true", "prob")
 _SELECTION_KEYS = ("selected", "scoring", "cv", "cv_scores", "thresholds")
 
@@ -41,9 +39,9 @@ def read_json_object(path: Path) -> dict:
     return content
 
 
-def read_selection(run_dir: Path) -> dict:
+def read_selection(paths: RunPaths) -> dict:
     """fit/selection.json: the selected model, CV scores and a threshold in [0, 1] for every model."""
-    path = run_dir / SELECTION
+    path = paths.selection
     selection = read_json_object(path)
     missing = [key for key in _SELECTION_KEYS if key not in selection]
     if missing:
@@ -56,9 +54,9 @@ def read_selection(run_dir: Path) -> dict:
     return selection
 
 
-def read_predictions(run_dir: Path, models: set[str]) -> pd.DataFrame:
+def read_predictions(paths: RunPaths, models: set[str]) -> pd.DataFrame:
     """fit/predictions.csv: one row per model, split and image with a label 0/1 and a probability in [0, 1]."""
-    path = run_dir / PREDICTIONS
+    path = paths.predictions
     check_regular(path)
     text_columns = {"model": str, "split": str, "path": str, "patient": str, "study": str}
     try:
@@ -73,7 +71,7 @@ def read_predictions(run_dir: Path, models: set[str]) -> pd.DataFrame:
         raise InputError(f"{path}: needs rows with y_true 0 or 1 and prob in [0, 1]")
     unknown = sorted(set(frame["model"]) - models)
     if unknown:
-        raise InputError(f"{path}: model(s) {unknown[:3]} not in {SELECTION}")
+        raise InputError(f"{path}: model(s) {unknown[:3]} not in {paths.selection.relative_to(paths.root)}")
     return frame
 
 

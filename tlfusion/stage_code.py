@@ -1,7 +1,8 @@
 """The code each pipeline stage runs, as a key: a stage's cache is only reused when its code is unchanged.
 
-A stage's modules are the roots in `STAGE_MODULES` plus every tlfusion module they import at module level,
-recursively (imports inside functions are not followed: `pipeline.py` imports every stage's modules lazily).
+A stage's modules are the roots its registry entry names (`tlfusion.stages.REGISTRY`) plus every tlfusion module
+they import at module level, recursively (imports inside functions are not followed: the stage modules import the
+heavy modules lazily, inside the stage functions, so each root list names them).
 The key is the package version and the sha256 of each of those source files' bytes.
 """
 
@@ -16,17 +17,6 @@ from tlfusion import __version__
 
 PACKAGE = "tlfusion"
 PACKAGE_DIR = Path(__file__).resolve().parent
-STAGE_MODULES = {
-    "data": ("tlfusion.pipeline", "tlfusion.data.sources", "tlfusion.data.splits", "tlfusion.data.images"),
-    "finetune": ("tlfusion.pipeline", "tlfusion.training", "tlfusion.backbones"),
-    "extract": ("tlfusion.pipeline", "tlfusion.features", "tlfusion.backbones"),
-    "fit": ("tlfusion.pipeline", "tlfusion.classifiers", "tlfusion.features", "tlfusion.bundle"),
-    "evaluate": ("tlfusion.pipeline", "tlfusion.metrics", "tlfusion.reports", "tlfusion.data.sources"),
-    "explain": ("tlfusion.pipeline", "tlfusion.explain", "tlfusion.bundle"),
-    "report": ("tlfusion.pipeline", "tlfusion.reports"),
-    "fewshot": ("tlfusion.pipeline", "tlfusion.fewshot", "tlfusion.features"),
-    "semantic": ("tlfusion.pipeline", "tlfusion.semantic", "tlfusion.label_embeddings", "tlfusion.metrics"),
-}
 
 
 def module_file(name: str) -> Path | None:
@@ -49,10 +39,10 @@ def top_level_imports(path: Path) -> set[str]:
     return {name for name in names if name.split(".")[0] == PACKAGE and module_file(name)}
 
 
-def stage_files(stage: str) -> list[Path]:
-    """Source files of the stage's modules and everything they import at module level, sorted."""
+def stage_files(modules: tuple[str, ...]) -> list[Path]:
+    """Source files of `modules` and everything they import at module level, sorted."""
     seen: set[str] = set()
-    todo = list(STAGE_MODULES[stage])
+    todo = list(modules)
     while todo:
         name = todo.pop()
         if name not in seen:
@@ -66,7 +56,7 @@ def source_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def code_key(stage: str) -> str:
-    """Package version and the hash of every source file the stage runs."""
-    files = {str(path.relative_to(PACKAGE_DIR)): source_hash(path) for path in stage_files(stage)}
+def code_key(modules: tuple[str, ...]) -> str:
+    """Package version and the hash of every source file a stage with these root `modules` runs."""
+    files = {str(path.relative_to(PACKAGE_DIR)): source_hash(path) for path in stage_files(modules)}
     return hashlib.sha256(json.dumps([__version__, files], sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,129 @@
+"""The `metrics.json` schema and its one writer and reader.
+
+Binary runs (and `tlfusion evaluate`) and multi-label runs write different documents, told apart by `task`.
+`write_metrics` validates before writing, so a document that does not match is a bug, raised as ValueError (exit 1);
+`read_metrics` refuses a damaged file on disk with InputError naming it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from tlfusion.errors import InputError
+from tlfusion.fileio import write_json
+from tlfusion.runfiles import read_json_object
+
+Interval = list[float] | None
+"""A percentile interval [low, high]; None where undefined in every resample."""
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BinaryResult(_Schema):
+    """One model on one split at one level: metrics at its threshold and (test split) bootstrap intervals."""
+
+    model: str
+    level: Literal["image", "study"]
+    split: str
+    """"cv" (out-of-fold on the training split), "test", or the split `tlfusion evaluate` was given."""
+    n: int
+    accuracy: float | None
+    f1: float | None
+    kappa: float | None
+    auroc: float | None
+    sensitivity: float | None
+    specificity: float | None
+    confusion: list[list[int]]
+    threshold: float
+    ci: dict[str, Interval]
+    """Metric -> interval; empty without a bootstrap."""
+
+
+class Delta(_Schema):
+    delta: float | None
+    ci: Interval
+
+
+class FusionVsSingle(_Schema):
+    """Fusion minus one single backbone with the same classifier, test split, paired bootstrap."""
+
+    level: Literal["image", "study"]
+    classifier: str
+    fusion: str
+    single: str
+    kappa: Delta
+    auroc: Delta
+
+
+class SelectionRecord(_Schema):
+    scoring: str
+    cv: int
+    cv_scores: dict[str, float | None]
+
+
+class BinaryMetrics(_Schema):
+    experiment: str
+    task: Literal["binary"]
+    positive_class: str
+    selected: str
+    selection: SelectionRecord | None = None
+    """How `selected` was chosen; absent for a bundle evaluated by `tlfusion evaluate`."""
+    results: list[BinaryResult]
+    fusion_vs_single: list[FusionVsSingle] = Field(default_factory=list)
+    data: dict | None = None
+    """`data.sources.summarise` of the run's table."""
+    test_images_seen_in_pretraining: dict[str, int] = Field(default_factory=dict)
+
+
+class FindingResult(_Schema):
+    """One loss's test AUROC on one finding, or on their mean (`finding` "mean", with `n` and a CI)."""
+
+    model: str
+    finding: str
+    split: str
+    auroc: float | None
+    n: int | None = None
+    ci: dict[str, Interval] | None = None
+
+
+class MultilabelMetrics(_Schema):
+    experiment: str
+    task: Literal["multilabel"]
+    selected: str
+    val_mean_auroc: dict[str, float | None]
+    findings: list[str]
+    seen: list[str]
+    unseen: list[str]
+    results: list[FindingResult]
+    gzsl: dict[str, dict[str, float | None]]
+    data: dict
+
+
+Metrics = Annotated[BinaryMetrics | MultilabelMetrics, Field(discriminator="task")]
+_ADAPTER = TypeAdapter(Metrics)
+
+
+def validate_metrics(metrics: dict) -> BinaryMetrics | MultilabelMetrics:
+    """The document as its schema type (ValidationError, a ValueError, when it does not match)."""
+    return _ADAPTER.validate_python(metrics)
+
+
+def write_metrics(path: str | Path, metrics: dict) -> Path:
+    """Validate `metrics` against the schema, then write it atomically."""
+    validate_metrics(metrics)
+    return write_json(path, metrics)
+
+
+def read_metrics(path: Path) -> dict:
+    """A metrics.json that matches the schema, or InputError naming the file."""
+    metrics = read_json_object(path)
+    try:
+        validate_metrics(metrics)
+    except ValidationError as error:
+        raise InputError(f"{path}: does not match the metrics.json schema ({error.error_count()} error(s))") from None
+    return metrics

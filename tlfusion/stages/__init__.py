@@ -1,0 +1,135 @@
+"""The stage registry: each stage's function, the config sections and code its cache key covers, and the run-folder
+files (`RunPaths` names) it reads and writes.
+
+Binary task:     data -> finetune -> extract -> fit (+ bundle) -> evaluate -> explain -> report
+Few-shot task:   data -> extract -> fewshot
+Multi-label:     data -> extract -> semantic -> report
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tlfusion.metrics_schema import read_metrics
+from tlfusion.stages.binary import run_evaluate, run_explain, run_fit
+from tlfusion.stages.context import RunContext
+from tlfusion.stages.prepare import run_data, run_extract, run_finetune
+from tlfusion.stages.report import run_report
+from tlfusion.stages.tasks import run_fewshot_stage, run_semantic
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[RunContext], None]
+    sections: tuple[str, ...]
+    """Experiment config sections in its cache key."""
+    modules: tuple[str, ...]
+    """tlfusion modules whose code is in its cache key (with what they import at module level: `stage_code`)."""
+    reads: tuple[str, ...]
+    """`RunPaths` names it reads (besides the experiment's images)."""
+    writes: tuple[str, ...]
+    """`RunPaths` names it writes."""
+    check: Callable[[RunContext], object] | None = None
+    """Reads back the outputs later stages use (InputError if damaged): run before skipping the stage."""
+
+
+def _check_features(run: RunContext) -> None:
+    run.load_features(run.backbone_keys)
+
+
+def _check_metrics(run: RunContext) -> None:
+    read_metrics(run.paths.metrics)
+
+
+_PREPARE = "tlfusion.stages.prepare"
+_BINARY = "tlfusion.stages.binary"
+_TASKS = "tlfusion.stages.tasks"
+REGISTRY: dict[str, Stage] = {
+    stage.name: stage
+    for stage in (
+        Stage(
+            "data",
+            run_data,
+            ("task", "seed", "data", "positive_class", "split"),
+            (_PREPARE, "tlfusion.data.sources", "tlfusion.data.splits", "tlfusion.data.images"),
+            reads=("scan_cache",),
+            writes=("table", "data_summary", "scan_cache", "skipped"),
+        ),
+        Stage(
+            "finetune",
+            run_finetune,
+            ("image", "backbones", "finetune"),
+            (_PREPARE, "tlfusion.training", "tlfusion.backbones"),
+            reads=("table",),
+            writes=("model",),
+        ),
+        Stage(
+            "extract",
+            run_extract,
+            ("features",),
+            (_PREPARE, "tlfusion.features", "tlfusion.backbones"),
+            reads=("table", "model", "cache"),
+            writes=("features", "cache"),
+            check=_check_features,
+        ),
+        Stage(
+            "fit",
+            run_fit,
+            ("classifiers",),
+            (_BINARY, "tlfusion.classifiers", "tlfusion.features", "tlfusion.bundle"),
+            reads=("table", "features", "model", "cache"),
+            writes=("selection", "predictions", "bundle"),
+            check=RunContext.fit_outputs,
+        ),
+        Stage(
+            "evaluate",
+            run_evaluate,
+            ("evaluate",),
+            (_BINARY, "tlfusion.metrics", "tlfusion.reports", "tlfusion.data.sources"),
+            reads=("table", "selection", "predictions"),
+            writes=("metrics",),
+            check=_check_metrics,
+        ),
+        Stage(
+            "explain",
+            run_explain,
+            ("explain",),
+            (_BINARY, "tlfusion.explain", "tlfusion.bundle"),
+            reads=("selection", "predictions", "bundle"),
+            writes=("explanations",),
+        ),
+        Stage(
+            "report",
+            run_report,
+            (),
+            ("tlfusion.stages.report", "tlfusion.reports"),
+            reads=("metrics", "selection", "predictions", "timings"),
+            writes=("report",),
+        ),
+        Stage(
+            "fewshot",
+            run_fewshot_stage,
+            ("fewshot",),
+            (_TASKS, "tlfusion.fewshot", "tlfusion.features"),
+            reads=("table", "features"),
+            writes=("fewshot", "fewshot_curve", "fewshot_plot"),
+        ),
+        Stage(
+            "semantic",
+            run_semantic,
+            ("semantic",),
+            (_TASKS, "tlfusion.semantic", "tlfusion.label_embeddings", "tlfusion.metrics"),
+            reads=("table", "features"),
+            writes=("metrics",),
+            check=_check_metrics,
+        ),
+    )
+}
+TASKS: dict[str, tuple[str, ...]] = {
+    "binary": ("data", "finetune", "extract", "fit", "evaluate", "explain", "report"),
+    "fewshot": ("data", "extract", "fewshot"),
+    "multilabel": ("data", "extract", "semantic", "report"),
+}
+"""Task -> its stages, in order."""

@@ -1,0 +1,156 @@
+"""The binary task's stages after extract: fit (select, refit, bundle), evaluate and explain."""
+
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+
+from tlfusion.console import activity, progress
+from tlfusion.data.table import class_names
+from tlfusion.evaluation import evaluate_predictions, fusion_vs_single, pick_cases
+from tlfusion.fileio import write_atomic, write_json
+from tlfusion.metrics_schema import write_metrics
+from tlfusion.model_name import ModelName
+from tlfusion.runfiles import prediction_rows
+from tlfusion.stages.context import RunContext
+from tlfusion.stages.leakage import seen_in_training, warn_if_test_seen
+
+log = logging.getLogger("tlfusion")
+
+
+def make_fusion(run: RunContext, block_sizes: list[int]):
+    """The experiment's (unfitted) feature fusion for blocks of these widths."""
+    from tlfusion.features import FeatureFusion
+
+    spec = run.experiment.features
+    return FeatureFusion(block_sizes=block_sizes, standardize=spec.standardize, l2=spec.l2, pca=spec.pca)
+
+
+def run_fit(run: RunContext) -> None:
+    """fit/selection.json, fit/predictions.csv and bundle/: every feature set x classifier cross-validated on the
+    training split (train + val), refitted on all of it, the best CV score selected and bundled."""
+    from tlfusion.classifiers import make_classifier, select_model
+
+    experiment, table = run.experiment, run.table
+    spec = experiment.classifiers
+    is_fit = table["split"].isin(["train", "val"]).to_numpy()
+    y = table["y"].to_numpy()
+    groups = table["patient"].astype(str).to_numpy()
+    rows, cv_scores, thresholds, fitted = [], {}, {}, {}
+    for set_name, keys in progress(list(run.feature_sets().items()), "selecting models on", lambda item: item[0]):
+        X, block_sizes = run.load_features(keys)
+        fusion = make_fusion(run, block_sizes).fit(X[is_fit])
+        Z = fusion.transform(X)
+        selection = select_model(
+            Z[is_fit],
+            y[is_fit],
+            groups[is_fit],
+            spec.models,
+            cv=spec.cv,
+            random_state=experiment.seed,
+            scoring=spec.scoring,
+            label=set_name,
+        )
+        for clf_name in spec.models:
+            model_name = str(ModelName(set_name, clf_name))
+            estimator = make_classifier(clf_name, experiment.seed, **selection.params[clf_name])
+            estimator.fit(Z[is_fit], y[is_fit])
+            cv_scores[model_name] = selection.scores[clf_name]
+            thresholds[model_name] = selection.thresholds[clf_name]
+            fitted[model_name] = (keys, fusion, estimator)
+            rows.append(prediction_rows(table[is_fit], model_name, "cv", selection.oof_prob[clf_name]))
+            rows.append(prediction_rows(table[~is_fit], model_name, "test", estimator.predict_proba(Z[~is_fit])[:, 1]))
+    selected = max(cv_scores, key=lambda name: (cv_scores[name], ModelName.parse(name).is_fusion))
+    predictions = pd.concat(rows, ignore_index=True)
+    write_atomic(run.paths.predictions, lambda temp: predictions.to_csv(temp, index=False))
+    record = {"selected": selected, "scoring": spec.scoring, "cv": spec.cv}
+    write_json(run.paths.selection, record | {"cv_scores": cv_scores, "thresholds": thresholds})
+    log.info("selected %s (CV %s %.3f on the training split)", selected, spec.scoring, cv_scores[selected])
+    save_run_bundle(run, selected, *fitted[selected], thresholds[selected])
+
+
+def save_run_bundle(run: RunContext, selected: str, keys: list[str], fusion, estimator, threshold: float) -> None:
+    """bundle/: the selected model with its fine-tuned backbones (and the ONNX graphs extract converted)."""
+    from tlfusion.backbones import load_model_file
+    from tlfusion.bundle import Bundle, save_bundle
+
+    experiment = run.experiment
+    bundle = Bundle(
+        models={key: load_model_file(run.paths.model(key)) for key in keys},
+        fusion=fusion,
+        classifier=estimator,
+        threshold=float(threshold),
+        class_names=class_names(run.table["label"], experiment.positive_class),
+        image_size=experiment.image.size,
+        clahe=experiment.image.clahe,
+        meta={
+            "experiment": experiment.name,
+            "model": selected,
+            "data_fingerprint": run.data_fingerprint(),
+            "config": experiment.model_dump(),
+        },
+        onnx_graphs=_converted_onnx_graphs(run, keys),
+    )
+    save_bundle(bundle, run.paths.bundle)
+
+
+def _converted_onnx_graphs(run: RunContext, keys: list[str]) -> dict[str, bytes]:
+    """The ONNX graphs the extract stage converted (and checked) for these backbones; none where it ran Keras."""
+    from tlfusion.features import ModelSource, onnx_cache_path
+
+    paths = {key: onnx_cache_path(run.paths.cache, ModelSource(run.paths.model(key)).key) for key in keys}
+    return {key: path.read_bytes() for key, path in paths.items() if path.is_file()}
+
+
+def run_evaluate(run: RunContext) -> None:
+    """metrics.json: every model's CV and test metrics (test CIs by patient bootstrap), fusion vs single."""
+    from tlfusion.data.sources import summarise
+    from tlfusion.reports import summary_lines
+
+    experiment, table = run.experiment, run.table
+    selection, predictions = run.fit_outputs()
+    spec, thresholds, seed = experiment.evaluate, selection["thresholds"], experiment.seed
+    seen = seen_in_training(experiment, table[table["split"] == "test"])
+    metrics = {
+        "experiment": experiment.name,
+        "task": "binary",
+        "positive_class": experiment.positive_class,
+        "selected": selection["selected"],
+        "selection": {k: selection[k] for k in ("scoring", "cv", "cv_scores")},
+        "results": evaluate_predictions(
+            predictions, thresholds, spec.study_aggregation, spec.bootstrap, experiment.seed
+        ),
+        "fusion_vs_single": fusion_vs_single(predictions, thresholds, spec.study_aggregation, spec.bootstrap, seed),
+        "data": summarise(table),
+        "test_images_seen_in_pretraining": seen,
+    }
+    warn_if_test_seen(seen)
+    write_metrics(run.paths.metrics, metrics)
+    for line in summary_lines(metrics):
+        log.info(line)
+
+
+def run_explain(run: RunContext) -> None:
+    """explanations/: Grad-CAM / LIME of the selected model's most telling test cases, and a review page."""
+    spec = run.experiment.explain
+    if not spec.enabled or spec.cases == 0:
+        log.info("explanations disabled")
+        return
+    from tlfusion.bundle import load_bundle
+    from tlfusion.explain import explain_cases
+
+    selection, predictions = run.fit_outputs()
+    test = predictions[(predictions["model"] == selection["selected"]) & (predictions["split"] == "test")]
+    cases = pick_cases(test, selection["thresholds"][selection["selected"]], spec.cases)
+    with activity(f"explaining {len(cases)} cases ({', '.join(spec.methods)})"):
+        explain_cases(
+            load_bundle(run.paths.bundle),
+            cases["path"].tolist(),
+            cases["y_true"].tolist(),
+            run.paths.explanations,
+            methods=tuple(spec.methods),
+            lime_samples=spec.lime_samples,
+            seed=run.experiment.seed,
+            clahe=run.experiment.image.clahe,
+        )

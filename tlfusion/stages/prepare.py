@@ -1,0 +1,119 @@
+"""The stages every task starts with: data (read, scan, split), finetune (backbones) and extract (features)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+
+from tlfusion.console import progress
+from tlfusion.data.table import scan_with_cache, split_table, with_binary_target
+from tlfusion.fileio import write_atomic, write_json
+from tlfusion.stages.context import RunContext
+
+log = logging.getLogger("tlfusion")
+
+
+def run_data(run: RunContext) -> None:
+    """data/table.csv: the experiment's readable images, their binary target, split and (joined) patient."""
+    from tlfusion.data.sources import read_sources, summarise
+    from tlfusion.data.splits import content_groups
+
+    experiment = run.experiment
+    table = _scanned(run, read_sources(experiment.data))
+    if experiment.task == "binary":
+        table = with_binary_target(table, experiment.positive_class)
+    table = split_table(table, experiment.split, experiment.seed)
+    # Identical files under two patients are one patient from here on: CV folds, bootstrap and episodes.
+    table["patient"] = content_groups(table)
+    if "labels" in table.columns:
+        table["labels"] = table["labels"].map("|".join)
+    write_atomic(run.paths.table, lambda temp: table.to_csv(temp, index=False))
+    summary = summarise(table if "label" in table.columns else table.assign(labels=table["labels"].str.split("|")))
+    write_json(run.paths.data_summary, summary)
+    run.table = table
+    log.info("data: %d images, %d patients, splits %s", summary["images"], summary["patients"], summary["splits"])
+
+
+def _scanned(run: RunContext, table: pd.DataFrame) -> pd.DataFrame:
+    """`table` with each image's sha256, unreadable images left out (with --skip-bad) and listed."""
+    hashes, bad = scan_with_cache(table["path"].tolist(), run.paths.scan_cache, run.skip_bad)
+    table = table.assign(sha256=hashes)
+    if bad:
+        write_json(run.paths.skipped, [{"path": p, "reason": r} for p, r in bad])
+        log.warning("skipped %d unreadable image(s), listed in data/skipped.json", len(bad))
+    return table[table["sha256"] != ""].reset_index(drop=True)
+
+
+def plain_backbone(entry, image_size: int):
+    """A backbone as configured (weights loaded), not fine-tuned."""
+    from tlfusion.backbones import build_backbone
+
+    return build_backbone(entry.name, image_size, entry.weights, **entry.options)
+
+
+def run_finetune(run: RunContext) -> None:
+    """backbones/<key>/model.keras: each backbone fine-tuned on train (early-stopped on val), or saved as is."""
+    experiment, table = run.experiment, run.table
+    trainval = table[table["split"].isin(["train", "val"])]
+    pairs = list(zip(run.backbone_keys, experiment.backbones, strict=True))
+    for key, entry in progress(pairs, "fine-tuning", lambda pair: pair[0]):
+        if not experiment.finetune.enabled:
+            write_atomic(run.paths.model(key), plain_backbone(entry, experiment.image.size).save)
+            continue
+        from tlfusion.training import finetune
+
+        spec = experiment.finetune
+        log.info("fine-tuning %s (%s) on %d images", key, entry.weights or "random init", len(trainval))
+        result = finetune(
+            trainval,
+            entry.name,
+            run.paths.model(key).parent,
+            weights=entry.weights,
+            positive_class=experiment.positive_class,
+            image_size=experiment.image.size,
+            clahe=experiment.image.clahe,
+            warmup_epochs=spec.warmup_epochs,
+            epochs=spec.epochs,
+            learning_rate=spec.learning_rate,
+            unfrozen_learning_rate=spec.unfrozen_learning_rate,
+            batch_size=spec.batch_size,
+            patience=spec.patience,
+            batchnorm=spec.batchnorm,
+            seed=experiment.seed,
+            options=entry.options,
+            verbose=0,
+        )
+        _log_training(key, result)
+
+
+def _log_training(key: str, result) -> None:
+    """Fine-tuning's outcome on the console, its epochs in run.log (Keras prints nothing: verbose=0)."""
+    for epoch in result.history:
+        log.debug("fine-tuning %s epoch %s", key, json.dumps(epoch, default=float))
+    scores = ", ".join(f"{name.removeprefix('val_')} {value:.3f}" for name, value in result.val_metrics.items())
+    log.info("fine-tuned %s: %d epochs, best epoch %d (val %s)", key, len(result.history), result.best_epoch, scores)
+
+
+def run_extract(run: RunContext) -> None:
+    """features/<key>.npy: each backbone's (cached) features of every table row."""
+    from tlfusion.features import extract_features
+
+    experiment = run.experiment
+    for key, entry in zip(run.backbone_keys, experiment.backbones, strict=True):
+        fine_tuned = run.paths.model(key)
+        model = fine_tuned if fine_tuned.is_file() else plain_backbone(entry, experiment.image.size)
+        features = extract_features(
+            model,
+            run.table["path"].tolist(),
+            experiment.image.size,
+            clahe=experiment.image.clahe,
+            batch_size=experiment.features.batch_size,
+            cache_dir=run.paths.cache,
+            engine=experiment.features.engine,
+            stages=experiment.features.stages,
+        )
+        write_atomic(run.paths.features(key), lambda temp, f=features: np.save(temp.open("wb"), f))
+        log.info("features %s: %s", key, features.shape)

@@ -1,0 +1,68 @@
+"""The few-shot and multi-label tasks' own stages (after extract)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from tlfusion.data.sources import CHESTXRAY14_FINDINGS
+from tlfusion.evaluation import semantic_metrics
+from tlfusion.fileio import write_json
+from tlfusion.metrics_schema import write_metrics
+from tlfusion.stages.context import RunContext
+from tlfusion.stages.leakage import check_unseen
+
+log = logging.getLogger("tlfusion")
+
+
+def run_fewshot_stage(run: RunContext) -> None:
+    """fewshot.json, fewshot_curve.json and its plot: episodes on the test pool (every image without a test split)."""
+    from tlfusion.features import FeatureFusion
+    from tlfusion.fewshot import plot_shots_curve, run_fewshot, shots_curve
+
+    spec, table, seed = run.experiment.fewshot, run.table, run.experiment.seed
+    check_unseen(run.experiment, table)
+    X, block_sizes = run.load_features(run.backbone_keys)
+    if len(block_sizes) > 1:  # stateless per-block L2: nothing is fitted on the evaluated images
+        X = FeatureFusion(block_sizes=block_sizes, standardize=False, l2=True).fit_transform(X)
+    y, groups = table["label"].astype(str).to_numpy(), table["patient"].astype(str).to_numpy()
+    keep = np.isin(y, spec.classes) if spec.classes else np.ones(len(y), bool)
+    if (table["split"] == "test").any():  # a defined test split is the evaluated pool
+        keep &= (table["split"] == "test").to_numpy()
+    X, y, groups = X[keep], y[keep], groups[keep]
+    result = run_fewshot(X, y, groups, spec.ways, spec.shots, spec.queries, spec.episodes, spec.classifier, seed=seed)
+    write_json(run.paths.fewshot, result)
+    curve = shots_curve(
+        X,
+        y,
+        groups,
+        shots_list=spec.shots_curve,
+        ways=spec.ways,
+        queries=spec.queries,
+        episodes=spec.episodes,
+        classifiers=[spec.classifier],
+        seed=seed,
+    )
+    write_json(run.paths.fewshot_curve, curve)
+    plot_shots_curve(curve, run.paths.fewshot_plot)
+    auroc = result["auroc"]
+    log.info("few-shot %d-way %d-shot AUROC %.3f %s", spec.ways, spec.shots, auroc["mean"], auroc["ci95"])
+
+
+def run_semantic(run: RunContext) -> None:
+    """metrics.json: per-finding test AUROC of each semantic loss, and GZSL on the unseen findings."""
+    from tlfusion.reports import summary_lines
+
+    table = run.table
+    findings = run.experiment.data[0].findings or list(CHESTXRAY14_FINDINGS)
+    X, _ = run.load_features(run.backbone_keys)
+    Y = np.array(
+        [[name in str(labels).split("|") for name in findings] for labels in table["labels"].fillna("")],
+        dtype=np.float32,
+    )
+    metrics = semantic_metrics(run.experiment, X, Y, table, findings)
+    metrics["data"] = {"images": len(table), "patients": int(table["patient"].nunique())}
+    write_metrics(run.paths.metrics, metrics)
+    for line in summary_lines(metrics):
+        log.info(line)
