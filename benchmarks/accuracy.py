@@ -30,6 +30,7 @@ import yaml
 
 from benchmarks._common import RESULTS_DIR, git_state, load_average, machine_info, measure_command, write_result
 from tlfusion.fileio import write_json
+from tlfusion.run_paths import RunPaths
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "benchmarks" / "accuracy"
@@ -103,17 +104,18 @@ def test_rows(metrics: dict) -> dict[str, dict]:
 
 def read_run(name: str, init: str, seed: int = 0) -> dict | None:
     """One finished run's test rows, selected model and stage timings (None when metrics.json is missing)."""
-    path = run_dir(name, init, seed) / "metrics.json"
-    if not path.is_file():
+    paths = RunPaths(run_dir(name, init, seed))
+    if not paths.metrics.is_file():
         return None
-    metrics = json.loads(path.read_text())
+    metrics = json.loads(paths.metrics.read_text())
+    timings = json.loads(paths.timings.read_text()) if paths.timings.is_file() else metrics.get("timings", {})
     return {
         "experiment": name,
         "init": init,
         "seed": seed,
         "selected": metrics["selected"],
         "cv_scores": metrics.get("selection", {}).get("cv_scores", {}),
-        "timings_s": metrics.get("timings", {}),
+        "timings_s": timings,
         "models": test_rows(metrics),
         "fusion_vs_single": paired_intervals(metrics, run_dir(name, init, seed)),
         "test_images_seen_in_pretraining": test_images_seen(name, init, seed),
@@ -132,11 +134,11 @@ def test_images_seen(name: str, init: str, seed: int) -> dict[str, int]:
     import pandas as pd
 
     from tlfusion.config import load_experiment
-    from tlfusion.pipeline import backbone_keys, seen_in_training
+    from tlfusion.stages.leakage import seen_in_training
 
     experiment = load_experiment(experiment_file(name), overrides(name, init, seed)[1::2])
-    table = pd.read_csv(run_dir(name, init, seed) / "data" / "table.csv")
-    return seen_in_training(experiment, backbone_keys(experiment), table[table["split"] == "test"])
+    table = pd.read_csv(RunPaths(run_dir(name, init, seed)).table)
+    return seen_in_training(experiment, table[table["split"] == "test"])
 
 
 def paired_intervals(metrics: dict, folder: Path) -> dict[str, dict]:
@@ -148,8 +150,9 @@ def paired_intervals(metrics: dict, folder: Path) -> dict[str, dict]:
 
         from tlfusion.evaluation import fusion_vs_single
 
-        predictions = pd.read_csv(folder / "fit" / "predictions.csv", dtype={"patient": str, "study": str})
-        thresholds = json.loads((folder / "fit" / "selection.json").read_text())["thresholds"]
+        paths = RunPaths(folder)
+        predictions = pd.read_csv(paths.predictions, dtype={"patient": str, "study": str})
+        thresholds = json.loads(paths.selection.read_text())["thresholds"]
         rows = fusion_vs_single(predictions, thresholds)
     return {row["single"]: {m: row[m]["ci"] for m in ("kappa", "auroc")} for row in rows if row["level"] == "image"}
 

@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks._common import load_average, machine_info, measure_command, write_result
+from tlfusion.run_paths import RunPaths
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = {
@@ -60,7 +61,7 @@ PACKAGES = ("tensorflow-cpu", "tensorflow", "keras", "onnxruntime", "scikit-lear
 def run_once(command: list[str], run_dir: Path) -> dict:
     """One measured invocation of ``command --out run_dir``, with its stage timings and the selected scores."""
     before = load_average()
-    run_log = run_dir / "run.log"
+    run_log = RunPaths(run_dir).log
     offset = run_log.stat().st_size if run_log.is_file() else 0
     with open(run_dir.parent / f"{run_dir.name}.log", "a") as log:
         measured = measure_command([*command, "--out", str(run_dir)], cwd=REPO, stdout=log, stderr=log)
@@ -83,7 +84,7 @@ def stage_timings(log_text: str) -> dict[str, float | str]:
 
 def run_summary(run_dir: Path) -> dict:
     """The selected model and its image-level test scores from ``run_dir/metrics.json``."""
-    path = run_dir / "metrics.json"
+    path = RunPaths(run_dir).metrics
     if not path.is_file():
         return {}
     metrics = json.loads(path.read_text())

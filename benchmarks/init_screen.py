@@ -21,6 +21,7 @@ import pandas as pd
 
 from benchmarks._common import machine_info, write_result
 from benchmarks.accuracy import run_dir
+from tlfusion.run_paths import RunPaths
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "init_screen"
@@ -54,7 +55,7 @@ def val_scores(features: np.ndarray, table: pd.DataFrame) -> dict:
 
 def feature_sets(folder: Path) -> dict[str, np.ndarray]:
     """Each backbone's cached features in a finished run, and their concatenation ("fusion")."""
-    blocks = {name: np.load(folder / "features" / f"{name}.npy", allow_pickle=False) for name in BACKBONES}
+    blocks = {name: np.load(RunPaths(folder).features(name), allow_pickle=False) for name in BACKBONES}
     return {**blocks, "fusion": np.hstack(list(blocks.values()))}
 
 
@@ -66,10 +67,10 @@ def in_domain_features(paths: list[str]) -> np.ndarray:
 
 def screen_seed(seed: int) -> dict | None:
     finetuned, frozen = run_dir(EXPERIMENT, "imagenet", seed), run_dir(EXPERIMENT, "imagenet_frozen", seed)
-    if not all((folder / "metrics.json").is_file() for folder in (finetuned, frozen)):
+    if not all(RunPaths(folder).metrics.is_file() for folder in (finetuned, frozen)):
         return None
-    table = pd.read_csv(finetuned / "data" / "table.csv")
-    frozen_table = pd.read_csv(frozen / "data" / "table.csv")
+    table = pd.read_csv(RunPaths(finetuned).table)
+    frozen_table = pd.read_csv(RunPaths(frozen).table)
     if not table["path"].equals(frozen_table["path"]) or not table["split"].equals(frozen_table["split"]):
         raise SystemExit(f"seed {seed}: the two runs split the data differently")
     result = {
