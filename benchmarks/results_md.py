@@ -305,6 +305,30 @@ def summarise_fewshot_screen(payload: dict) -> list[Table]:
     ]
 
 
+def summarise_extract(payload: dict) -> list[Table]:
+    """Per backbone: the engines on decoded images, the pipelines from files (cold and warm) and the ratios."""
+    engine, pipeline, ratio_rows = [], [], []
+    for name, result in payload["backbones"].items():
+        e = result["engine"]
+        engine.append(
+            [name, e["keras_predict_on_batch_images_per_s"], e["keras_predict_images_per_s"], e["onnx_images_per_s"]]
+            + [e["onnx_conversion_s"], e["onnx_session_start_s"]]
+        )
+        runs = {key: value for key, value in result["pipeline"].items() if isinstance(value, dict)}
+        pipeline += [
+            [name, run, r["cold_s"], r["cold_images_per_s"], r["warm_images_per_s"]] for run, r in runs.items()
+        ]
+        pipeline.append([name, "tlfusion, all features cached", result["pipeline"]["tlfusion_cached_s"], None, None])
+        ratio_rows += [[name, key, value] for key, value in result["ratios"].items()]
+    engine_header = ["backbone", "Keras predict_on_batch img/s", "Keras predict img/s", "ONNX img/s"]
+    pipeline_header = ["backbone", "files to features", "cold s", "cold img/s", "warm img/s"]
+    return [
+        ("engine on decoded images (warm)", [*engine_header, "ONNX conversion s", "ONNX session start s"], engine),
+        ("pipeline from files: cold = first pass in the process, warm = median of the next", pipeline_header, pipeline),
+        ("like-for-like ratios (above 1: tlfusion faster)", ["backbone", "ratio", "value"], ratio_rows),
+    ]
+
+
 def summarise_semantic(payload: dict) -> list[Table]:
     supervised = [
         [name, r["mean_auroc"], r["ci95"], r.get("fold_mean_auroc")] for name, r in payload["supervised"].items()
@@ -481,6 +505,7 @@ SUMMARISERS: dict[str, Callable[[dict], list[Table]]] = {
     "finetune_transfer": summarise_finetune,
     "fewshot_accuracy": summarise_fewshot_accuracy,
     "fewshot_screen": summarise_fewshot_screen,
+    "extract": summarise_extract,
     "semantic_nih1000": summarise_semantic,
     "scaling": summarise_scaling,
     "end_to_end": summarise_end_to_end,
