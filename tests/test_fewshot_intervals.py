@@ -49,7 +49,7 @@ def test_few_patients_with_many_images_widen_the_interval():
     patients is many times the episode-only one; the same images as 360 one-image patients are not clustered."""
     X, y, groups = pool(np.random.default_rng(2), patients=6, images=30, spread=2.0, shift=1.0)
     clustered = run_fewshot(X, y, groups, 2, 1, 1, 1000, "prototype")
-    assert half_width(clustered["auroc"]["ci95"]) > 4 * half_width(clustered["auroc"]["episode_ci95"])
+    assert half_width(clustered["auroc"]["ci95"]) > 3 * half_width(clustered["auroc"]["episode_ci95"])  # 4.3x here
     assert clustered["interval"]["patients"] == 12 and clustered["interval"]["estimable"]
     assert clustered["per_class"]["a"] == {"images": 180, "patients": 6}
     one_image_each = run_fewshot(X, y, np.arange(len(y)).astype(str), 2, 1, 1, 1000, "prototype")
