@@ -3,6 +3,8 @@ sets share no image or patient with the sets fewshot_accuracy reports."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from conftest import SHARED_DATA
@@ -70,3 +72,20 @@ def test_development_sets_share_no_image_or_patient_with_the_reported_sets():
     leg, hand = fewshot_screen.fracatlas_leg_table(), fewshot_accuracy.fracatlas_hand_table()
     assert set(leg["region"]) == {"leg"} and not set(leg["path"]) & set(hand["path"])
     assert not set(fewshot_screen.DEVELOPMENT) & set(fewshot_accuracy.DATASETS)
+
+
+def test_fewshot_accuracy_records_the_screens_decisions(tmp_path, monkeypatch):
+    monkeypatch.setattr(fewshot_accuracy, "SCREEN", tmp_path / "fewshot_screen.json")
+    assert fewshot_accuracy.screen_record()["status"].startswith("not run")
+    screen = {
+        "machine": {"git": {"commit": "abc123"}},
+        "settings": {"development_sets": {"kermany_dev": 512, "fracatlas_leg": 612}},
+        "decisions": {"stages": 2, "transform": "none"},
+    }
+    (tmp_path / "fewshot_screen.json").write_text(json.dumps(screen))
+    assert fewshot_accuracy.screen_record() == {
+        "file": "fewshot_screen.json",
+        "development_sets": ["kermany_dev", "fracatlas_leg"],
+        "decisions": {"stages": 2, "transform": "none"},
+        "commit": "abc123",
+    }
