@@ -1,7 +1,7 @@
 """Accuracy: each backbone alone vs fusion, each classifier, per initialisation, on the test split.
 
     python -m benchmarks.accuracy [--quick] [--experiments NAME ...] [--inits imagenet imagenet_frozen ...]
-                                  [--seeds 0 1 2] [--no-run]
+                                  [--seeds 0 1 2] [--no-run] [--reuse-finetuned 'runs/hand/s{seed}']
 
 For every (experiment, init, seed) it runs `tlfusion run experiments/NAME.yaml --out
 runs/benchmarks/accuracy/NAME__INIT[__seedN] --set explain.enabled=false [--set seed=N] ...` (explanations do not
@@ -15,8 +15,12 @@ chosen on CV and minus the best single backbone on test, per classifier (with pa
 init comparisons in `COMPARISONS` (e.g. imagenet minus scratch). Runnable experiments on ../shared/data:
 fracatlas_hand, fracatlas_leg, kermany_pneumonia; `--quick` takes fracatlas_hand only. `--no-run` tabulates the
 runs already finished. `--seeds` repeats each (experiment, init) with a new split, initialisation and CV folds.
-Writes benchmarks/results/accuracy.json, keeping the runs of its earlier version that this invocation did not
-measure (listed in `carried_over`), so runs can be added one at a time; each run records the commit it ran at.
+`--reuse-finetuned` lets init `imagenet` extract from the backbones another finished run of the same experiment
+and seed fine-tuned, after checking their train.json recipe is the experiment's, so a change to extraction or
+classification is measured without fine-tuning again; the row records that run's folder and commit
+(`finetuned_in`). Writes benchmarks/results/accuracy.json, keeping the runs of its earlier version that this
+invocation did not measure (listed in `carried_over`), so runs can be added one at a time; each run records the
+commit it ran at.
 """
 
 from __future__ import annotations
@@ -60,8 +64,9 @@ def experiment_file(name: str) -> Path:
     return REPO / "experiments" / f"{name}.yaml"
 
 
-def overrides(name: str, init: str, seed: int = 0) -> list[str]:
-    """`--set` arguments: no explanations, the init's backbone changes, a seed other than 0."""
+def overrides(name: str, init: str, seed: int = 0, reuse: str | None = None) -> list[str]:
+    """`--set` arguments: no explanations, the init's backbone changes, a seed other than 0, and with `reuse` (a
+    folder template such as `runs/hand/s{seed}`) the fine-tuned backbones of that finished run (`reused_backbones`)."""
     sets = ["explain.enabled=false"] + ([f"seed={seed}"] if seed else [])
     backbones = yaml.safe_load(experiment_file(name).read_text())["backbones"]
     if init == "imagenet_frozen":
@@ -71,18 +76,41 @@ def overrides(name: str, init: str, seed: int = 0) -> list[str]:
     elif init == "in_domain_xray128":
         for index, (arch, weights) in enumerate(OLD_IN_DOMAIN.items()):
             sets += [f"backbones.{index}.name={arch}", f"backbones.{index}.weights={weights}"]
+    if reuse and init == "imagenet":
+        sets.append("finetune.enabled=false")
+        models = reused_backbones(name, seed, Path(reuse.format(seed=seed)))
+        sets += [f"backbones.{index}.weights={model}" for index, model in enumerate(models)]
     return [argument for value in sets for argument in ("--set", value)]
+
+
+def reused_backbones(name: str, seed: int, folder: Path) -> list[Path]:
+    """The fine-tuned `model.keras` of each backbone in a finished run `folder` of experiment `name` at `seed`,
+    after checking that its `train.json` recipe is the experiment's (fine-tuning settings, start, size, seed)."""
+    from tlfusion.config import load_experiment
+
+    experiment = load_experiment(experiment_file(name), [f"seed={seed}"])
+    spec = experiment.finetune.model_dump(exclude={"enabled", "distribute"})  # where it ran, not what it learnt
+    models = []
+    for entry in experiment.backbones:
+        trained = json.loads((folder / "backbones" / entry.name / "train.json").read_text())["settings"]
+        expected = spec | {"weights": entry.weights, "image_size": experiment.image.size, "seed": seed}
+        differing = {key: (trained.get(key), value) for key, value in expected.items() if trained.get(key) != value}
+        if differing:
+            raise SystemExit(f"{folder}: {entry.name} was fine-tuned with other settings (theirs, ours): {differing}")
+        models.append(folder / "backbones" / entry.name / "model.keras")
+    return models
 
 
 def run_dir(name: str, init: str, seed: int = 0) -> Path:
     return RUNS / (f"{name}__{init}" + (f"__seed{seed}" if seed else ""))
 
 
-def run(name: str, init: str, seed: int = 0) -> dict:
+def run(name: str, init: str, seed: int = 0, reuse: str | None = None) -> dict:
     """`tlfusion run` for one (experiment, init, seed), its output appended to the run folder's name + `.out`."""
     folder = run_dir(name, init, seed)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    command = ["tlfusion", "run", str(experiment_file(name)), "--out", str(folder), *overrides(name, init, seed)]
+    arguments = overrides(name, init, seed, reuse)
+    command = ["tlfusion", "run", str(experiment_file(name)), "--out", str(folder), *arguments]
     with open(folder.parent / f"{folder.name}.out", "a") as log:
         measured = measure_command(command, cwd=REPO, stdout=log, stderr=log)
     if measured.get("returncode") == 0:
@@ -102,7 +130,7 @@ def test_rows(metrics: dict) -> dict[str, dict]:
     return rows
 
 
-def read_run(name: str, init: str, seed: int = 0) -> dict | None:
+def read_run(name: str, init: str, seed: int = 0, reuse: str | None = None) -> dict | None:
     """One finished run's test rows, selected model and stage timings (None when metrics.json is missing)."""
     paths = RunPaths(run_dir(name, init, seed))
     if not paths.metrics.is_file():
@@ -118,9 +146,15 @@ def read_run(name: str, init: str, seed: int = 0) -> dict | None:
         "timings_s": timings,
         "models": test_rows(metrics),
         "fusion_vs_single": paired_intervals(metrics, run_dir(name, init, seed)),
-        "test_images_seen_in_pretraining": test_images_seen(name, init, seed),
+        "test_images_seen_in_pretraining": test_images_seen(name, init, seed, reuse),
         "git": run_git(run_dir(name, init, seed)),
+        **({"finetuned_in": reused_run(Path(reuse.format(seed=seed)))} if reuse and init == "imagenet" else {}),
     }
+
+
+def reused_run(folder: Path) -> dict:
+    """Where a run's fine-tuned backbones came from: the folder and the git state it recorded."""
+    return {"folder": str(folder), "git": run_git(folder)}
 
 
 def run_git(folder: Path) -> dict | None:
@@ -129,14 +163,14 @@ def run_git(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def test_images_seen(name: str, init: str, seed: int) -> dict[str, int]:
+def test_images_seen(name: str, init: str, seed: int, reuse: str | None = None) -> dict[str, int]:
     """Backbone -> how many of the run's test images its initial weights were pretrained on."""
     import pandas as pd
 
     from tlfusion.config import load_experiment
     from tlfusion.stages.leakage import seen_in_training
 
-    experiment = load_experiment(experiment_file(name), overrides(name, init, seed)[1::2])
+    experiment = load_experiment(experiment_file(name), overrides(name, init, seed, reuse)[1::2])
     table = pd.read_csv(RunPaths(run_dir(name, init, seed)).table)
     return seen_in_training(experiment, table[table["split"] == "test"])
 
@@ -259,13 +293,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--inits", nargs="+", choices=INITS, default=list(INITS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="experiment seeds (default: 0)")
     parser.add_argument("--no-run", action="store_true", help="tabulate finished runs only; start none")
+    parser.add_argument(
+        "--reuse-finetuned",
+        metavar="TEMPLATE",
+        help="init imagenet: extract from the backbones a finished run at TEMPLATE.format(seed=N) fine-tuned with the "
+        "experiment's recipe (checked) instead of fine-tuning again",
+    )
     args = parser.parse_args(argv)
     names = args.experiments or (["fracatlas_hand"] if args.quick else list(EXPERIMENTS))
     wanted = [(n, i, s) for n in names for s in args.seeds for i in args.inits]
     machine = machine_info(*PACKAGES)
     started = time.perf_counter()
-    runs = {} if args.no_run else {run_dir(*key).name: run(*key) for key in wanted}
-    found = {key: read_run(*key) for key in wanted}
+    reuse = args.reuse_finetuned
+    runs = {} if args.no_run else {run_dir(*key).name: run(*key, reuse) for key in wanted}
+    found = {key: read_run(*key, reuse) for key in wanted}
     results = [result for result in found.values() if result]
     missing = [run_dir(*key).name for key, result in found.items() if not result]
     carried = earlier_runs(results)
@@ -285,6 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
             "inits": args.inits,
             "seeds_now": args.seeds,
             "overrides": {init: " ".join(overrides(names[0], init)) for init in args.inits},
+            "reuse_finetuned": reuse,
             "runs_folder": str(RUNS.relative_to(REPO)),
             "split": "test, image level; CIs: patient bootstrap 95%",
             "repeats": "one run per (experiment, init, seed)",

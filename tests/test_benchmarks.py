@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks import _common, results_md
 from benchmarks._common import git_state, measure_command, write_result
-from benchmarks.accuracy import fusion_gain, init_gain, mean_deltas, selected_means
+from benchmarks.accuracy import fusion_gain, init_gain, mean_deltas, overrides, reused_backbones, selected_means
 from benchmarks.end_to_end import stage_timings
 from benchmarks.scaling import linear_fit
 
@@ -279,3 +279,30 @@ def test_accuracy_rows_carried_over_from_an_earlier_invocation_are_marked(result
     both = "| aaaaaaa (HEAD); carried over, not recorded (not HEAD) |"  # in-domain minus scratch uses both runs
     assert f"| hand | 0 | fusion/lr | 0.3 | 0 {both}" in text
     assert text.endswith("| leg__scratch | not measured |")  # no "measured with HEAD" sentence for it
+
+
+def finetuned_run(folder: Path, **changes) -> Path:
+    """A run folder whose two backbones' train.json hold fracatlas_hand's shipped recipe at seed 1 (with `changes`)."""
+    from tlfusion.config import load_experiment
+
+    experiment = load_experiment(Path("experiments/fracatlas_hand.yaml"), ["seed=1"])
+    for entry in experiment.backbones:
+        settings = experiment.finetune.model_dump(exclude={"enabled", "distribute"})
+        settings |= {"weights": entry.weights, "image_size": experiment.image.size, "seed": 1, "augment": True}
+        (folder / "backbones" / entry.name).mkdir(parents=True)
+        (folder / "backbones" / entry.name / "train.json").write_text(json.dumps({"settings": settings | changes}))
+    return folder
+
+
+def test_reused_finetuning_points_the_backbones_at_the_run_and_skips_finetuning(tmp_path: Path):
+    finetuned_run(tmp_path / "s1")
+    arguments = overrides("fracatlas_hand", "imagenet", 1, str(tmp_path / "s{seed}"))[1::2]
+    assert "finetune.enabled=false" in arguments
+    assert f"backbones.1.weights={tmp_path / 's1' / 'backbones' / 'mobilenetv2' / 'model.keras'}" in arguments
+    assert "finetune.enabled=false" not in overrides("fracatlas_hand", "scratch", 1, str(tmp_path / "s{seed}"))
+
+
+def test_reused_finetuning_refuses_a_run_with_another_recipe(tmp_path: Path):
+    finetuned_run(tmp_path / "s1", epochs=10)
+    with pytest.raises(SystemExit, match="epochs"):
+        reused_backbones("fracatlas_hand", 1, tmp_path / "s1")
