@@ -52,6 +52,7 @@ def pretrain(
     epochs without improvement (after the warm-up); the best epoch becomes `model.keras`. `options` go to
     `backbones.build_backbone` (e.g. `{"alpha": 0.35}`). The defaults are `config.PretrainSettings`'.
     """
+    arguments = dict(locals())  # before any other local: what train.json records
     train, val = training.train_val_rows(table)
     classes = sorted(train["label"].astype(str).unique())
     training.require_classes(classes, val, "pretrain")
@@ -68,21 +69,7 @@ def pretrain(
         metric="accuracy",
     )
     targets = tuple(part["label"].astype(str).map(index).to_numpy(np.int32) for part in (train, val))
-    settings = training.training_settings(
-        weights,
-        options,
-        image_size=image_size,
-        warmup_epochs=warmup_epochs,
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        unfrozen_learning_rate=unfrozen_learning_rate,
-        patience=patience,
-        seed=seed,
-        augment=augment,
-        clahe=clahe,
-        batchnorm=batchnorm,
-    )
+    settings = training.training_settings(arguments, unfrozen_learning_rate=unfrozen_learning_rate)
     return training.run_task(task, train, val, targets, out_dir, settings, {"classes": classes}, resume, verbose)
 
 

@@ -30,13 +30,29 @@ from tlfusion.config import FinetuneSpec, ImageSpec
 from tlfusion.data.images import training_dataset
 from tlfusion.errors import InputError
 from tlfusion.fileio import write_atomic, write_json
-from tlfusion.provenance import SEEN_IMAGES, TRAINING_PACKAGES, environment, write_seen_images
+from tlfusion.provenance import SEEN_IMAGES, write_seen_images
+from tlfusion.training_records import write_records
 
 CHECKPOINT = "checkpoint.keras"
 STATE = "state.json"
 BEST_WEIGHTS = "best.weights.h5"
 MODEL = "model.keras"
 TRAINED_BATCHNORM_MOMENTUM = 0.9
+SETTINGS = (
+    "image_size",
+    "warmup_epochs",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "unfrozen_learning_rate",
+    "patience",
+    "seed",
+    "augment",
+    "clahe",
+    "batchnorm",
+    "distribute",
+)
+"""The arguments of `finetune` and `pretraining.pretrain` that `train.json` records (with `weights`, `options`)."""
 _FINETUNE = FinetuneSpec()  # the defaults of `finetune`: those of an experiment's `finetune` and `image` sections
 _IMAGE = ImageSpec()
 
@@ -103,6 +119,7 @@ def finetune(
     "auto" freezes them from pretrained weights and trains them from random init. The epoch with the best val AUC
     becomes `model.keras`; early stopping applies after the warm-up. The defaults are `config.FinetuneSpec`'s.
     """
+    arguments = dict(locals())  # before any other local: what train.json records
     train, val = train_val_rows(table)
     labels = set(train["label"].astype(str))
     if str(positive_class) not in labels:
@@ -123,29 +140,17 @@ def finetune(
     targets = tuple(
         (part["label"].astype(str) == str(positive_class)).to_numpy(np.float32)[:, None] for part in (train, val)
     )
-    settings = training_settings(
-        weights,
-        options,
-        positive_class=str(positive_class),
-        image_size=image_size,
-        warmup_epochs=warmup_epochs,
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        unfrozen_learning_rate=unfrozen_learning_rate,
-        patience=patience,
-        seed=seed,
-        augment=augment,
-        clahe=clahe,
-        batchnorm=batchnorm,
-    )
+    settings = training_settings(arguments, positive_class=str(positive_class))
     extra = {"classes": [f"not {positive_class}", str(positive_class)]}
     return run_task(task, train, val, targets, out_dir, settings, extra, resume, verbose)
 
 
-def training_settings(weights: str | Path | None, options: Mapping[str, Any] | None, **values: Any) -> dict[str, Any]:
-    """What `train.json` records of a run's settings: `weights` as text, `values`, then the backbone `options`."""
-    return {"weights": None if weights is None else str(weights), **values, "options": dict(options or {})}
+def training_settings(arguments: Mapping[str, Any], **changed: Any) -> dict[str, Any]:
+    """What `train.json` records of a run's settings: of a training function's `arguments`, `weights` as text, the
+    `SETTINGS` it has, `changed` values, then the backbone `options`."""
+    weights, options = arguments["weights"], arguments["options"]
+    recorded = {name: arguments[name] for name in SETTINGS if name in arguments}
+    return {"weights": None if weights is None else str(weights), **recorded, **changed, "options": dict(options or {})}
 
 
 # --- table checks -----------------------------------------------------------------------------------------------
@@ -250,7 +255,7 @@ def run_task(
         _fit_phases(model, task, state, (train_data, val_data, class_weight), out_dir, settings["patience"], verbose)
     model_path = _export_best(task, out_dir, settings["options"])
     result = TrainResult(model_path, state["history"], state["best_epoch"], _val_metrics(state))
-    _write_reports(out_dir, task, result, state, settings, extra, train, val)
+    write_records(out_dir, task, result, state, settings, extra, train, val)
     return result
 
 
@@ -402,59 +407,3 @@ def _export_best(task: Task, out_dir: Path, options: dict) -> Path:
 def _val_metrics(state: dict) -> dict[str, float]:
     best = next((row for row in state["history"] if row["epoch"] == state["best_epoch"]), {})
     return {key: value for key, value in best.items() if key.startswith("val_")}
-
-
-def _write_reports(
-    out_dir: Path,
-    task: Task,
-    result: TrainResult,
-    state: dict,
-    settings: dict,
-    extra: dict,
-    train: pd.DataFrame,
-    val: pd.DataFrame,
-) -> None:
-    history = pd.DataFrame(result.history)
-    write_atomic(out_dir / "history.csv", lambda temp: history.to_csv(temp, index=False))
-    plot_curves(history, out_dir / "curves.png", task.metric)
-    summary = {
-        "task": task.kind,
-        "backbone": task.backbone,
-        "settings": settings,
-        **extra,
-        "data": {
-            name: part["label"].astype(str).value_counts().sort_index().to_dict()
-            for name, part in (("train", train), ("val", val))
-        },
-        "epochs_run": state["epoch"],
-        "stopped_early": state["stopped"],
-        "best_epoch": result.best_epoch,
-        "monitor": task.monitor,
-        "val_metrics": result.val_metrics,
-        "wall_seconds": round(state["wall_seconds"], 1),
-        "seen_images": {"file": SEEN_IMAGES, "count": len(train) + len(val)},
-        "environment": environment(*TRAINING_PACKAGES),
-    }
-    write_json(out_dir / "train.json", summary)
-
-
-def plot_curves(history: pd.DataFrame, path: Path, metric: str) -> None:
-    """Loss and `metric` per epoch, training and validation, with the phase changes marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for axis, name in zip(axes, ("loss", metric), strict=True):
-        for column, style in ((name, "-o"), (f"val_{name}", "-s")):
-            if column in history:
-                axis.plot(history["epoch"], history[column], style, label=column)
-        for epoch in history["epoch"][history["phase"].ne(history["phase"].shift()) & (history.index > 0)]:
-            axis.axvline(epoch - 0.5, color="grey", linestyle=":")
-        axis.set_xlabel("epoch")
-        axis.set_title(name)
-        axis.legend()
-    figure.tight_layout()
-    write_atomic(path, lambda temp: figure.savefig(temp, dpi=100))
-    plt.close(figure)
