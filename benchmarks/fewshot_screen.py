@@ -19,7 +19,8 @@ Screens (2-way 5-shot 15-query episodes, development seed 1, shared by every var
   classifier (and the default ``prototype`` alone); the decision is the best mean over all classifiers.
 - ``transforms`` at the decided stages: power 0.5, centring on the supports, the episode (transductive) or the NIH
   base set, and soft k-means prototype refinement (5 steps, temperature 10), against the plain L2-normalised
-  prototype; one is adopted only when it beats that baseline by more than ``ADOPT_MARGIN`` mean AUROC.
+  prototype; one is adopted only when it beats that baseline by more than ``ADOPT_MARGIN`` mean AUROC and the
+  95% CI over patients of that gain (same episodes, paired) lies above 0.
 
 Writes benchmarks/results/fewshot_screen.json (``--quick``: fewshot_screen_quick.json) with its ``decisions``;
 fewshot_accuracy records the full run's with its own results. Exits when a development image (by sha256) is in a
@@ -44,6 +45,7 @@ from tlfusion.data.images import file_sha256
 from tlfusion.data.sources import read_csv
 from tlfusion.data.splits import assign_splits, content_groups
 from tlfusion.fewshot import FEWSHOT_CLASSIFIERS, evaluate_episodes, sample_episodes
+from tlfusion.fewshot_intervals import episode_membership, patient_se
 
 WAYS, SHOTS, QUERIES, SEED = 2, 5, 15, 1
 STAGES = (1, 2, 3, 4)
@@ -163,22 +165,44 @@ def screen_stages(pools, features: FeatureFn, extractors, stages_list, episodes:
     return out
 
 
+def episode_aurocs(X: np.ndarray, pool: Pool, sampled: list, classifier) -> np.ndarray:
+    return np.asarray(evaluate_episodes(X, pool.y, sampled, classifier)["auroc"]["per_episode"])
+
+
 def screen_transforms(pools, features: FeatureFn, extractors, stages: int, episodes: int, base: FeatureFn | None):
-    """Per transform: mean AUROC over sets x extractors (``base`` centring only when base features are given)."""
-    sampled, out = episodes_of(pools, episodes), {}
+    """Per transform: mean AUROC over sets x extractors (``base`` centring only when base features are given) and,
+    against the plain L2 prototype on the same episodes, the gain with its 95% CI over patients (per set: the
+    per-episode differences averaged over extractors, `tlfusion.fewshot_intervals.patient_se`; sets independent)."""
+    sampled = episodes_of(pools, episodes)
+    scores: dict[str, dict[str, np.ndarray]] = {}
     for label, (power, centring, steps) in TRANSFORMS.items():
         if centring == "base" and base is None:
             continue
-        per_set = {}
+        scores[label] = {}
         for name, pool in pools.items():
-            values = []
+            per_extractor = []
             for extractor in extractors:
                 base_mean = base(name, extractor, stages).mean(axis=0) if centring == "base" else None
                 classifier = TransformPrototype(power, centring, steps, base_mean)
-                values.append(mean_auroc(features(name, extractor, stages), pool, sampled[name], classifier))
-            per_set[name] = float(np.mean(values))
-        out[label] = {"mean_auroc": float(np.mean(list(per_set.values()))), "per_set": per_set}
-    return out
+                per_extractor.append(episode_aurocs(features(name, extractor, stages), pool, sampled[name], classifier))
+            scores[label][name] = np.mean(per_extractor, axis=0)
+    membership = {name: episode_membership(sampled[name], pool.groups) for name, pool in pools.items()}
+    return {label: transform_row(by_set, scores[BASELINE], membership) for label, by_set in scores.items()}
+
+
+def transform_row(by_set: dict, baseline: dict, membership: dict) -> dict:
+    """Mean AUROC, per-set means, and the gain over the baseline with its 95% CI over patients (None when not
+    estimable)."""
+    gains = {name: by_set[name] - baseline[name] for name in by_set}
+    errors = [patient_se(gain, membership[name]) for name, gain in gains.items()]
+    gain = float(np.mean([values.mean() for values in gains.values()]))
+    se = None if None in errors else float(np.sqrt(np.sum(np.square(errors))) / len(errors))
+    return {
+        "mean_auroc": float(np.mean([values.mean() for values in by_set.values()])),
+        "per_set": {name: float(values.mean()) for name, values in by_set.items()},
+        "gain_over_l2_prototype": gain,
+        "gain_ci95": None if se is None else [gain - 1.96 * se, gain + 1.96 * se],
+    }
 
 
 def best_stages(stages: dict) -> int:
@@ -187,15 +211,17 @@ def best_stages(stages: dict) -> int:
 
 
 def decide(stages: dict, transforms: dict) -> dict:
-    """``best_stages``; the best transform if it beats the plain L2 prototype by more than ADOPT_MARGIN, else
-    none."""
-    baseline = transforms[BASELINE]["mean_auroc"]
+    """``best_stages``; the transform with the best mean AUROC if it beats the plain L2 prototype by more than
+    ADOPT_MARGIN with a gain CI above 0, else none."""
     best = max(transforms, key=lambda key: transforms[key]["mean_auroc"])
-    gain = transforms[best]["mean_auroc"] - baseline
+    row = transforms[best]
+    adopted = best != BASELINE and row["gain_over_l2_prototype"] > ADOPT_MARGIN and (row["gain_ci95"] or [0])[0] > 0
     return {
         "stages": best_stages(stages),
-        "transform": best if best != BASELINE and gain > ADOPT_MARGIN else "none",
-        "best_transform_gain_over_l2_prototype": round(gain, 4),
+        "transform": best if adopted else "none",
+        "best_transform": best,
+        "best_transform_gain_over_l2_prototype": round(row["gain_over_l2_prototype"], 4),
+        "best_transform_gain_ci95": row["gain_ci95"],
     }
 
 

@@ -295,12 +295,15 @@ def summarise_fewshot_screen(payload: dict) -> list[Table]:
     ]
     header = ["stages", "mean AUROC, all classifiers", "mean AUROC, prototype", *sets]
     transforms = [
-        [name, row["mean_auroc"], *(row["per_set"][s] for s in sets)] for name, row in payload["transforms"].items()
+        [name, row["mean_auroc"], *(row["per_set"][s] for s in sets)]
+        + [with_ci(row.get("gain_over_l2_prototype"), row.get("gain_ci95"))]
+        for name, row in payload["transforms"].items()
     ]
     decisions = [[key, value] for key, value in payload["decisions"].items()]
+    gain_header = "gain over l2 prototype [95% CI over patients]"
     return [
         ("stages (development sets only)", header, stages),
-        ("transforms at the decided stages", ["transform", "mean AUROC", *sets], transforms),
+        ("transforms at the decided stages", ["transform", "mean AUROC", *sets, gain_header], transforms),
         ("decisions", ["", "value"], decisions),
     ]
 

@@ -18,15 +18,15 @@ SEPARATION = {1: 0.1, 2: 1.2, 3: 0.6, 4: 0.3}  # stages=2 carries the most class
 
 
 def synthetic_pools() -> dict[str, Pool]:
-    labels = np.repeat(["neg", "pos"], 25)
-    return {name: Pool(labels, np.array([f"{name}{i}" for i in range(50)])) for name in ("dev_a", "dev_b")}
+    labels = np.repeat(["neg", "pos"], 40)  # 20 of 40 patients per class in an episode: none in all of them
+    return {name: Pool(labels, np.array([f"{name}{i}" for i in range(80)])) for name in ("dev_a", "dev_b")}
 
 
 def synthetic_features(name: str, extractor: str, stages: int) -> np.ndarray:
     """Non-negative features whose class shift grows with SEPARATION[stages]; one seed per (set, extractor, stages)."""
     rng = np.random.default_rng([len(name), len(extractor), stages, ord(name[-1])])
-    shift = np.r_[np.zeros(25), np.ones(25)][:, None] * SEPARATION[stages] * np.eye(12)[0]
-    return np.abs(rng.normal(1.0, 1.0, (50, 12)) + shift)
+    shift = np.r_[np.zeros(40), np.ones(40)][:, None] * SEPARATION[stages] * np.eye(12)[0]
+    return np.abs(rng.normal(1.0, 1.0, (80, 12)) + shift)
 
 
 def test_screen_decides_the_stages_it_measured_best_and_renders():
@@ -39,17 +39,26 @@ def test_screen_decides_the_stages_it_measured_best_and_renders():
     best = max(row["mean_auroc"] for row in result["transforms"].values())
     gain = result["decisions"]["best_transform_gain_over_l2_prototype"]
     assert gain == pytest.approx(best - result["transforms"][BASELINE]["mean_auroc"], abs=1e-4)
-    payload = {"settings": {"development_sets": {"dev_a": 50, "dev_b": 50}}, **result}
+    assert result["transforms"][BASELINE]["gain_ci95"] == [0.0, 0.0]  # the baseline against itself
+    low, high = result["transforms"]["power 0.5 + l2"]["gain_ci95"]
+    assert low < result["transforms"]["power 0.5 + l2"]["gain_over_l2_prototype"] < high
+    payload = {"settings": {"development_sets": {"dev_a": 80, "dev_b": 80}}, **result}
     titles = [title for title, _, _ in summarise_fewshot_screen(payload)]
     assert titles == ["stages (development sets only)", "transforms at the decided stages", "decisions"]
 
 
-@pytest.mark.parametrize(("gain", "adopted"), [(0.004, "none"), (0.006, "power 0.5 + l2")])
-def test_a_transform_is_adopted_only_beyond_the_margin(gain, adopted):
+@pytest.mark.parametrize(
+    ("gain", "low", "adopted"),
+    [(0.004, 0.001, "none"), (0.006, 0.001, "power 0.5 + l2"), (0.006, -0.002, "none")],
+    ids=["below-margin", "adopted", "ci-spans-0"],
+)
+def test_a_transform_is_adopted_only_beyond_the_margin_and_its_interval(gain, low, adopted):
     stages = {"1": {"mean_auroc_all_classifiers": 0.7}, "2": {"mean_auroc_all_classifiers": 0.7}}
-    transforms = {BASELINE: {"mean_auroc": 0.75}, "power 0.5 + l2": {"mean_auroc": 0.75 + gain}}
-    decisions = decide(stages, transforms)
+    row = {"mean_auroc": 0.75 + gain, "gain_over_l2_prototype": gain, "gain_ci95": [low, 2 * gain - low]}
+    transforms = {BASELINE: {"mean_auroc": 0.75, "gain_over_l2_prototype": 0.0, "gain_ci95": [0, 0]}}
+    decisions = decide(stages, {**transforms, "power 0.5 + l2": row})
     assert decisions["transform"] == adopted
+    assert decisions["best_transform"] == "power 0.5 + l2"
     assert decisions["stages"] == 1  # a tie goes to fewer stages
 
 
