@@ -104,3 +104,48 @@ def test_the_demo_experiment_and_its_data_are_package_data():
     assert len(files) == 202 and files <= {path for pattern in patterns for path in package.glob(pattern)}
     checkout = load_experiment(package.parent / "experiments" / "demo.yaml")
     assert checkout.model_dump() == demo.model_dump()
+
+
+def _imported_modules(path: Path, modules: set[str]) -> set[str]:
+    """The tlfusion modules a source file imports when it runs, at module or function level (`if TYPE_CHECKING:`
+    blocks left out)."""
+    import ast
+
+    found = set()
+    todo = list(ast.parse(path.read_text(encoding="utf-8")).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{alias.name}" for alias in node.names]
+            found.update({name for name in names if name in modules} or {node.module})
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        todo += ast.iter_child_nodes(node)
+    return found & modules
+
+
+ENTRY_AND_TRAINING = ("cli", "console", "config", "fileio", "training", "training_records", "pretraining")
+ENTRY_AND_TRAINING += ("model_cards", "provenance", "data.images", "data.sources", "data.pretraining")
+
+
+def test_no_module_imports_the_cli_and_no_import_cycle_runs_through_the_entry_or_training_modules():
+    """The command line sits on top: only `__main__` imports `tlfusion.cli`; and no chain of imports, at module or
+    function level, leads from one of these modules back to itself."""
+    package = Path(tlfusion.__file__).resolve().parent
+    files = {
+        ".".join(("tlfusion", *path.relative_to(package).with_suffix("").parts)).removesuffix(".__init__"): path
+        for path in package.rglob("*.py")
+    }
+    graph = {name: _imported_modules(path, set(files)) - {name} for name, path in files.items()}
+    assert sorted(name for name, imported in graph.items() if "tlfusion.cli" in imported) == ["tlfusion.__main__"]
+    graph = {name: imported - {"tlfusion"} for name, imported in graph.items()}  # the package's lazy __getattr__
+    for start in (f"tlfusion.{name}" for name in ENTRY_AND_TRAINING):
+        seen, todo = set(), list(graph[start])
+        while todo:
+            name = todo.pop()
+            assert name != start, f"import cycle through {start}"
+            if name not in seen:
+                seen.add(name)
+                todo += graph[name]
