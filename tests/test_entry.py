@@ -149,3 +149,16 @@ def test_no_module_imports_the_cli_and_no_import_cycle_runs_through_the_entry_or
             if name not in seen:
                 seen.add(name)
                 todo += graph[name]
+
+
+def test_a_bad_pretraining_yaml_exits_2_before_tensorflow_is_imported(tmp_path):
+    (tmp_path / "pretrain.yaml").write_text("epoch: 3\nsources: [{name: a, csv: a.csv}]\n")
+    argv = ["pretrain", str(tmp_path / "pretrain.yaml"), "--arch", "mobilenetv2", "--out", str(tmp_path / "out")]
+    code = f"import sys\nfrom tlfusion.cli import main\ncode = main({argv!r})\nprint('tensorflow' in sys.modules)"
+    code += "\nsys.exit(code)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (2, "False\n")
+    assert (
+        done.stderr == f"tlfusion: error: {tmp_path / 'pretrain.yaml'}: epoch: unknown key (did you mean 'epochs'?)\n"
+    )
+    assert not (tmp_path / "out").exists()
