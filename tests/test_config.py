@@ -173,7 +173,10 @@ def test_pretraining_config_resolves_paths_and_fills_the_pretrain_defaults(tmp_p
     "changes, message",
     [
         ({"epoch": 3}, r"pretrain.yaml: epoch: unknown key \(did you mean 'epochs'\?\)"),
-        ({"sources": [{"name": "a", "csv": "a.csv", "label_colum": "y"}]}, r"sources.0.label_colum: unknown key .*'label_column'"),
+        (
+            {"sources": [{"name": "a", "csv": "a.csv", "label_colum": "y"}]},
+            r"sources.0.label_colum: unknown key .*'label_column'",
+        ),
         ({"sources": [{"name": "a", "csv": "a.csv", "regions": ["leg"]}]}, "'regions' needs 'region_column'"),
         ({"sources": []}, "sources: List should have at least 1 item"),
         ({"split": {"seed": 1, "group": "study"}}, "split.group: unknown key"),
