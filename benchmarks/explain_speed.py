@@ -27,6 +27,7 @@ from sklearn.linear_model import LogisticRegression
 from benchmarks._common import machine_info, write_result
 from tlfusion.backbones import build_backbone
 from tlfusion.bundle import Bundle
+from tlfusion.classifiers import fusion_pipeline
 from tlfusion.explain.gradcam import GradCAM
 from tlfusion.explain.lime import explain_lime
 from tlfusion.features import FeatureFusion, fuse, keras_runner, onnx_graph
@@ -47,8 +48,7 @@ def fusion_bundle(names: list[str], fit_images: np.ndarray, fit_labels: np.ndarr
     fusion = FeatureFusion(block_sizes).fit(X)
     return Bundle(
         models=models,
-        fusion=fusion,
-        classifier=LogisticRegression(max_iter=1000).fit(fusion.transform(X), fit_labels),
+        estimator=fusion_pipeline(fusion, LogisticRegression(max_iter=1000).fit(fusion.transform(X), fit_labels)),
         threshold=0.5,
         class_names=["negative", "positive"],
         image_size=IMAGE_SIZE,

@@ -16,6 +16,7 @@ from xgboost import XGBClassifier
 from tlfusion import bundle as bundle_module
 from tlfusion.backbones import build_backbone, feature_model
 from tlfusion.bundle import Bundle, check_class_names, load_bundle, save_bundle
+from tlfusion.classifiers import fusion_pipeline
 from tlfusion.data.images import file_sha256, load_batch
 from tlfusion.errors import InputError
 from tlfusion.features import FeatureFusion, fuse, onnx_graph
@@ -61,8 +62,7 @@ def make_bundle(parts, classifier, **changes) -> Bundle:
     models, fusion, Z, labels, _ = parts
     settings = {
         "models": models,
-        "fusion": fusion,
-        "classifier": classifier.fit(Z, labels),
+        "estimator": fusion_pipeline(fusion, classifier.fit(Z, labels)),
         "threshold": 0.4,
         "class_names": ["healthy", "fracture"],
         "image_size": SIZE,
@@ -91,8 +91,8 @@ def test_round_trip_gives_the_same_probabilities(parts, tmp_path, make_classifie
     original = make_bundle(parts, make_classifier())
     _, _, Z, _, images = parts
     loaded = load_bundle(save_bundle(original, tmp_path / "bundle"))
-    expected = original.classifier.predict_proba(Z[:6])[:, 1]
-    np.testing.assert_allclose(loaded.predict_proba(images[:6]), expected, rtol=1e-5, atol=1e-6)
+    expected = original.classifier.predict_proba(Z[:6])
+    np.testing.assert_allclose(loaded.predict_proba(images[:6]), expected, rtol=1e-5, atol=1e-6)  # [n, 2]
     assert (loaded.threshold, loaded.class_names, loaded.image_size, loaded.clahe, loaded.meta) == (
         0.4,
         ["healthy", "fracture"],
@@ -116,7 +116,7 @@ def test_predict_paths_decodes_like_load_batch(loaded, tmp_path):
         paths.append(str(tmp_path / f"{i}.png"))
         cv2.imwrite(paths[-1], np.random.default_rng(i).integers(0, 256, (40, 30), dtype=np.uint8))
     expected = loaded.predict_proba(load_batch(paths, SIZE))
-    np.testing.assert_allclose(loaded.predict_paths(paths, batch_size=2), expected, rtol=1e-6)
+    np.testing.assert_allclose(loaded.predict_paths(paths, batch_size=2), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_altered_file_is_refused(copy_of_saved):
@@ -224,7 +224,7 @@ def test_onnx_graphs_round_trip_and_match_keras(parts, tmp_path):
     assert (folder / "backbones" / "mobilenet_a.onnx").read_bytes() == graphs["mobilenet_a"]
     loaded = load_bundle(folder)
     assert loaded.onnx_graphs == graphs
-    expected = original.classifier.predict_proba(Z[:6])[:, 1]
+    expected = original.classifier.predict_proba(Z[:6])
     np.testing.assert_allclose(loaded.predict_proba(images[:6]), expected, rtol=1e-4, atol=1e-4)
 
 

@@ -89,10 +89,10 @@ def test_select_model_keeps_patients_out_of_their_own_training_folds():
 def test_select_model_reduces_folds_when_a_class_has_few_patients(wide, caplog):
     X, y, _ = wide
     groups = np.where(y == 1, np.arange(len(y)) % 3, 100 + np.arange(len(y)))  # positives: 3 patients
-    with caplog.at_level(logging.WARNING, logger="tlfusion.classifiers"):
+    with caplog.at_level(logging.WARNING, logger="tlfusion"):
         selection = select_model(X, y, groups, ["lr"], cv=5)
     assert selection.n_splits == 3
-    assert "cv reduced from 5 to 3" in caplog.text
+    assert "cv: folds reduced from 5 to 3" in caplog.text
     with pytest.raises(InputError, match="fewer than 2 patient groups"):
         select_model(X, y, np.where(y == 1, 0, np.arange(len(y)) + 1), ["lr"])
 

@@ -102,7 +102,7 @@ class FakeBundle:
         return np.concatenate([np.asarray(extractor.predict_on_batch(images)) for extractor in self._extractors], 1)
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        return self.classifier.predict_proba(self._features(images))[:, 1]
+        return self.classifier.predict_proba(self._features(images))
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from sklearn.linear_model import LogisticRegression
 
 from tlfusion.backbones import build_backbone, feature_model, gradcam_layer_name
 from tlfusion.bundle import Bundle, load_bundle, save_bundle
+from tlfusion.classifiers import fusion_pipeline
 from tlfusion.data.images import load_batch
 from tlfusion.explain import explain_cases, explain_lime
 from tlfusion.explain.gradcam import GradCAM
@@ -109,7 +110,7 @@ def tiny_bundle(folder: Path) -> tuple[Path, list[str]]:
     X = feature_model(model).predict(images.astype(np.float32), verbose=0)
     fusion = FeatureFusion(block_sizes=[X.shape[1]]).fit(X)
     classifier = LogisticRegression(max_iter=500).fit(fusion.transform(X), np.arange(8) % 2)
-    bundle = Bundle({"tiny": model}, fusion, classifier, 0.5, ["normal", "abnormal"], 32)
+    bundle = Bundle({"tiny": model}, fusion_pipeline(fusion, classifier), 0.5, ["normal", "abnormal"], 32)
     return save_bundle(bundle, folder / "bundle"), [str(path) for path in paths[:2]]
 
 

@@ -29,6 +29,7 @@ from xgboost import XGBClassifier
 from tlfusion import bundle as bundle_module
 from tlfusion.backbones import build_backbone, feature_model
 from tlfusion.bundle import Bundle, save_bundle
+from tlfusion.classifiers import fusion_pipeline
 from tlfusion.cli import main
 from tlfusion.config import load_experiment
 from tlfusion.data.images import file_sha256
@@ -227,7 +228,7 @@ def tiny_bundle() -> Bundle:
     X = feature_model(model).predict(images, verbose=0)
     fusion = FeatureFusion(block_sizes=[X.shape[1]]).fit(X)
     classifier = XGBClassifier(n_estimators=4, max_depth=2, n_jobs=1).fit(fusion.transform(X), np.tile([0, 1], 8))
-    return Bundle({"tiny": model}, fusion, classifier, 0.5, ["normal", "abnormal"], SIZE)
+    return Bundle({"tiny": model}, fusion_pipeline(fusion, classifier), 0.5, ["normal", "abnormal"], SIZE)
 
 
 def save_with_key(bundle: Bundle, folder: Path, key: str | None) -> Path:

@@ -10,6 +10,8 @@ import pandas as pd
 import yaml
 
 from tlfusion.config import load_experiment
+from tlfusion.data.splits import grouped_folds
+from tlfusion.features import FeatureFusion
 from tlfusion.pipeline import Pipeline
 from tlfusion.stages import binary
 
@@ -90,3 +92,34 @@ def test_permuting_test_labels_leaves_selection_and_thresholds_unchanged(tmp_pat
     on_test = predictions["split"] == "test"
     assert (predictions.loc[on_test, "y_true"] != shuffled[2].loc[on_test, "y_true"]).any()
     pd.testing.assert_series_equal(predictions["prob"], shuffled[2]["prob"])  # CV and test probabilities alike
+
+
+class RecordingFusion(FeatureFusion):
+    """The experiment's fusion transform, recording the rows (as bytes) each fit sees."""
+
+    fits: list[set[bytes]] = []
+
+    def fit(self, X, y=None):
+        RecordingFusion.fits.append(row_set(X))
+        return super().fit(X, y)
+
+
+def test_each_cv_fold_fits_its_own_fusion_on_its_training_rows_only(tmp_path, folder_dataset, monkeypatch):
+    features, table = synthetic_run_inputs()
+    monkeypatch.setattr(RecordingFusion, "fits", [])
+    monkeypatch.setattr(binary, "make_fusion", lambda run, block_sizes: RecordingFusion(block_sizes=block_sizes))
+    fit_run(tmp_path / "a", folder_dataset, features, table, monkeypatch)
+
+    is_fit = table["split"].isin(["train", "val"]).to_numpy()
+    folds = grouped_folds(table["y"][is_fit], table["patient"][is_fit], 3, seed=0, what="cv")
+    X = np.hstack([features["mobilenetv2"], features["mobilenetv2_2"]])[is_fit]  # the fusion feature set
+    fusion_fits = [fit for fit in RecordingFusion.fits if len(next(iter(fit))) == X[0].nbytes]
+    fold_fits = [row_set(X[train]) for train, _ in folds]
+    # CV of lr then knn, each fold fitting its own fusion on that fold's training rows; then each refit on all rows
+    assert fusion_fits == fold_fits * 2 + [row_set(X)] * 2
+    for (_, held_out), fit in zip(folds, fusion_fits, strict=False):
+        assert not fit & row_set(X[held_out])  # no fold's fusion saw the rows it was scored on
+
+
+def row_set(X: np.ndarray) -> set[bytes]:
+    return {row.tobytes() for row in np.asarray(X, dtype=float)}

@@ -34,8 +34,7 @@ class BundleModel:
 
     def predict_proba(self, images: Image | Sequence[Image]) -> np.ndarray:
         """Probabilities [n, 2] of (negative, positive) class, in `classes_` order."""
-        positive = np.concatenate([self.bundle.predict_proba(batch) for batch in self._batches(images)])
-        return np.column_stack([1.0 - positive, positive])
+        return np.concatenate([self.bundle.predict_proba(batch) for batch in self._batches(images)])
 
     def predict(self, images: Image | Sequence[Image]) -> np.ndarray:
         """Class names, positive where its probability reaches the bundle's threshold (chosen on CV)."""

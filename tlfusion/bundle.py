@@ -6,8 +6,8 @@
       backbones/<name>.keras    fine-tuned flat backbones (loaded with safe_mode=True)
       backbones/<name>.onnx     optional: the backbone's feature sub-model for ONNX Runtime (a graph, no code),
                                 checked against Keras when converted; features run through it when present
-      fusion.skops              the fitted FeatureFusion
-      classifier.skops          the fitted classifier, every XGBoost model in it replaced by a marker string
+      fusion.skops              the fitted FeatureFusion (step "fusion" of the bundle's estimator)
+      classifier.skops          the fitted classifier (step "clf"), every XGBoost model in it replaced by a marker
       xgboost/<i>.json          constructor parameters of XGBoost model i
       xgboost/<i>.ubj           its booster in XGBoost's own format (when fitted)
       bundle.json               class names, threshold, image size, clahe, backbone order, meta
@@ -39,12 +39,14 @@ import keras
 import numpy as np
 import skops.io
 from sklearn.base import BaseEstimator
+from sklearn.pipeline import Pipeline
 from skops.io.exceptions import UntrustedTypesFoundException
 from xgboost import XGBClassifier, XGBModel
 from xgboost.core import XGBoostError
 
 from tlfusion import __version__
 from tlfusion.backbones import FEATURES_LAYER, image_size_of, load_model_file
+from tlfusion.classifiers import CLASSIFIER_STEP, FUSION_STEP, fusion_pipeline
 from tlfusion.data.images import decoded_batches, file_sha256
 from tlfusion.errors import InputError
 from tlfusion.features import BatchRunner, FeatureFusion, fuse, keras_runner, onnx_runner
@@ -83,7 +85,8 @@ _INFO_TYPES: dict[str, type | tuple[type, ...]] = {
 
 @dataclass
 class Bundle:
-    """Everything needed to go from images to the probability of the positive class.
+    """Everything needed to go from images to class probabilities: backbones, then `estimator`, the fitted
+    `classifiers.fusion_pipeline` (feature fusion + classifier, as cross-validated and refitted by the fit stage).
 
     `onnx_graphs` maps backbone names to their feature sub-model as ONNX (see `features.onnx_graph`); those
     backbones run with ONNX Runtime, the others with Keras. `trust` is set by `load_bundle`: "signed ..." or
@@ -91,8 +94,7 @@ class Bundle:
     """
 
     models: dict[str, keras.Model]
-    fusion: FeatureFusion
-    classifier: Any
+    estimator: Pipeline
     threshold: float
     class_names: list[str]
     image_size: int
@@ -118,21 +120,32 @@ class Bundle:
         unknown = sorted(set(self.onnx_graphs) - set(self.models))
         if unknown:
             raise InputError(f"bundle: ONNX graphs for unknown backbones {unknown}")
+        steps = [name for name, _ in getattr(self.estimator, "steps", [])]
+        if not isinstance(self.estimator, Pipeline) or steps != [FUSION_STEP, CLASSIFIER_STEP]:
+            raise InputError(f"bundle: the estimator must be a Pipeline of {FUSION_STEP!r} and {CLASSIFIER_STEP!r}")
         if list(getattr(self.classifier, "classes_", [])) != [0, 1]:
             raise InputError("bundle: the classifier must be fitted on labels 0 (negative) and 1 (positive)")
 
+    @property
+    def fusion(self) -> FeatureFusion:
+        return self.estimator.named_steps[FUSION_STEP]
+
+    @property
+    def classifier(self) -> Any:
+        return self.estimator.named_steps[CLASSIFIER_STEP]
+
     def features(self, images: np.ndarray) -> np.ndarray:
-        """Fused, normalised features of images [n, s, s, 1] (float, [0, 255])."""
+        """The backbones' features of images [n, s, s, 1] (float, [0, 255]) side by side: the estimator's input."""
         images = self._check_images(images)
         X, _ = fuse([self._backbone_features(name, images) for name in self.models])
-        return self.fusion.transform(X)
+        return X
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        """Probability of the positive class for each of images [n, s, s, 1]."""
-        return self.classifier.predict_proba(self.features(images))[:, 1]
+        """Probabilities [n, 2] of (negative, positive) class, `class_names` order, for images [n, s, s, 1]."""
+        return self.estimator.predict_proba(self.features(images))
 
     def predict_paths(self, paths: Sequence[str | Path], batch_size: int = 32) -> np.ndarray:
-        """Probability of the positive class for each image file (decoded as the bundle's backbones expect)."""
+        """Probabilities [n, 2] for image files (decoded as the bundle's backbones expect)."""
         if len(paths) == 0:
             raise InputError("paths: no images to predict")
         batches = decoded_batches(paths, self.image_size, self.clahe, batch_size)
@@ -258,8 +271,10 @@ def load_bundle(folder: str | Path) -> Bundle:
     xgb_models = [_load_xgboost(listed, i) for i in range(info["xgboost_models"])]
     return Bundle(
         models={name: load_model_file(listed(f"backbones/{name}.keras")) for name in names},
-        fusion=_load_skops(listed("fusion.skops")),
-        classifier=_put_back_xgboost(_load_skops(listed("classifier.skops")), xgb_models),
+        estimator=fusion_pipeline(
+            _load_skops(listed("fusion.skops")),
+            _put_back_xgboost(_load_skops(listed("classifier.skops")), xgb_models),
+        ),
         threshold=info["threshold"],
         class_names=info["class_names"],
         image_size=info["image_size"],

@@ -11,11 +11,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.base import BaseEstimator
+from sklearn.base import BaseEstimator, clone
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import RandomForestClassifier, VotingClassifier
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import ParameterGrid, StratifiedGroupKFold
+from sklearn.model_selection import ParameterGrid
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
@@ -23,11 +23,14 @@ from sklearn.svm import SVC
 from xgboost import XGBClassifier
 
 from tlfusion import metrics
+from tlfusion.data.splits import grouped_folds
 from tlfusion.errors import InputError
 
 logger = logging.getLogger(__name__)
 
 N_JOBS = 2
+FUSION_STEP, CLASSIFIER_STEP = "fusion", "clf"
+"""Step names of ``fusion_pipeline``."""
 SCORINGS = ("kappa", "f1", "accuracy", "auroc")
 SMALL_PARAM_GRID = {
     "lr": {"C": [0.005, 0.05, 0.5]},
@@ -103,6 +106,21 @@ def make_classifier(name: str, random_state: int = 0, **params) -> BaseEstimator
     return estimator.set_params(**{_resolve_param(name, valid_keys, key): value for key, value in params.items()})
 
 
+def fusion_pipeline(fusion: BaseEstimator, classifier: BaseEstimator) -> Pipeline:
+    """``Pipeline([("fusion", fusion), ("clf", classifier)])``: the form a model is cross-validated, refitted and
+    bundled in, so fitting it fits the fusion transform (scaling, PCA) on the same rows as the classifier."""
+    return Pipeline([(FUSION_STEP, fusion), (CLASSIFIER_STEP, classifier)])
+
+
+def build_model(
+    name: str, random_state: int = 0, params: Mapping | None = None, fusion: BaseEstimator | None = None
+) -> BaseEstimator:
+    """Unfitted classifier ``name`` with ``params`` (``make_classifier``), behind an unfitted clone of ``fusion``
+    (``fusion_pipeline``) when one is given."""
+    classifier = make_classifier(name, random_state, **(params or {}))
+    return classifier if fusion is None else fusion_pipeline(clone(fusion), classifier)
+
+
 @dataclass
 class Selection:
     """Outcome of ``select_model``; every entry is keyed by classifier name."""
@@ -130,14 +148,17 @@ def select_model(
     threshold_criterion: str = "kappa",
     param_grid: Mapping[str, Mapping[str, Sequence]] | None = None,
     label: str | None = None,
+    fusion: BaseEstimator | None = None,
 ) -> Selection:
     """Pick the classifier with the best grouped cross-validated ``scoring`` on TRAINING data.
 
-    Folds come from ``StratifiedGroupKFold`` over ``groups`` (patient ids; ``None`` means one group per row),
+    Folds come from ``data.splits.grouped_folds`` over ``groups`` (patient ids; ``None`` means one group per row),
     reduced when a class has fewer groups than ``cv``. Each fold is scored at the threshold that
     ``metrics.choose_threshold`` picks on the other folds' out-of-fold probabilities, so the score covers the
     model and its threshold rule. ``param_grid`` (e.g. ``SMALL_PARAM_GRID``) maps a name to a small grid
     searched by the same folds. ``label`` (e.g. the feature set) prefixes the classifier names in log lines.
+    With ``fusion`` (an unfitted transformer), each candidate is ``build_model(..., fusion=fusion)``: every fold
+    fits its own fusion transform on that fold's training rows only.
     """
     X, y, groups = _check_training_data(X, y, groups)
     names = list(names)
@@ -155,11 +176,11 @@ def select_model(
         raise InputError(f"param_grid names classifiers not being selected: {', '.join(unused)}")
 
     candidates = {name: _parameter_grid(name, param_grid.get(name, {})) for name in names}
-    folds = _grouped_folds(y, groups, cv, random_state)
+    folds = grouped_folds(y, groups, cv, random_state, what="cv")
     scores, oof_prob, params = {}, {}, {}
     for name in names:
         for candidate in candidates[name]:
-            oof = _oof_prob(name, candidate, X, y, folds, random_state)
+            oof = _oof_prob(build_model(name, random_state, candidate, fusion), X, y, folds)
             score = _cv_score(y, oof, folds, scoring, threshold_criterion)
             if name not in scores or np.isnan(scores[name]) or score > scores[name]:
                 scores[name], oof_prob[name], params[name] = score, oof, candidate
@@ -223,29 +244,11 @@ def _check_training_data(X, y, groups) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return X, y, group_of_row
 
 
-def _grouped_folds(y: np.ndarray, groups: np.ndarray, cv: int, random_state: int) -> list:
-    if not isinstance(cv, (int, np.integer)) or cv < 2:
-        raise InputError(f"cv must be an integer of at least 2, got {cv!r}")
-    groups_per_class = min(len(np.unique(groups[y == label])) for label in (0, 1))
-    if groups_per_class < 2:
-        raise InputError("a class has fewer than 2 patient groups in the training data; cannot cross-validate")
-    n_splits = min(cv, groups_per_class)
-    if n_splits < cv:
-        logger.warning(
-            "select_model: cv reduced from %d to %d folds because a class has only %d patient groups",
-            cv,
-            n_splits,
-            groups_per_class,
-        )
-    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=random_state)
-    return list(splitter.split(np.zeros((len(y), 1)), y, groups))
-
-
-def _oof_prob(name: str, params: dict, X: np.ndarray, y: np.ndarray, folds: list, random_state: int):
+def _oof_prob(model: BaseEstimator, X: np.ndarray, y: np.ndarray, folds: list) -> np.ndarray:
+    """Out-of-fold positive-class probabilities: a clone of unfitted ``model`` fitted on each fold's training rows."""
     oof = np.empty(len(y))
     for train, test in folds:
-        model = make_classifier(name, random_state, **params).fit(X[train], y[train])
-        oof[test] = model.predict_proba(X[test])[:, 1]
+        oof[test] = clone(model).fit(X[train], y[train]).predict_proba(X[test])[:, 1]
     return oof
 
 

@@ -58,7 +58,7 @@ def readable_images(inputs: list[str], skip_bad: bool = False) -> tuple[list[str
 
 def predict_images(bundle: Bundle, paths: list[str]) -> pd.DataFrame:
     """path, probability of the positive class and predicted class for readable image files."""
-    prob = bundle.predict_paths(paths)
+    prob = bundle.predict_paths(paths)[:, 1]
     return pd.DataFrame(
         {
             "path": paths,
@@ -77,7 +77,7 @@ def evaluate_bundle(bundle: Bundle, data: str, out: str | Path, data_root: str |
     experiment, table = experiment_rows(data, data_root, split)
     check_class_names(bundle, class_names(table["label"], bundle.class_names[1]))
     table = with_binary_target(table, bundle.class_names[1])
-    prob = bundle.predict_paths(table["path"].tolist())
+    prob = bundle.predict_paths(table["path"].tolist())[:, 1]
     name = bundle.meta.get("model", "bundle")
     predictions = prediction_rows(table, name, split, prob)
     spec = experiment.evaluate
@@ -117,7 +117,7 @@ def explain_bundle(
     if ids:
         chosen = _named_rows(table, ids, split)
     else:
-        prob = bundle.predict_paths(table["path"].tolist())
+        prob = bundle.predict_paths(table["path"].tolist())[:, 1]
         chosen = pick_cases(table.assign(prob=prob, y_true=table["y"]), bundle.threshold, cases)
     explain_cases(
         bundle,

@@ -18,13 +18,27 @@ def _check_two_classes(labels: np.ndarray, what: str) -> None:
         raise InputError(f"{what}: labels have only one class ({np.unique(labels).tolist()}); need at least two")
 
 
-def grouped_folds(labels, groups, n_splits: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Stratified k-fold where no group (patient) is on both sides of any fold."""
+def grouped_folds(
+    labels, groups, n_splits: int, seed: int = 0, what: str = "split"
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified k-fold where no group (patient) is on both sides of any fold.
+
+    The one rule for too few groups, shared by the data split and model selection: when a class has fewer groups
+    than `n_splits`, the folds are reduced to that number (with a warning); a class with fewer than 2 groups, or
+    labels of one class, is an InputError naming `what`.
+    """
     labels, groups = np.asarray(labels), np.asarray(groups)
-    _check_two_classes(labels, "split")
+    _check_two_classes(labels, what)
+    if not isinstance(n_splits, (int, np.integer)) or n_splits < 2:
+        raise InputError(f"{what}: the number of folds must be an integer of at least 2, got {n_splits!r}")
     fewest = min(len(np.unique(groups[labels == c])) for c in np.unique(labels))
+    if fewest < 2:
+        raise InputError(f"{what}: a class has fewer than 2 patient groups; cannot form grouped folds")
     if fewest < n_splits:
-        raise InputError(f"split: a class has only {fewest} patient(s), fewer than the {n_splits} folds asked for")
+        log.warning(
+            "%s: folds reduced from %d to %d because a class has only %d patient groups", what, n_splits, fewest, fewest
+        )
+        n_splits = fewest
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     return list(splitter.split(np.zeros(len(labels)), labels, groups))
 

@@ -90,7 +90,7 @@ def explain_cases(
     out_dir.mkdir(parents=True, exist_ok=True)
     label_indices = _label_indices(labels, len(paths), bundle.class_names)
     images = load_batch(paths, bundle.image_size, clahe)
-    probabilities = np.asarray(bundle.predict_proba(images), np.float64).reshape(-1)
+    probabilities = np.asarray(bundle.predict_proba(images), np.float64)[:, 1]
     cams = bundle_gradcam(bundle, images) if "gradcam" in methods else {}
     if len(cams) == 2:  # one backbone: its mean is itself
         cams.pop(MEAN_KEY)

@@ -49,8 +49,7 @@ def _classifier_fn(bundle):
     """LIME's classifier: RGB batches [n, s, s, 3] -> [n, 2] probabilities (negative, positive)."""
 
     def predict(rgb_batch: np.ndarray) -> np.ndarray:
-        positive = np.asarray(bundle.predict_proba(rgb_batch[..., :1].astype(np.float32)), np.float64).reshape(-1)
-        return np.stack([1.0 - positive, positive], axis=1)
+        return np.asarray(bundle.predict_proba(rgb_batch[..., :1].astype(np.float32)), np.float64)
 
     return predict
 

@@ -28,9 +28,10 @@ def make_fusion(run: RunContext, block_sizes: list[int]):
 
 
 def run_fit(run: RunContext) -> None:
-    """fit/selection.json, fit/predictions.csv and bundle/: every feature set x classifier cross-validated on the
-    training split (train + val), refitted on all of it, the best CV score selected and bundled."""
-    from tlfusion.classifiers import make_classifier, select_model
+    """fit/selection.json, fit/predictions.csv and bundle/: every feature set x classifier, as a fusion + classifier
+    pipeline, cross-validated on the training split (train + val; each fold fits its own fusion transform),
+    refitted on all of it; the best CV score is selected and bundled."""
+    from tlfusion.classifiers import build_model, select_model
 
     experiment, table = run.experiment, run.table
     spec = experiment.classifiers
@@ -40,10 +41,9 @@ def run_fit(run: RunContext) -> None:
     rows, cv_scores, thresholds, fitted = [], {}, {}, {}
     for set_name, keys in progress(list(run.feature_sets().items()), "selecting models on", lambda item: item[0]):
         X, block_sizes = run.load_features(keys)
-        fusion = make_fusion(run, block_sizes).fit(X[is_fit])
-        Z = fusion.transform(X)
+        fusion = make_fusion(run, block_sizes)
         selection = select_model(
-            Z[is_fit],
+            X[is_fit],
             y[is_fit],
             groups[is_fit],
             spec.models,
@@ -51,16 +51,17 @@ def run_fit(run: RunContext) -> None:
             random_state=experiment.seed,
             scoring=spec.scoring,
             label=set_name,
+            fusion=fusion,
         )
         for clf_name in spec.models:
             model_name = str(ModelName(set_name, clf_name))
-            estimator = make_classifier(clf_name, experiment.seed, **selection.params[clf_name])
-            estimator.fit(Z[is_fit], y[is_fit])
+            estimator = build_model(clf_name, experiment.seed, selection.params[clf_name], fusion)
+            estimator.fit(X[is_fit], y[is_fit])
             cv_scores[model_name] = selection.scores[clf_name]
             thresholds[model_name] = selection.thresholds[clf_name]
-            fitted[model_name] = (keys, fusion, estimator)
+            fitted[model_name] = (keys, estimator)
             rows.append(prediction_rows(table[is_fit], model_name, "cv", selection.oof_prob[clf_name]))
-            rows.append(prediction_rows(table[~is_fit], model_name, "test", estimator.predict_proba(Z[~is_fit])[:, 1]))
+            rows.append(prediction_rows(table[~is_fit], model_name, "test", estimator.predict_proba(X[~is_fit])[:, 1]))
     selected = max(cv_scores, key=lambda name: (cv_scores[name], ModelName.parse(name).is_fusion))
     predictions = pd.concat(rows, ignore_index=True)
     write_atomic(run.paths.predictions, lambda temp: predictions.to_csv(temp, index=False))
@@ -70,7 +71,7 @@ def run_fit(run: RunContext) -> None:
     save_run_bundle(run, selected, *fitted[selected], thresholds[selected])
 
 
-def save_run_bundle(run: RunContext, selected: str, keys: list[str], fusion, estimator, threshold: float) -> None:
+def save_run_bundle(run: RunContext, selected: str, keys: list[str], estimator, threshold: float) -> None:
     """bundle/: the selected model with its fine-tuned backbones (and the ONNX graphs extract converted)."""
     from tlfusion.backbones import load_model_file
     from tlfusion.bundle import Bundle, save_bundle
@@ -78,8 +79,7 @@ def save_run_bundle(run: RunContext, selected: str, keys: list[str], fusion, est
     experiment = run.experiment
     bundle = Bundle(
         models={key: load_model_file(run.paths.model(key)) for key in keys},
-        fusion=fusion,
-        classifier=estimator,
+        estimator=estimator,
         threshold=float(threshold),
         class_names=class_names(run.table["label"], experiment.positive_class),
         image_size=experiment.image.size,
