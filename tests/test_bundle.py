@@ -167,14 +167,14 @@ def test_wrong_image_size_is_refused(loaded):
 
 
 def test_failed_save_leaves_no_folder_behind(parts, tmp_path, monkeypatch):
-    monkeypatch.setattr(bundle_module, "_save_xgboost", disk_full)
+    monkeypatch.setattr(bundle_module, "save_xgboost", disk_full)
     with pytest.raises(OSError, match="disk full"):
         save_bundle(make_bundle(parts, make_xgb()), tmp_path / "bundle")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_failed_overwrite_keeps_the_old_bundle(parts, saved, copy_of_saved, monkeypatch):
-    monkeypatch.setattr(bundle_module, "_write_json", disk_full)
+    monkeypatch.setattr(bundle_module, "write_json_file", disk_full)
     with pytest.raises(OSError, match="disk full"):
         save_bundle(make_bundle(parts, make_lr(), threshold=0.9), copy_of_saved)
     assert sorted(path.name for path in copy_of_saved.parent.iterdir()) == ["bundle"]

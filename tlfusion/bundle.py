@@ -14,15 +14,12 @@
       manifest.json             versions and the sha256 of every other file
       signature.json            optional: HMAC-SHA256 of manifest.json under the user's key (`tlfusion.signing`)
 
-skops loads only the types in `TRUSTED_TYPES` beyond its own defaults. XGBoost models are kept out of skops
-(loading them through it would mean trusting the Booster's pickle state): they are cut out of the estimator tree
-wherever they sit (alone, inside a Pipeline, or a VotingClassifier member) and saved with XGBoost's own
-`save_model`; loading puts them back where the markers are.
+The fusion and classifier files are written and read by `tlfusion.estimator_files`: skops with an allow-list,
+XGBoost models in their own format.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -30,7 +27,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,17 +35,25 @@ from typing import Any
 import keras
 import numpy as np
 import skops.io
-from sklearn.base import BaseEstimator
 from sklearn.pipeline import Pipeline
-from skops.io.exceptions import UntrustedTypesFoundException
-from xgboost import XGBClassifier, XGBModel
-from xgboost.core import XGBoostError
 
 from tlfusion import __version__
 from tlfusion.backbones import FEATURES_LAYER, image_size_of, load_model_file
 from tlfusion.classifiers import CLASSIFIER_STEP, FUSION_STEP, fusion_pipeline
 from tlfusion.data.images import decoded_batches, file_sha256
 from tlfusion.errors import InputError
+from tlfusion.estimator_files import (
+    cut_out_xgboost,
+    dump_skops,
+    load_skops,
+    load_xgboost,
+    parse_json,
+    put_back_xgboost,
+    read_bytes,
+    read_json_file,
+    save_xgboost,
+    write_json_file,
+)
 from tlfusion.features import BatchRunner, FeatureFusion, fuse, keras_runner, onnx_runner
 from tlfusion.signing import SIGNATURE, check_signature, write_signature
 
@@ -59,17 +64,6 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INFO = "bundle.json"
 PREDICT_BATCH = 64
-TRUSTED_TYPES = [
-    "sklearn.calibration._CalibratedClassifier",  # svm: CalibratedClassifierCV internals
-    "sklearn.calibration._SigmoidCalibration",
-    "sklearn.tree._tree.Tree",  # rf
-    "sklearn.metrics._dist_metrics.EuclideanDistance64",  # knn
-    "sklearn.neighbors._kd_tree.KDTree",
-    "sklearn.utils._bunch.Bunch",  # vote: VotingClassifier.named_estimators_
-    "tlfusion.features.FeatureFusion",
-]
-"""Types beyond skops' default trusted sklearn/numpy types that the classifier registry and fusion produce."""
-_XGB_MARKER = "tlfusion:xgboost-model:"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _INFO_TYPES: dict[str, type | tuple[type, ...]] = {
     "backbones": list,
@@ -206,11 +200,11 @@ def _write_contents(bundle: Bundle, folder: Path) -> None:
         model.save(folder / "backbones" / f"{name}.keras")
     for name, graph in bundle.onnx_graphs.items():
         (folder / "backbones" / f"{name}.onnx").write_bytes(graph)
-    classifier, xgb_models = _cut_out_xgboost(bundle.classifier)
-    _dump_skops(bundle.fusion, folder / "fusion.skops", "fusion")
-    _dump_skops(classifier, folder / "classifier.skops", "classifier")
+    classifier, xgb_models = cut_out_xgboost(bundle.classifier)
+    dump_skops(bundle.fusion, folder / "fusion.skops", "fusion")
+    dump_skops(classifier, folder / "classifier.skops", "classifier")
     for i, model in enumerate(xgb_models):
-        _save_xgboost(model, folder / "xgboost", i)
+        save_xgboost(model, folder / "xgboost", i)
     info = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -222,13 +216,13 @@ def _write_contents(bundle: Bundle, folder: Path) -> None:
         "xgboost_models": len(xgb_models),
         "meta": bundle.meta,
     }
-    _write_json(folder / INFO, info, "bundle meta")
+    write_json_file(folder / INFO, info, "bundle meta")
     files = sorted(path for path in folder.rglob("*") if path.is_file())
     manifest = {
         "versions": _versions(),
         "files": {path.relative_to(folder).as_posix(): file_sha256(path) for path in files},
     }
-    _write_json(folder / MANIFEST, manifest, "manifest")
+    write_json_file(folder / MANIFEST, manifest, "manifest")
     write_signature(folder, (folder / MANIFEST).read_bytes())
 
 
@@ -259,21 +253,21 @@ def load_bundle(folder: str | Path) -> Bundle:
         raise InputError(f"{folder}: bundle folder not found")
     if not (folder / MANIFEST).is_file():
         raise InputError(f"{folder}: not a tlfusion bundle (no {MANIFEST})")
-    raw = _read_bytes(folder / MANIFEST)
+    raw = read_bytes(folder / MANIFEST)
     trust = check_signature(folder, raw)
-    manifest = _parse_json(folder / MANIFEST, raw)
+    manifest = parse_json(folder / MANIFEST, raw)
     listed = _Listed(folder, _manifest_files(folder / MANIFEST, manifest.get("files")))
     _verify_files(folder, listed.files)
     _warn_on_other_versions(folder, manifest.get("versions", {}))
     info = _read_info(listed(INFO))
     names = info["backbones"]
     logger.info("bundle %s: %s", folder, trust)
-    xgb_models = [_load_xgboost(listed, i) for i in range(info["xgboost_models"])]
+    xgb_models = [load_xgboost(listed, i) for i in range(info["xgboost_models"])]
     return Bundle(
         models={name: load_model_file(listed(f"backbones/{name}.keras")) for name in names},
         estimator=fusion_pipeline(
-            _load_skops(listed("fusion.skops")),
-            _put_back_xgboost(_load_skops(listed("classifier.skops")), xgb_models),
+            load_skops(listed("fusion.skops")),
+            put_back_xgboost(load_skops(listed("classifier.skops")), xgb_models),
         ),
         threshold=info["threshold"],
         class_names=info["class_names"],
@@ -314,7 +308,7 @@ def _manifest_files(path: Path, files: Any) -> dict[str, str]:
 
 def _read_info(path: Path) -> dict:
     """bundle.json, its format, keys and value types checked (backbone and class names included)."""
-    info = _read_json(path)
+    info = read_json_file(path)
     if info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
         raise InputError(f"{path}: not a {FORMAT} version {FORMAT_VERSION}")
     for key, kind in _INFO_TYPES.items():
@@ -367,127 +361,3 @@ def _versions() -> dict[str, str]:
         "skops": skops.__version__,
         "numpy": np.__version__,
     }
-
-
-def _dump_skops(estimator: Any, path: Path, what: str) -> None:
-    data = skops.io.dumps(estimator)
-    refused = sorted(set(skops.io.get_untrusted_types(data=data)) - set(TRUSTED_TYPES))
-    if refused:
-        raise InputError(f"{what}: holds types a bundle does not carry: {', '.join(refused)}")
-    path.write_bytes(data)
-
-
-def _load_skops(path: Path) -> Any:
-    try:
-        return skops.io.load(path, trusted=TRUSTED_TYPES)
-    except UntrustedTypesFoundException as error:
-        raise InputError(f"{path}: holds types outside tlfusion's allow-list ({error})") from None
-    except Exception as error:  # a pickle, a truncated zip or a bad schema: all mean "not a skops file we wrote"
-        raise InputError(f"{path}: not a readable skops file ({type(error).__name__}: {error})") from None
-
-
-def _save_xgboost(model: XGBModel, folder: Path, index: int) -> None:
-    if type(model) is not XGBClassifier:
-        raise InputError(f"classifier: {type(model).__name__} is not an XGBClassifier; a bundle cannot carry it")
-    folder.mkdir(exist_ok=True)
-    fitted = model.__sklearn_is_fitted__()
-    _write_json(folder / f"{index}.json", {"params": model.get_params(), "fitted": fitted}, "XGBoost parameters")
-    if fitted:
-        model.save_model(folder / f"{index}.ubj")
-
-
-def _load_xgboost(listed: _Listed, index: int) -> XGBClassifier:
-    path = listed(f"xgboost/{index}.json")
-    spec = _read_json(path)
-    if not isinstance(spec.get("params"), dict) or not isinstance(spec.get("fitted"), bool):
-        raise InputError(f"{path}: needs 'params' (an object) and 'fitted' (true or false)")
-    model = XGBClassifier(**spec["params"])
-    if spec["fitted"]:
-        booster = listed(f"xgboost/{index}.ubj")
-        try:
-            model.load_model(booster)
-        except (XGBoostError, UnicodeError) as error:  # XGBoost's message may quote the file's bytes: not shown
-            raise InputError(f"{booster}: not an XGBoost model file ({type(error).__name__})") from None
-    return model
-
-
-def _cut_out_xgboost(estimator: Any) -> tuple[Any, list[XGBModel]]:
-    """A copy of the estimator tree with each XGBoost model replaced by a marker string, and those models."""
-    models: list[XGBModel] = []
-
-    def cut(leaf):
-        if not isinstance(leaf, XGBModel):
-            return leaf
-        models.append(leaf)
-        return f"{_XGB_MARKER}{len(models) - 1}"
-
-    return _map_tree(estimator, cut, {}), models
-
-
-def _put_back_xgboost(estimator: Any, models: list[XGBClassifier]) -> Any:
-    def put_back(leaf):
-        if isinstance(leaf, str) and leaf.startswith(_XGB_MARKER):
-            return models[int(leaf.removeprefix(_XGB_MARKER))]
-        return leaf
-
-    return _map_tree(estimator, put_back, {})
-
-
-def _map_tree(node: Any, replace: Callable[[Any], Any], memo: dict[int, Any]) -> Any:
-    """Copy an estimator tree (sklearn objects, lists, tuples, dicts) with nodes swapped by `replace`.
-
-    Objects shared inside the tree (VotingClassifier's `estimators_` and `named_estimators_`) stay shared.
-    """
-    if id(node) in memo:
-        return memo[id(node)]
-    replaced = replace(node)
-    if replaced is not node:
-        result = replaced
-    elif isinstance(node, (list, tuple)):
-        result = type(node)(_map_tree(item, replace, memo) for item in node)
-    elif isinstance(node, dict):
-        result = type(node)()
-        result.update({key: _map_tree(value, replace, memo) for key, value in node.items()})
-    elif _is_sklearn_object(node):
-        result = object.__new__(type(node))
-        memo[id(node)] = result
-        result.__dict__.update({key: _map_tree(value, replace, memo) for key, value in vars(node).items()})
-    else:
-        result = node
-    memo[id(node)] = result
-    return result
-
-
-def _is_sklearn_object(node: Any) -> bool:
-    return hasattr(node, "__dict__") and (
-        isinstance(node, BaseEstimator) or type(node).__module__.startswith("sklearn.")
-    )
-
-
-def _write_json(path: Path, content: dict, what: str) -> None:
-    try:
-        text = json.dumps(content, indent=1, sort_keys=True)
-    except (TypeError, ValueError) as error:
-        raise InputError(f"{what}: not JSON-serialisable ({error})") from None
-    path.write_text(text + "\n")
-
-
-def _read_json(path: Path) -> dict:
-    return _parse_json(path, _read_bytes(path))
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as error:
-        raise InputError(f"{path}: unreadable ({error.strerror or error})") from None
-
-
-def _parse_json(path: Path, data: bytes) -> dict:
-    try:
-        content = json.loads(data.decode("utf-8"))
-    except ValueError as error:
-        raise InputError(f"{path}: unreadable JSON ({error})") from None
-    if not isinstance(content, dict):
-        raise InputError(f"{path}: expected a JSON object, not {type(content).__name__}")
-    return content

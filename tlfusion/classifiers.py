@@ -32,12 +32,6 @@ N_JOBS = 2
 FUSION_STEP, CLASSIFIER_STEP = "fusion", "clf"
 """Step names of ``fusion_pipeline``."""
 SCORINGS = ("kappa", "f1", "accuracy", "auroc")
-SMALL_PARAM_GRID = {
-    "lr": {"C": [0.005, 0.05, 0.5]},
-    "svm": {"C": [0.3, 1.0, 3.0]},
-    "xgb": {"max_depth": [2, 3, 5]},
-}
-"""A small search for ``select_model(param_grid=...)``: about 3x the default's fitting time for these models."""
 
 
 def build_lr(random_state: int = 0) -> Pipeline:
@@ -125,7 +119,6 @@ def build_model(
 class Selection:
     """Outcome of ``select_model``; every entry is keyed by classifier name."""
 
-    best: str
     scores: dict[str, float]
     """Mean cross-validated score (NaN if undefined in every fold)."""
     oof_prob: dict[str, np.ndarray]
@@ -134,7 +127,6 @@ class Selection:
     """Threshold chosen on the out-of-fold probabilities."""
     params: dict[str, dict]
     """Parameters picked from ``param_grid`` (empty without a grid)."""
-    n_splits: int
 
 
 def select_model(
@@ -150,18 +142,41 @@ def select_model(
     label: str | None = None,
     fusion: BaseEstimator | None = None,
 ) -> Selection:
-    """Pick the classifier with the best grouped cross-validated ``scoring`` on TRAINING data.
+    """Score each classifier by grouped cross-validated ``scoring`` on TRAINING data (the caller picks the best).
 
     Folds come from ``data.splits.grouped_folds`` over ``groups`` (patient ids; ``None`` means one group per row),
     reduced when a class has fewer groups than ``cv``. Each fold is scored at the threshold that
     ``metrics.choose_threshold`` picks on the other folds' out-of-fold probabilities, so the score covers the
-    model and its threshold rule. ``param_grid`` (e.g. ``SMALL_PARAM_GRID``) maps a name to a small grid
-    searched by the same folds. ``label`` (e.g. the feature set) prefixes the classifier names in log lines.
+    model and its threshold rule. ``param_grid`` (e.g. ``{"lr": {"C": [0.005, 0.05, 0.5]}}``) maps a name to a
+    small grid searched by the same folds. ``label`` (e.g. the feature set) prefixes the classifier names in log lines.
     With ``fusion`` (an unfitted transformer), each candidate is ``build_model(..., fusion=fusion)``: every fold
     fits its own fusion transform on that fold's training rows only.
     """
     X, y, groups = _check_training_data(X, y, groups)
     names = list(names)
+    candidates = _candidates(names, scoring, threshold_criterion, param_grid)
+    folds = grouped_folds(y, groups, cv, random_state, what="cv")
+    scores, oof_prob, params = {}, {}, {}
+    for name in names:
+        for candidate in candidates[name]:
+            oof = _oof_prob(build_model(name, random_state, candidate, fusion), X, y, folds)
+            score = _cv_score(y, oof, folds, scoring, threshold_criterion)
+            if name not in scores or np.isnan(scores[name]) or score > scores[name]:
+                scores[name], oof_prob[name], params[name] = score, oof, candidate
+        shown = f"{label}/{name}" if label else name
+        logger.info("select_model: %s %s = %.4f %s", shown, scoring, scores[name], params[name] or "")
+    if not any(np.isfinite(score) for score in scores.values()):
+        raise InputError(f"no classifier has a defined {scoring} in any fold; the training set is too small")
+    return Selection(
+        scores=scores,
+        oof_prob=oof_prob,
+        thresholds={name: metrics.choose_threshold(y, oof_prob[name], threshold_criterion) for name in names},
+        params=params,
+    )
+
+
+def _candidates(names: list[str], scoring: str, threshold_criterion: str, param_grid: Mapping | None) -> dict:
+    """Classifier name -> the parameter combinations to cross-validate, the selection settings checked."""
     if not names:
         raise InputError("names: give at least one classifier to select from")
     if scoring not in SCORINGS:
@@ -174,29 +189,7 @@ def select_model(
     unused = sorted(set(param_grid) - set(names))
     if unused:
         raise InputError(f"param_grid names classifiers not being selected: {', '.join(unused)}")
-
-    candidates = {name: _parameter_grid(name, param_grid.get(name, {})) for name in names}
-    folds = grouped_folds(y, groups, cv, random_state, what="cv")
-    scores, oof_prob, params = {}, {}, {}
-    for name in names:
-        for candidate in candidates[name]:
-            oof = _oof_prob(build_model(name, random_state, candidate, fusion), X, y, folds)
-            score = _cv_score(y, oof, folds, scoring, threshold_criterion)
-            if name not in scores or np.isnan(scores[name]) or score > scores[name]:
-                scores[name], oof_prob[name], params[name] = score, oof, candidate
-        shown = f"{label}/{name}" if label else name
-        logger.info("select_model: %s %s = %.4f %s", shown, scoring, scores[name], params[name] or "")
-    defined = [name for name in names if np.isfinite(scores[name])]
-    if not defined:
-        raise InputError(f"no classifier has a defined {scoring} in any fold; the training set is too small")
-    return Selection(
-        best=max(defined, key=scores.__getitem__),
-        scores=scores,
-        oof_prob=oof_prob,
-        thresholds={name: metrics.choose_threshold(y, oof_prob[name], threshold_criterion) for name in names},
-        params=params,
-        n_splits=len(folds),
-    )
+    return {name: _parameter_grid(name, param_grid.get(name, {})) for name in names}
 
 
 def _standardised(estimator: BaseEstimator) -> Pipeline:

@@ -156,14 +156,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_fewshot(args: argparse.Namespace) -> int:
     import_tensorflow_quietly()
-    from tlfusion.commands import experiment_features, fewshot, load_feature_table
+    from tlfusion.commands import experiment_features, load_feature_table
+    from tlfusion.fewshot import run_fewshot
+    from tlfusion.fileio import write_json
 
     if args.features:
         X, y, groups = load_feature_table(args.features)
     else:
         X, y, groups = experiment_features(args.data, args.out, args.data_root, args.backbone, args.stages)
-    settings = {name: getattr(args, name) for name in ("ways", "shots", "queries", "episodes", "classifier")}
-    result = fewshot(X, y, groups, args.out, **settings, seed=args.seed)
+    episodes = (args.ways, args.shots, args.queries, args.episodes, args.classifier)
+    result = run_fewshot(X, y, groups, *episodes, seed=args.seed)
+    write_json(Path(args.out) / "fewshot.json", result)
     print(json.dumps({k: result[k] for k in ("ways", "shots", "episodes", "classifier", "auroc", "accuracy")}))
     return 0
 

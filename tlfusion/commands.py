@@ -15,7 +15,6 @@ from tlfusion.config import Experiment, load_experiment
 from tlfusion.data.table import class_names, split_table, with_binary_target
 from tlfusion.errors import InputError
 from tlfusion.evaluation import evaluate_predictions, pick_cases
-from tlfusion.fileio import write_json
 from tlfusion.metrics_schema import write_metrics
 from tlfusion.runfiles import prediction_rows
 
@@ -168,24 +167,3 @@ def experiment_features(
     X, _ = pipeline.load_features(pipeline.backbone_keys)
     table = pipeline.table
     return X, table["label"].astype(str).to_numpy(), table["patient"].astype(str).to_numpy()
-
-
-def fewshot(
-    X: np.ndarray,
-    y: np.ndarray,
-    groups: np.ndarray,
-    out: str | Path,
-    *,
-    ways: int,
-    shots: int,
-    queries: int,
-    episodes: int,
-    classifier: str,
-    seed: int = 0,
-) -> dict:
-    """n-way k-shot episodes (`fewshot.run_fewshot`), written to `out`/fewshot.json; returns the result."""
-    from tlfusion.fewshot import run_fewshot
-
-    result = run_fewshot(X, y, groups, ways, shots, queries, episodes, classifier, seed=seed)
-    write_json(Path(out) / "fewshot.json", result)
-    return result
