@@ -91,7 +91,8 @@ class FinetuneSpec(Strict):
     """`epochs` counts every epoch; the first `warmup_epochs` train only the head (backbone frozen).
 
     `batchnorm`: "freeze" keeps BatchNorm statistics once unfrozen, "train" re-estimates them, "auto" freezes them
-    from pretrained weights and trains them from random init.
+    from pretrained weights and trains them from random init. `distribute`: the `tf.distribute` strategy
+    (`tlfusion.strategy`; `batch_size` is then per replica and the learning rates scale with the replicas).
     """
 
     enabled: bool = True
@@ -102,6 +103,7 @@ class FinetuneSpec(Strict):
     batch_size: int = Field(32, ge=1)
     patience: int = Field(3, ge=1)
     batchnorm: Literal["auto", "train", "freeze"] = "auto"
+    distribute: Literal["auto", "default", "mirrored", "multi_worker"] = "auto"
 
 
 class FeaturesSpec(Strict):
@@ -112,6 +114,9 @@ class FeaturesSpec(Strict):
     batch_size: int = Field(32, ge=1)
     stages: int = Field(1, ge=1)
     """Resolution stages pooled per backbone (`tlfusion.backbones.feature_model`); more than one: few-shot only."""
+    scheduler: str | None = Field(None, exclude=True)
+    """A Dask scheduler address (`tcp://host:8786`, `tlfusion.cluster`) to extract on; where features are computed
+    does not change them, so it is no part of the stage's key (excluded from `model_dump`)."""
 
 
 class ClassifySpec(Strict):
@@ -250,6 +255,8 @@ class PretrainSettings(Strict):
     augment: bool = True
     clahe: bool = False
     batchnorm: Literal["auto", "train", "freeze"] = "auto"
+    distribute: Literal["auto", "default", "mirrored", "multi_worker"] = "auto"
+    """`tlfusion.strategy`: `batch_size` is per replica, the learning rates scale with the replicas."""
 
 
 class PretrainingConfig(PretrainSettings):

@@ -41,6 +41,7 @@ def pretrain(
     augment: bool = _DEFAULTS.augment,
     clahe: bool = _DEFAULTS.clahe,
     batchnorm: str = _DEFAULTS.batchnorm,
+    distribute: str = _DEFAULTS.distribute,
     options: Mapping[str, Any] | None = None,
     verbose: int = 1,
 ) -> training.TrainResult:
@@ -48,9 +49,9 @@ def pretrain(
 
     `weights`: None (random init), "imagenet" or a tlfusion model file to continue from. The first
     `warmup_epochs` train the new head alone at `learning_rate`, the rest everything at `unfrozen_learning_rate`
-    (default: `learning_rate`); `batchnorm` as in `training.finetune`. Early stopping on val loss after `patience`
-    epochs without improvement (after the warm-up); the best epoch becomes `model.keras`. `options` go to
-    `backbones.build_backbone` (e.g. `{"alpha": 0.35}`). The defaults are `config.PretrainSettings`'.
+    (default: `learning_rate`); `batchnorm` and `distribute` as in `training.finetune`. Early stopping on val
+    loss after `patience` epochs without improvement (after the warm-up); the best epoch becomes `model.keras`.
+    `options` go to `backbones.build_backbone` (e.g. `{"alpha": 0.35}`). The defaults are `config.PretrainSettings`'.
     """
     arguments = dict(locals())  # before any other local: what train.json records
     train, val = training.train_val_rows(table)

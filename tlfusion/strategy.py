@@ -24,6 +24,7 @@ import logging
 import os
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from tlfusion.errors import InputError
@@ -73,18 +74,26 @@ def distribution(setting: str = "auto") -> Distribution:
     import tensorflow as tf
 
     name = _auto(tf) if setting == "auto" else setting
-    if name == "multi_worker":
-        if _cluster_tasks() < 1:
-            raise InputError("distribute: multi_worker needs TF_CONFIG naming the cluster and this worker's task")
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    elif name == "mirrored":
-        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
-        strategy = tf.distribute.MirroredStrategy([device.name for device in devices])
-    else:
-        strategy = tf.distribute.get_strategy()
+    if name == "multi_worker" and _cluster_tasks() < 1:
+        raise InputError("distribute: multi_worker needs TF_CONFIG naming the cluster and this worker's task")
+    strategy = _strategy(name)
     chosen = Distribution(name, strategy)
     logger.info("distribute: %s (%s), %d replica(s)", name, type(strategy).__name__, chosen.replicas)
     return chosen
+
+
+@cache
+def _strategy(name: str) -> Any:
+    """One strategy object per kind and process: strategies made anew for every run on the same devices share
+    collective-op keys, and a second run's all-reduce then fails with shape mismatches."""
+    import tensorflow as tf
+
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "mirrored":
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([device.name for device in devices])
+    return tf.distribute.get_strategy()
 
 
 def _auto(tf: Any) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from tlfusion.data.images import training_dataset
 from tlfusion.errors import InputError
 from tlfusion.fileio import write_atomic, write_json
 from tlfusion.provenance import SEEN_IMAGES, write_seen_images
+from tlfusion.strategy import distribution
 from tlfusion.training_records import write_records
 
 CHECKPOINT = "checkpoint.keras"
@@ -107,6 +108,7 @@ def finetune(
     augment: bool = True,
     clahe: bool = _IMAGE.clahe,
     batchnorm: str = _FINETUNE.batchnorm,
+    distribute: str = _FINETUNE.distribute,
     options: Mapping[str, Any] | None = None,
     verbose: int = 1,
 ) -> TrainResult:
@@ -116,8 +118,10 @@ def finetune(
     `model.keras`; its head is replaced). `epochs` counts every epoch: the first `warmup_epochs` train only the
     head at `learning_rate`, the rest train everything at `unfrozen_learning_rate`. `batchnorm`: "freeze" keeps
     BatchNorm layers in inference mode once unfrozen, "train" trains them (moving statistics re-estimated quickly),
-    "auto" freezes them from pretrained weights and trains them from random init. The epoch with the best val AUC
-    becomes `model.keras`; early stopping applies after the warm-up. The defaults are `config.FinetuneSpec`'s.
+    "auto" freezes them from pretrained weights and trains them from random init. `distribute` picks the
+    `tf.distribute` strategy (`tlfusion.strategy`: `batch_size` per replica, learning rates x replicas). The epoch
+    with the best val AUC becomes `model.keras`; early stopping applies after the warm-up. The defaults are
+    `config.FinetuneSpec`'s.
     """
     arguments = dict(locals())  # before any other local: what train.json records
     train, val = train_val_rows(table)
@@ -245,14 +249,17 @@ def run_task(
         (out_dir / BEST_WEIGHTS).unlink(missing_ok=True)  # never export a previous run's weights
     seed = settings["seed"] + state["epoch"]  # a resumed run draws fresh (but repeatable) shuffles
     keras.utils.set_random_seed(seed)
-    with _precision_policy(_gpu_available()):
+    chosen = distribution(settings.get("distribute", "auto"))
+    extra = {**extra, "distribution": chosen.describe()}
+    with chosen.scope(), _precision_policy(_gpu_available()):  # models built and compiled under the strategy
         model = _initial_model(task, out_dir, state, settings["weights"], settings["options"])
         write_seen_images(out_dir / SEEN_IMAGES, pd.concat([train, val])["path"])
-        size, clahe, batch = task.image_size, settings["clahe"], settings["batch_size"]
+        size, clahe, batch = task.image_size, settings["clahe"], chosen.global_batch(settings["batch_size"])
         train_data = training_dataset(train["path"], targets[0], size, clahe, batch, seed, settings["augment"])
         val_data = training_dataset(val["path"], targets[1], size, clahe, batch)
         class_weight = _balanced_class_weight(targets[0].ravel())
-        _fit_phases(model, task, state, (train_data, val_data, class_weight), out_dir, settings["patience"], verbose)
+        data = (train_data, val_data, class_weight)
+        _fit_phases(model, task, state, data, out_dir, settings["patience"], verbose, chosen.learning_rate)
     model_path = _export_best(task, out_dir, settings["options"])
     result = TrainResult(model_path, state["history"], state["best_epoch"], _val_metrics(state))
     write_records(out_dir, task, result, state, settings, extra, train, val)
@@ -260,9 +267,17 @@ def run_task(
 
 
 def _fit_phases(
-    model: keras.Model, task: Task, state: dict, data: tuple, out_dir: Path, patience: int, verbose: int
+    model: keras.Model,
+    task: Task,
+    state: dict,
+    data: tuple,
+    out_dir: Path,
+    patience: int,
+    verbose: int,
+    scaled: Callable[[float], float],
 ) -> None:
-    """Fit each phase not yet finished (`data`: train and val datasets, class weights), recording every epoch."""
+    """Fit each phase not yet finished (`data`: train and val datasets, class weights), recording every epoch;
+    `scaled` maps a phase's learning rate to the one used (the strategy's scaling rule)."""
     train_data, val_data, class_weight = data
     loaded_phase = state["phase"]
     for phase in task.phases:
@@ -270,7 +285,7 @@ def _fit_phases(
             continue
         if phase.name != loaded_phase:
             _set_trainable(model, phase.trainable)
-            _compile(model, task, phase.learning_rate)
+            _compile(model, task, scaled(phase.learning_rate))
         loaded_phase = phase.name
         model.fit(
             train_data,
