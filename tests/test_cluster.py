@@ -7,6 +7,7 @@ TensorFlow, ~10 s of CPU each); the kill test needs worker processes and is mark
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -16,11 +17,14 @@ from pathlib import Path
 import cloudpickle
 import distributed
 import numpy as np
+import pandas as pd
 import pytest
-from conftest import write_png, xray_like
+from conftest import write_folder_dataset, write_png, xray_like
+from test_cli import tiny_experiment
 
 from tlfusion import cluster as cluster_module
 from tlfusion.backbones import build_backbone
+from tlfusion.cli import main
 from tlfusion.errors import InputError
 from tlfusion.features import extract_features
 
@@ -127,3 +131,31 @@ def test_unreachable_scheduler_is_bad_input(images, model, tmp_path, monkeypatch
         extract_features(model, images[:2], SIZE, cache_dir=tmp_path, scheduler="tcp://127.0.0.1:9")
     with pytest.raises(InputError, match="needs cache_dir"):
         extract_features(model, images[:2], SIZE, scheduler="tcp://127.0.0.1:9")
+
+
+def test_run_and_predict_on_the_cluster_give_the_same_features_metrics_and_probabilities(cluster, tmp_path):
+    # ImageNet weights (shipped): features that vary between images (a random-init backbone's are near constant at
+    # 32 px, and the classifiers then fit rounding noise)
+    changes = {
+        "backbones": [{"name": "mobilenetv2", "weights": "imagenet"}],
+        "finetune": {"enabled": False},
+        "classifiers": {"models": ["lr"], "cv": 2},
+        "explain": {"enabled": False},
+    }
+    experiment = tiny_experiment(tmp_path, write_folder_dataset(tmp_path / "data"), **changes)
+    scheduler = ["--scheduler", cluster.scheduler_address]
+    assert main(["run", str(experiment), "--out", str(tmp_path / "local")]) == 0
+    assert main(["run", str(experiment), "--out", str(tmp_path / "dask"), *scheduler]) == 0
+    files = sorted((tmp_path / "local" / "features").glob("*.npy"))
+    assert len(files) == 1
+    for local in files:
+        sharded = np.load(tmp_path / "dask" / "features" / local.name)
+        np.testing.assert_allclose(sharded, np.load(local), atol=1e-5, rtol=0)
+    metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("local", "dask")]
+    assert metrics[1] == metrics[0]
+    predict = ["predict", str(tmp_path / "local" / "bundle"), str(tmp_path / "data"), "--out"]
+    assert main([*predict, str(tmp_path / "local.csv")]) == 0
+    assert main([*predict, str(tmp_path / "dask.csv"), *scheduler]) == 0
+    local, sharded = (pd.read_csv(tmp_path / name) for name in ("local.csv", "dask.csv"))
+    assert len(local) == 24 and list(sharded["path"]) == list(local["path"])
+    np.testing.assert_allclose(sharded.iloc[:, 1], local.iloc[:, 1], atol=1e-6, rtol=0)

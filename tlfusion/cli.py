@@ -30,13 +30,15 @@ def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--skip-bad", action="store_true", help="report and skip unreadable images")
     parser.add_argument("--force", action="store_true", help="re-run every stage even when unchanged")
+    parser.add_argument("--scheduler", help="extract features on this Dask scheduler's workers (features.scheduler)")
 
 
 def _load(args: argparse.Namespace):
     """The validated experiment (no TensorFlow needed), then TensorFlow imported quietly unless for `data`."""
     from tlfusion.config import load_experiment
 
-    experiment = load_experiment(args.experiment, args.overrides, args.data_root)
+    scheduler = [f"features.scheduler={args.scheduler}"] if getattr(args, "scheduler", None) else []
+    experiment = load_experiment(args.experiment, [*args.overrides, *scheduler], args.data_root)
     if args.command != "data":
         import_tensorflow_quietly()
     return experiment
@@ -107,7 +109,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths, skipped = readable_images(args.images, skip_bad=args.skip_bad)
     for path, reason in skipped:
         print(f"tlfusion: skipped {path}: {reason}", file=sys.stderr)
-    frame = predict_images(_load_bundle(args.bundle), paths)
+    frame = predict_images(_load_bundle(args.bundle), paths, args.scheduler, args.bundle)
     if args.out:
         write_atomic(args.out, lambda temp: frame.to_csv(temp, index=False))
     else:
@@ -226,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", help="image files or folders")
     predict.add_argument("--out", help="CSV file (default: standard output)")
     predict.add_argument("--skip-bad", action="store_true", help="report and skip unreadable images")
+    predict.add_argument("--scheduler", help="predict on this Dask scheduler's workers (tcp://HOST:8786)")
     predict.set_defaults(handler=cmd_predict)
 
     explain = commands.add_parser("explain", help="Grad-CAM / LIME images and an HTML review page")

@@ -102,8 +102,10 @@ def connect(scheduler: str) -> Iterator[Any]:
 
 
 def shards(paths: Sequence[str], threads: int, batch_size: int) -> list[list[str]]:
-    """`paths` in order, cut into about `SHARDS_PER_THREAD` shards per thread of at least `batch_size` images."""
-    size = max(batch_size, math.ceil(len(paths) / max(1, SHARDS_PER_THREAD * threads)))
+    """`paths` in order, cut into about `SHARDS_PER_THREAD` shards per thread, each a whole number of batches: the
+    workers then run exactly the batches a local run would, and give the same features."""
+    batches = math.ceil(len(paths) / batch_size)
+    size = batch_size * max(1, math.ceil(batches / max(1, SHARDS_PER_THREAD * threads)))
     return [list(paths[i : i + size]) for i in range(0, len(paths), size)]
 
 

@@ -55,9 +55,17 @@ def readable_images(inputs: list[str], skip_bad: bool = False) -> tuple[list[str
     return [p for p, h in zip(paths, hashes, strict=True) if h], bad
 
 
-def predict_images(bundle: Bundle, paths: list[str]) -> pd.DataFrame:
-    """path, probability of the positive class and predicted class for readable image files."""
-    prob = bundle.predict_paths(paths)[:, 1]
+def predict_images(
+    bundle: Bundle, paths: list[str], scheduler: str | None = None, folder: str | Path | None = None
+) -> pd.DataFrame:
+    """path, probability of the positive class and predicted class for readable image files; with `scheduler`,
+    computed by that Dask cluster's workers from the bundle at `folder` (`tlfusion.cluster`)."""
+    if scheduler:
+        from tlfusion.cluster import predict_on_cluster
+
+        prob = predict_on_cluster(scheduler, folder, paths)[:, 1]
+    else:
+        prob = bundle.predict_paths(paths)[:, 1]
     return pd.DataFrame(
         {
             "path": paths,

@@ -82,6 +82,7 @@ def run_finetune(run: RunContext) -> None:
             batch_size=spec.batch_size,
             patience=spec.patience,
             batchnorm=spec.batchnorm,
+            distribute=spec.distribute,
             seed=experiment.seed,
             options=entry.options,
             verbose=0,
@@ -114,6 +115,7 @@ def run_extract(run: RunContext) -> None:
             cache_dir=run.paths.cache,
             engine=experiment.features.engine,
             stages=experiment.features.stages,
+            scheduler=experiment.features.scheduler,
         )
         write_atomic(run.paths.features(key), lambda temp, f=features: np.save(temp.open("wb"), f))
         log.info("features %s: %s", key, features.shape)
