@@ -367,6 +367,19 @@ def summarise_scaling(payload: dict) -> list[Table]:
     return [("per size (median over repeats)", header, rows), ("fit", ["", "value"], summary + plot)]
 
 
+def summarise_scale_out(payload: dict) -> list[Table]:
+    measured = payload["scale_out"]
+    runs = [[name.replace("_", " "), r["seconds"], r["images_per_s"]] for name, r in measured["runs"].items()]
+    runs += [
+        ["2 vs 1 worker speed-up", measured["two_vs_one_worker_speedup"], None],
+        ["cluster efficiency (local / 1 worker)", measured["cluster_efficiency"], None],
+    ]
+    tables = [(f"{measured['images']} images, one run", ["run", "seconds", "images/s"], runs)]
+    for title, rows in payload["projection"].items():
+        tables.append((f"projection: {title.replace('_', ' ')}", list(rows[0]), [list(row.values()) for row in rows]))
+    return tables
+
+
 def summarise_end_to_end(payload: dict) -> list[Table]:
     header = ["scenario", "run", "wall s", "peak RSS MiB (largest process)", "peak RSS MiB (tree)", "exit"]
     header += ["load avg before → after", "selected", "test kappa", "test AUROC"]
@@ -512,6 +525,7 @@ SUMMARISERS: dict[str, Callable[[dict], list[Table]]] = {
     "semantic_nih1000": summarise_semantic,
     "scaling": summarise_scaling,
     "end_to_end": summarise_end_to_end,
+    "scale_out": summarise_scale_out,
     "accuracy": summarise_accuracy,
 }
 
