@@ -47,7 +47,7 @@ from tlfusion import __version__
 from tlfusion.backbones import FEATURES_LAYER, image_size_of, load_model_file
 from tlfusion.data.images import decoded_batches, file_sha256
 from tlfusion.errors import InputError
-from tlfusion.features import BatchRunner, FeatureFusion, fuse, keras_runner, onnx_runner
+from tlfusion.features import BatchRunner, FeatureFusion, flip_averaged, fuse, keras_runner, onnx_runner
 from tlfusion.signing import SIGNATURE, check_signature, write_signature
 
 logger = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ class Bundle:
     class_names: list[str]
     image_size: int
     clahe: bool = False
+    flip: bool = False
     meta: dict = field(default_factory=dict)
     onnx_graphs: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
     trust: str = field(default="", compare=False)
@@ -153,7 +154,7 @@ class Bundle:
             run, size = onnx_runner(graph) if graph else keras_runner(self.models[name])
             if size != self.image_size:
                 raise InputError(f"bundle: backbone {name!r} ONNX graph takes {size} px, not {self.image_size}")
-            self._runners[name] = run
+            self._runners[name] = flip_averaged(run) if self.flip else run
         run = self._runners[name]
         return np.concatenate([run(images[i : i + PREDICT_BATCH]) for i in range(0, len(images), PREDICT_BATCH)])
 
@@ -206,6 +207,7 @@ def _write_contents(bundle: Bundle, folder: Path) -> None:
         "threshold": float(bundle.threshold),
         "image_size": int(bundle.image_size),
         "clahe": bool(bundle.clahe),
+        "flip": bool(bundle.flip),
         "xgboost_models": len(xgb_models),
         "meta": bundle.meta,
     }
@@ -264,6 +266,7 @@ def load_bundle(folder: str | Path) -> Bundle:
         class_names=info["class_names"],
         image_size=info["image_size"],
         clahe=info["clahe"],
+        flip=info.get("flip", False),
         meta=info["meta"],
         onnx_graphs={name: listed(f"backbones/{name}.onnx").read_bytes() for name in names if listed.has_onnx(name)},
         trust=trust,
@@ -308,6 +311,8 @@ def _read_info(path: Path) -> dict:
         value = info[key]
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise InputError(f"{path}: {key} has the wrong type ({type(value).__name__})")
+    if not isinstance(info.get("flip", False), bool):
+        raise InputError(f"{path}: flip has the wrong type ({type(info['flip']).__name__})")
     for name in info["backbones"]:
         check_backbone_name(name, str(path))
     if not all(isinstance(name, str) for name in info["class_names"]):

@@ -110,6 +110,8 @@ class FeaturesSpec(Strict):
     batch_size: int = Field(32, ge=1)
     stages: int = Field(1, ge=1)
     """Resolution stages pooled per backbone (`tlfusion.backbones.feature_model`); more than one: few-shot only."""
+    flip: bool = False
+    """Test-time augmentation: each image's features are the mean of its own and its left-right mirror's."""
 
 
 class ClassifySpec(Strict):

@@ -66,6 +66,7 @@ def extract_features(
     engine: str = "auto",
     progress: bool = True,
     stages: int = 1,
+    flip: bool = False,
 ) -> np.ndarray:
     """Pooled penultimate features [n, d] (float32) of the images at `paths`, in order.
 
@@ -73,7 +74,8 @@ def extract_features(
     model, preprocessing and image content are read back and only the other images are extracted (each distinct
     image content once). `engine` "auto" runs ONNX Runtime when the conversion succeeds and Keras otherwise
     (the reason is logged); "onnx" and "keras" force one. `stages` > 1 gives multi-scale features
-    (`tlfusion.backbones.feature_model`).
+    (`tlfusion.backbones.feature_model`). With `flip`, each image's features are the mean of its own and its
+    left-right mirror's (`flip_averaged`).
     """
     if engine not in ENGINES:
         raise InputError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
@@ -84,15 +86,15 @@ def extract_features(
         raise InputError("paths: no images to extract features from")
     source = ModelSource(model, stages)
     if cache_dir is None:
-        return _compute(source, paths, image_size, clahe, batch_size, engine, None, progress)
+        return _compute(source, paths, image_size, clahe, batch_size, engine, None, progress, flip)
 
     cache_dir = Path(cache_dir)
     hashes = [_image_sha256(path) for path in paths]
-    cache = FeatureCache.open(cache_dir, source.key, image_size, clahe)
+    cache = FeatureCache.open(cache_dir, source.key + ("-flip" if flip else ""), image_size, clahe)
     known = cache.lookup(hashes)
     missing = {digest: path for digest, path in zip(hashes, paths, strict=True) if digest not in known}
     if missing:
-        new = _compute(source, list(missing.values()), image_size, clahe, batch_size, engine, cache_dir, progress)
+        new = _compute(source, list(missing.values()), image_size, clahe, batch_size, engine, cache_dir, progress, flip)
         cache.append(list(missing), new)
         known.update(zip(missing, new, strict=True))
     logger.info("features: %d images, %d extracted, the rest from %s", len(paths), len(missing), cache.folder)
@@ -155,9 +157,11 @@ def _compute(
     engine: str,
     cache_dir: Path | None,
     progress: bool,
+    flip: bool = False,
 ) -> np.ndarray:
     """Run the model over `paths` (every image here is sent to the model)."""
     run_batch, input_size = _runner(source, engine, cache_dir)
+    run_batch = flip_averaged(run_batch) if flip else run_batch
     if input_size != image_size:
         raise InputError(f"image size {image_size} differs from the model's {input_size}")
     outputs = []
@@ -191,6 +195,11 @@ def _new_runner(source: ModelSource, engine: str, cache_dir: Path | None) -> tup
         else:
             return onnx_runner(graph)
     return keras_runner(source.model, source.stages)
+
+
+def flip_averaged(run_batch: BatchRunner) -> BatchRunner:
+    """A runner whose features are the mean of each image's and its left-right mirror's (images [n, s, s, 1])."""
+    return lambda batch: (run_batch(batch) + run_batch(np.ascontiguousarray(batch[:, :, ::-1]))) / 2
 
 
 def keras_runner(model: keras.Model, stages: int = 1) -> tuple[BatchRunner, int]:

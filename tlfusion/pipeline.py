@@ -230,6 +230,7 @@ class Pipeline:
                 cache_dir=self.run_dir / "cache",
                 engine=experiment.features.engine,
                 stages=experiment.features.stages,
+                flip=experiment.features.flip,
             )
             write_atomic(self.feature_path(key), lambda temp, f=features: np.save(temp.open("wb"), f))
             log.info("features %s: %s", key, features.shape)
@@ -309,6 +310,7 @@ class Pipeline:
             class_names=class_names(self.table["label"], experiment.positive_class),
             image_size=experiment.image.size,
             clahe=experiment.image.clahe,
+            flip=experiment.features.flip,
             meta={
                 "experiment": experiment.name,
                 "model": selected,
