@@ -241,3 +241,14 @@ def test_altered_onnx_graph_is_refused(parts, tmp_path):
 def test_onnx_graph_for_an_unknown_backbone_is_refused(parts):
     with pytest.raises(InputError, match="ONNX graphs for unknown backbones"):
         make_bundle(parts, make_lr(), onnx_graphs={"other": b""})
+
+
+def test_flip_bundle_predicts_from_the_mean_of_each_image_and_its_mirror(parts, tmp_path):
+    models, _, _, _, images = parts
+    loaded = load_bundle(save_bundle(make_bundle(parts, make_lr(), flip=True), tmp_path / "bundle"))
+    extractor = feature_model(models["mobilenet_a"])
+    mean = (extractor.predict(images[:6], verbose=0) + extractor.predict(images[:6, :, ::-1], verbose=0)) / 2
+    assert loaded.flip and json.loads((tmp_path / "bundle" / "bundle.json").read_text())["flip"] is True
+    expected = loaded.estimator.predict_proba(mean)
+    np.testing.assert_allclose(loaded.predict_proba(images[:6]), expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(expected, make_bundle(parts, make_lr()).predict_proba(images[:6]), atol=1e-4)

@@ -91,21 +91,23 @@ def leftovers(cache: Path) -> list[Path]:
     return [path for path in cache.rglob(".*") if ".partial" in path.name or ".tmp" in path.name]
 
 
-def on_cluster(address: str, model, images: list[str], cache: Path, batch_size: int) -> np.ndarray:
+def on_cluster(address: str, model, images: list[str], cache: Path, batch_size: int, flip: bool = False) -> np.ndarray:
     return extract_features(
-        model, images, SIZE, cache_dir=cache, engine="keras", batch_size=batch_size, scheduler=address
+        model, images, SIZE, cache_dir=cache, engine="keras", batch_size=batch_size, scheduler=address, flip=flip
     )
 
 
-def test_features_match_one_process_and_land_in_the_same_cache_layout(cluster, images, model, tmp_path):
-    local = extract_features(model, images, SIZE, cache_dir=tmp_path / "local", engine="keras", batch_size=4)
-    sharded = on_cluster(cluster.scheduler_address, model, images, tmp_path / "dask", batch_size=4)
+@pytest.mark.parametrize("flip", [False, True], ids=["plain", "flip"])
+def test_features_match_one_process_and_land_in_the_same_cache_layout(cluster, images, model, tmp_path, flip):
+    cache = tmp_path / "local"
+    local = extract_features(model, images, SIZE, cache_dir=cache, engine="keras", batch_size=4, flip=flip)
+    sharded = on_cluster(cluster.scheduler_address, model, images, tmp_path / "dask", batch_size=4, flip=flip)
     np.testing.assert_allclose(sharded, local, atol=1e-5, rtol=0)
     for cache in ("local", "dask"):
         chunks = sorted(path.name.split(".")[1] for path in (tmp_path / cache).rglob("chunk-*"))
         assert chunks == ["npy", "txt"], cache  # one chunk: shards are merged into what a local run writes
     assert not leftovers(tmp_path / "dask")
-    again = extract_features(model, images, SIZE, cache_dir=tmp_path / "dask", scheduler="tcp://127.0.0.1:9")
+    again = extract_features(model, images, SIZE, cache_dir=tmp_path / "dask", scheduler="tcp://127.0.0.1:9", flip=flip)
     np.testing.assert_array_equal(again, sharded)  # all cached: the scheduler is not even contacted
 
 

@@ -253,3 +253,19 @@ def test_fusion_refuses_non_finite_rows_and_bad_settings():
         FeatureFusion(block_sizes=[2, 3]).fit(np.ones((5, 4)))
     with pytest.raises(InputError, match="pca"):
         FeatureFusion(pca=1.5).fit(np.ones((5, 4)))
+
+
+def test_flip_averages_each_image_with_its_mirror_in_its_own_cache_entry(tmp_path):
+    images = [np.random.default_rng(seed).integers(0, 256, (SIZE, SIZE), dtype=np.uint8) for seed in range(3)]
+    paths = [str(tmp_path / f"{i}.png") for i in range(3)]
+    mirrors = [str(tmp_path / f"mirror{i}.png") for i in range(3)]
+    for image, path, mirror in zip(images, paths, mirrors, strict=True):
+        cv2.imwrite(path, image)
+        cv2.imwrite(mirror, image[:, ::-1])
+    model, cache = tiny_backbone(), tmp_path / "cache"
+    plain = extract_features(model, paths, SIZE, cache_dir=cache, engine="keras", progress=False)
+    flipped = extract_features(model, paths, SIZE, cache_dir=cache, engine="keras", progress=False, flip=True)
+    of_mirrors = extract_features(model, mirrors, SIZE, engine="keras", progress=False)
+    np.testing.assert_allclose(flipped, (plain + of_mirrors) / 2, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(flipped, plain, atol=1e-3)
+    np.testing.assert_array_equal(extract_features(model, paths, SIZE, cache_dir=cache, progress=False), plain)

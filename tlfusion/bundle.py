@@ -10,7 +10,7 @@
       classifier.skops          the fitted classifier (step "clf"), every XGBoost model in it replaced by a marker
       xgboost/<i>.json          constructor parameters of XGBoost model i
       xgboost/<i>.ubj           its booster in XGBoost's own format (when fitted)
-      bundle.json               class names, threshold, image size, clahe, backbone order, meta
+      bundle.json               class names, threshold, image size, clahe, flip, backbone order, meta
       manifest.json             versions and the sha256 of every other file
       signature.json            optional: HMAC-SHA256 of manifest.json under the user's key (`tlfusion.signing`)
 
@@ -54,7 +54,7 @@ from tlfusion.estimator_files import (
     save_xgboost,
     write_json_file,
 )
-from tlfusion.features import BatchRunner, FeatureFusion, fuse, keras_runner, onnx_runner
+from tlfusion.features import BatchRunner, FeatureFusion, flip_averaged, fuse, keras_runner, onnx_runner
 from tlfusion.signing import SIGNATURE, check_signature, write_signature
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,8 @@ _INFO_TYPES: dict[str, type | tuple[type, ...]] = {
     "meta": dict,
 }
 """bundle.json keys beyond format and format_version, and the JSON types their values must have."""
+_OPTIONAL_INFO_TYPES: dict[str, type] = {"flip": bool}
+"""bundle.json keys that bundles written before them lack (read as the Bundle field's default)."""
 
 
 @dataclass
@@ -93,6 +95,7 @@ class Bundle:
     class_names: list[str]
     image_size: int
     clahe: bool = False
+    flip: bool = False
     meta: dict = field(default_factory=dict)
     onnx_graphs: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
     trust: str = field(default="", compare=False)
@@ -160,7 +163,7 @@ class Bundle:
             run, size = onnx_runner(graph) if graph else keras_runner(self.models[name])
             if size != self.image_size:
                 raise InputError(f"bundle: backbone {name!r} ONNX graph takes {size} px, not {self.image_size}")
-            self._runners[name] = run
+            self._runners[name] = flip_averaged(run) if self.flip else run
         run = self._runners[name]
         return np.concatenate([run(images[i : i + PREDICT_BATCH]) for i in range(0, len(images), PREDICT_BATCH)])
 
@@ -213,6 +216,7 @@ def _write_contents(bundle: Bundle, folder: Path) -> None:
         "threshold": float(bundle.threshold),
         "image_size": int(bundle.image_size),
         "clahe": bool(bundle.clahe),
+        "flip": bool(bundle.flip),
         "xgboost_models": len(xgb_models),
         "meta": bundle.meta,
     }
@@ -273,6 +277,7 @@ def load_bundle(folder: str | Path) -> Bundle:
         class_names=info["class_names"],
         image_size=info["image_size"],
         clahe=info["clahe"],
+        flip=info.get("flip", False),
         meta=info["meta"],
         onnx_graphs={name: listed(f"backbones/{name}.onnx").read_bytes() for name in names if listed.has_onnx(name)},
         trust=trust,
@@ -311,11 +316,12 @@ def _read_info(path: Path) -> dict:
     info = read_json_file(path)
     if info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
         raise InputError(f"{path}: not a {FORMAT} version {FORMAT_VERSION}")
-    for key, kind in _INFO_TYPES.items():
-        if key not in info:
-            raise InputError(f"{path}: missing key {key!r}")
-        value = info[key]
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+    missing = [key for key in _INFO_TYPES if key not in info]
+    if missing:
+        raise InputError(f"{path}: missing key {missing[0]!r}")
+    for key, kind in (_INFO_TYPES | _OPTIONAL_INFO_TYPES).items():
+        value = info.get(key)
+        if key in info and (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)):
             raise InputError(f"{path}: {key} has the wrong type ({type(value).__name__})")
     for name in info["backbones"]:
         check_backbone_name(name, str(path))

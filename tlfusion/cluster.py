@@ -35,7 +35,16 @@ from tlfusion.backbones import load_model_file
 from tlfusion.data.images import file_sha256
 from tlfusion.errors import InputError
 from tlfusion.feature_cache import npy_bytes
-from tlfusion.features import FeatureExtractor, ModelSource, engine_graph, keras_runner, onnx_cache_path, onnx_runner
+from tlfusion.features import (
+    FeatureExtractor,
+    ModelSource,
+    engine_graph,
+    flip_averaged,
+    flipped_key,
+    keras_runner,
+    onnx_cache_path,
+    onnx_runner,
+)
 from tlfusion.fileio import write_atomic, write_bytes
 
 try:
@@ -53,12 +62,14 @@ CONNECT_TIMEOUT_S = 30
 
 @dataclass(frozen=True)
 class ShardJob:
-    """What every extraction shard shares: the model file (`kind` "onnx" or "keras") and how to decode images."""
+    """What every extraction shard shares: the model file (`kind` "onnx" or "keras"), how to decode images and
+    whether features are flip-averaged."""
 
     kind: str
     model_file: str
     model_sha256: str
     stages: int
+    flip: bool
     image_size: int
     clahe: bool
     batch_size: int
@@ -134,7 +145,7 @@ def extract_on_cluster(
     kind, model_file = _model_file(source, engine, cache_dir)
     staging = cache_dir.resolve() / f".shards.{uuid.uuid4().hex}.partial"
     model = (kind, str(model_file.resolve()), file_sha256(model_file))
-    job = ShardJob(*model, source.stages, image_size, clahe, batch_size, str(staging))
+    job = ShardJob(*model, source.stages, source.flip, image_size, clahe, batch_size, str(staging))
     try:
         with connect(scheduler) as client:
             done = _run_sharded(client, extract_shard, job, paths, batch_size)
@@ -185,7 +196,7 @@ def extract_shard(job: ShardJob, index: int, paths: list[str]) -> str:
     """Run one shard on this worker and write its features to the staging folder; returns the file written."""
     build = _loader(job)
     features = _state().extractor.extract(
-        (job.model_sha256, job.kind), build, paths, job.image_size, job.clahe, job.batch_size
+        (flipped_key(job.model_sha256, job.flip), job.kind), build, paths, job.image_size, job.clahe, job.batch_size
     )
     path = Path(job.staging) / f"shard-{index:05d}.npy"
     write_bytes(path, npy_bytes(features))
@@ -196,14 +207,19 @@ def _loader(job: ShardJob) -> Callable[[], tuple[Callable[[np.ndarray], np.ndarr
     """Builds the shard's runner from the model file, once its sha256 is the one the driver sent."""
 
     def build():
-        if job.kind == "onnx":
-            data = Path(job.model_file).read_bytes()
-            _check_sha256(job.model_file, hashlib.sha256(data).hexdigest(), job.model_sha256)
-            return onnx_runner(data)
-        _check_sha256(job.model_file, file_sha256(job.model_file), job.model_sha256)
-        return keras_runner(load_model_file(job.model_file), job.stages)
+        run_batch, size = _checked_runner(job)
+        return (flip_averaged(run_batch) if job.flip else run_batch), size
 
     return build
+
+
+def _checked_runner(job: ShardJob) -> tuple[Callable[[np.ndarray], np.ndarray], int]:
+    if job.kind == "onnx":
+        data = Path(job.model_file).read_bytes()
+        _check_sha256(job.model_file, hashlib.sha256(data).hexdigest(), job.model_sha256)
+        return onnx_runner(data)
+    _check_sha256(job.model_file, file_sha256(job.model_file), job.model_sha256)
+    return keras_runner(load_model_file(job.model_file), job.stages)
 
 
 def _check_sha256(path: str, actual: str, expected: str) -> None:

@@ -114,6 +114,8 @@ class FeaturesSpec(Strict):
     batch_size: int = Field(32, ge=1)
     stages: int = Field(1, ge=1)
     """Resolution stages pooled per backbone (`tlfusion.backbones.feature_model`); more than one: few-shot only."""
+    flip: bool = False
+    """Test-time augmentation: each image's features are the mean of its own and its left-right mirror's."""
     scheduler: str | None = Field(None, exclude=True)
     """A Dask scheduler address (`tcp://host:8786`, `tlfusion.cluster`) to extract on; where features are computed
     does not change them, so it is no part of the stage's key (excluded from `model_dump`)."""

@@ -64,6 +64,7 @@ def extract_features(
     progress: bool = True,
     stages: int = 1,
     scheduler: str | None = None,
+    flip: bool = False,
 ) -> np.ndarray:
     """Pooled penultimate features [n, d] (float32) of the images at `paths`, in order.
 
@@ -72,7 +73,8 @@ def extract_features(
     image content once). `engine` "auto" runs ONNX Runtime when the conversion succeeds and Keras otherwise
     (the reason is logged); "onnx" and "keras" force one. `stages` > 1 gives multi-scale features
     (`tlfusion.backbones.feature_model`). With `scheduler` (a Dask scheduler address; needs `cache_dir`, a folder
-    the workers share) the images to extract are sharded over the cluster's workers (`tlfusion.cluster`).
+    the workers share) the images to extract are sharded over the cluster's workers (`tlfusion.cluster`). With
+    `flip`, each image's features are the mean of its own and its left-right mirror's (`flip_averaged`).
     """
     if engine not in ENGINES:
         raise InputError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
@@ -83,13 +85,13 @@ def extract_features(
         raise InputError("paths: no images to extract features from")
     if scheduler and cache_dir is None:
         raise InputError("scheduler: extraction on a cluster needs cache_dir, a folder the workers share")
-    source = ModelSource(model, stages)
+    source = ModelSource(model, stages, flip)
     if cache_dir is None:
         return _compute(source, paths, image_size, clahe, batch_size, engine, None, progress)
 
     cache_dir = Path(cache_dir)
     hashes = [_image_sha256(path) for path in paths]
-    cache = FeatureCache.open(cache_dir, source.key, image_size, clahe)
+    cache = FeatureCache.open(cache_dir, source.features_key, image_size, clahe)
     known = cache.lookup(hashes)
     missing = {digest: path for digest, path in zip(hashes, paths, strict=True) if digest not in known}
     if missing:
@@ -105,10 +107,11 @@ def extract_features(
 
 
 class ModelSource:
-    """A backbone given as a model or a `.keras` file, and how many stages its features pool: its cache key now,
-    the Keras model only when needed."""
+    """A backbone given as a model or a `.keras` file, how many stages its features pool and whether they are
+    flip-averaged: its keys now (`key`: the feature sub-model, `features_key`: its features), the Keras model only
+    when needed."""
 
-    def __init__(self, model: keras.Model | str | Path, stages: int = 1):
+    def __init__(self, model: keras.Model | str | Path, stages: int = 1, flip: bool = False):
         if not isinstance(stages, Integral) or stages < 1:
             raise InputError(f"stages must be a positive integer; got {stages!r}")
         self.stages = int(stages)
@@ -124,6 +127,8 @@ class ModelSource:
             key = file_sha256(self.path)
         # One-stage keys stay the plain model hash, so caches written before `stages` existed remain valid.
         self.key = key if self.stages == 1 else f"{key}-stages{self.stages}"
+        self.flip = bool(flip)
+        self.features_key = flipped_key(self.key, self.flip)
 
     @property
     def model(self) -> keras.Model:
@@ -206,7 +211,7 @@ def _compute(
 ) -> np.ndarray:
     """Run the model over `paths` in this process (every image here is sent to the model)."""
     build = partial(_new_runner, source, engine, cache_dir)
-    return EXTRACTOR.extract((source.key, engine), build, paths, image_size, clahe, batch_size, progress)
+    return EXTRACTOR.extract((source.features_key, engine), build, paths, image_size, clahe, batch_size, progress)
 
 
 def _cluster_compute(scheduler: str) -> Callable[..., np.ndarray]:
@@ -218,7 +223,18 @@ def _cluster_compute(scheduler: str) -> Callable[..., np.ndarray]:
 
 def _new_runner(source: ModelSource, engine: str, cache_dir: Path | None) -> Runner:
     graph = engine_graph(source, engine, cache_dir)
-    return onnx_runner(graph) if graph is not None else keras_runner(source.model, source.stages)
+    run_batch, size = onnx_runner(graph) if graph is not None else keras_runner(source.model, source.stages)
+    return (flip_averaged(run_batch) if source.flip else run_batch), size
+
+
+def flip_averaged(run_batch: BatchRunner) -> BatchRunner:
+    """A runner whose features are the mean of each image's and its left-right mirror's (images [n, s, s, 1])."""
+    return lambda batch: (run_batch(batch) + run_batch(np.ascontiguousarray(batch[:, :, ::-1]))) / 2
+
+
+def flipped_key(key: str, flip: bool) -> str:
+    """The key of a model's flip-averaged features (`key` itself without flipping, so older caches stay valid)."""
+    return f"{key}-flip" if flip else key
 
 
 def engine_graph(source: ModelSource, engine: str, cache_dir: Path | None) -> bytes | None:

@@ -84,6 +84,7 @@ def save_run_bundle(run: RunContext, selected: str, keys: list[str], estimator, 
         class_names=class_names(run.table["label"], experiment.positive_class),
         image_size=experiment.image.size,
         clahe=experiment.image.clahe,
+        flip=experiment.features.flip,
         meta={
             "experiment": experiment.name,
             "model": selected,

@@ -116,6 +116,7 @@ def run_extract(run: RunContext) -> None:
             engine=experiment.features.engine,
             stages=experiment.features.stages,
             scheduler=experiment.features.scheduler,
+            flip=experiment.features.flip,
         )
         write_atomic(run.paths.features(key), lambda temp, f=features: np.save(temp.open("wb"), f))
         log.info("features %s: %s", key, features.shape)
