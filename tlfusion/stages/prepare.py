@@ -47,10 +47,14 @@ def _scanned(run: RunContext, table: pd.DataFrame) -> pd.DataFrame:
     return table[table["sha256"] != ""].reset_index(drop=True)
 
 
-def plain_backbone(entry, image_size: int):
-    """A backbone as configured (weights loaded), not fine-tuned."""
+def plain_backbone(entry, image_size: int, seed: int):
+    """A backbone as configured (weights loaded), not fine-tuned; a random start is drawn from `seed`, so a run
+    without fine-tuning is reproducible."""
+    import keras
+
     from tlfusion.backbones import build_backbone
 
+    keras.utils.set_random_seed(seed)
     return build_backbone(entry.name, image_size, entry.weights, **entry.options)
 
 
@@ -61,7 +65,7 @@ def run_finetune(run: RunContext) -> None:
     pairs = list(zip(run.backbone_keys, experiment.backbones, strict=True))
     for key, entry in progress(pairs, "fine-tuning", lambda pair: pair[0]):
         if not experiment.finetune.enabled:
-            write_atomic(run.paths.model(key), plain_backbone(entry, experiment.image.size).save)
+            write_atomic(run.paths.model(key), plain_backbone(entry, experiment.image.size, experiment.seed).save)
             continue
         from tlfusion.training import finetune
 
@@ -105,7 +109,7 @@ def run_extract(run: RunContext) -> None:
     experiment = run.experiment
     for key, entry in zip(run.backbone_keys, experiment.backbones, strict=True):
         fine_tuned = run.paths.model(key)
-        model = fine_tuned if fine_tuned.is_file() else plain_backbone(entry, experiment.image.size)
+        model = fine_tuned if fine_tuned.is_file() else plain_backbone(entry, experiment.image.size, experiment.seed)
         features = extract_features(
             model,
             run.table["path"].tolist(),
