@@ -56,6 +56,10 @@ NOTES = [
     "FracAtlas holds identical files under two ids (21 sets in hand, 4 in leg); a copy split from its twin joins",
     "the twin's earlier part (train, then val, then test), so no test image has a copy in training.",
     "Test sets are small (hand 147 images, Kermany ~170): differences inside the CIs are not evidence.",
+    "FracAtlas hand, init imagenet: flip test-time augmentation (features.flip, chosen on seed 0's val part) measured",
+    "with --reuse-finetuned on the backbones fine-tuned at 8d2528c (same recipe, checked); without flip those same",
+    "backbones gave kappa 0.495 / 0.594 / 0.509 and AUROC 0.858 / 0.900 / 0.804 at seeds 0-2 (mean 0.533 / 0.854).",
+    "The imagenet_frozen rows are carried over from e997144, without flip.",
 ]
 PACKAGES = ("tensorflow-cpu", "tensorflow", "keras", "scikit-learn", "xgboost", "numpy")
 
@@ -97,7 +101,7 @@ def reused_backbones(name: str, seed: int, folder: Path) -> list[Path]:
         differing = {key: (trained.get(key), value) for key, value in expected.items() if trained.get(key) != value}
         if differing:
             raise SystemExit(f"{folder}: {entry.name} was fine-tuned with other settings (theirs, ours): {differing}")
-        models.append(folder / "backbones" / entry.name / "model.keras")
+        models.append((folder / "backbones" / entry.name / "model.keras").resolve())
     return models
 
 
