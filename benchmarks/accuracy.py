@@ -59,7 +59,7 @@ NOTES = [
     "FracAtlas hand, init imagenet: flip test-time augmentation (features.flip, chosen on seed 0's val part) measured",
     "with --reuse-finetuned on the backbones fine-tuned at 8d2528c (same recipe, checked); without flip those same",
     "backbones gave kappa 0.495 / 0.594 / 0.509 and AUROC 0.858 / 0.900 / 0.804 at seeds 0-2 (mean 0.533 / 0.854).",
-    "The imagenet_frozen rows are carried over from e997144, without flip.",
+    "imagenet_frozen uses the experiment as shipped (flip included) with fine-tuning off.",
 ]
 PACKAGES = ("tensorflow-cpu", "tensorflow", "keras", "scikit-learn", "xgboost", "numpy")
 
