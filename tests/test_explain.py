@@ -25,13 +25,16 @@ from keras import layers
 from sklearn.linear_model import LogisticRegression
 
 from tlfusion.backbones import build_backbone, feature_model, gradcam_layer_name
+from tlfusion.classifiers import fusion_pipeline
 from tlfusion.data.images import resize_pad
 from tlfusion.errors import InputError
 from tlfusion.explain import explain_cases
+from tlfusion.explain.decision import decision_head, selected_model_maps
 from tlfusion.explain.gallery import REVIEW_COLUMNS, Case, write_gallery
 from tlfusion.explain.gradcam import GradCAM, bundle_gradcam, default_layer_name
 from tlfusion.explain.lime import explain_lime
 from tlfusion.explain.overlay import crop_to_original, save_heatmap_overlay, save_lime_overlay
+from tlfusion.features import FeatureFusion
 
 SIZE = 64
 CENTRE = (20, 20)
@@ -89,20 +92,32 @@ def randomised(model: keras.Model, seed: int) -> keras.Model:
 
 
 class FakeBundle:
-    """The duck-typed bundle interface: backbones -> fused features -> a real LogisticRegression."""
+    """The duck-typed bundle interface: backbones -> fused features -> an identity fusion and a real
+    LogisticRegression (a linear classifier: its Grad-CAM of the selected model is exact)."""
 
-    def __init__(self, models: dict[str, keras.Model], classifier=None, images=None, labels=None):
+    flip = False
+    threshold = 0.5
+
+    def __init__(self, models: dict[str, keras.Model], images: np.ndarray, labels: np.ndarray):
         self.models = models
         self.image_size = SIZE
         self.class_names = ["normal", "abnormal"]
+        self.meta = {"model": "tiny/lr"}
         self._extractors = [feature_model(model) for model in models.values()]
-        self.classifier = classifier or LogisticRegression(max_iter=2000).fit(self._features(images), labels)
+        classifier = LogisticRegression(max_iter=2000)
+        self.estimator = fusion_pipeline(FeatureFusion(standardize=False), classifier).fit(
+            self.features(images), labels
+        )
 
-    def _features(self, images: np.ndarray) -> np.ndarray:
+    @property
+    def fusion(self) -> FeatureFusion:
+        return self.estimator.named_steps["fusion"]
+
+    def features(self, images: np.ndarray) -> np.ndarray:
         return np.concatenate([np.asarray(extractor.predict_on_batch(images)) for extractor in self._extractors], 1)
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        return self.classifier.predict_proba(self._features(images))
+        return self.estimator.predict_proba(self.features(images))
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +129,7 @@ def task():
     model.fit(*train, epochs=10, batch_size=16, verbose=0)
     logits = model.predict_on_batch(test[0])[:, 0]
     assert logits[test[1] == 1].min() > logits[test[1] == 0].max(), "the tiny CNN did not learn the synthetic task"
-    bundle = FakeBundle({"tiny": model}, images=train[0], labels=train[1])
+    bundle = FakeBundle({"tiny": model}, train[0], train[1])
     return {"model": model, "bundle": bundle, "positives": test[0][test[1] == 1], "train": train, "test": test}
 
 
@@ -135,6 +150,24 @@ def test_gradcam_mass_on_evidence_and_not_after_randomisation(task, method):
     print(f"{method}: blob share trained {trained:.2f}, randomised {random:.2f}")
 
 
+def test_selected_model_map_on_evidence_and_not_after_randomisation(task):
+    """Grad-CAM of the selected model (backbone -> fusion -> logistic regression): on the disc for the trained
+    bundle; not for bundles whose backbone is re-initialised and whose classifier learnt shuffled labels."""
+    images, labels = task["train"]
+
+    def share(bundle) -> float:
+        return blob_share(selected_model_maps(bundle, task["positives"], decision_head(bundle.estimator, None, 0.5)))
+
+    trained = share(task["bundle"])
+    shuffled = np.random.default_rng(0).permutation(labels)
+    random = np.mean(
+        [share(FakeBundle({"tiny": randomised(task["model"], seed)}, images, shuffled)) for seed in range(3)]
+    )
+    assert trained > 0.6, trained
+    assert random < 0.4, random
+    print(f"selected model: blob share trained {trained:.2f}, randomised {random:.2f}")
+
+
 def lime_disc_share(explanation) -> float:
     """Fraction of the positive superpixel weights carried by superpixels that overlap the disc."""
     weights = np.zeros(explanation.segments.max() + 1)
@@ -153,7 +186,7 @@ def test_lime_mass_on_evidence_and_not_after_randomisation(task):
     trained = share(task["bundle"])
     shuffled = np.random.default_rng(0).permutation(labels)
     random = np.mean(
-        [share(FakeBundle({"tiny": randomised(task["model"], seed)}, None, images, shuffled)) for seed in range(4)]
+        [share(FakeBundle({"tiny": randomised(task["model"], seed)}, images, shuffled)) for seed in range(4)]
     )
     assert trained > 0.5, trained
     assert random < 0.3, random
@@ -203,9 +236,7 @@ def test_real_backbone_layer_and_bundle_maps(task):
     mobilenet = build_backbone("mobilenetv2", SIZE, alpha=0.35)
     assert default_layer_name(mobilenet) == gradcam_layer_name(mobilenet)
     images = task["positives"][:2]
-    bundle = FakeBundle(
-        {"tiny": task["model"], "mobilenetv2": mobilenet}, images=task["test"][0], labels=task["test"][1]
-    )
+    bundle = FakeBundle({"tiny": task["model"], "mobilenetv2": mobilenet}, task["test"][0], task["test"][1])
     maps = bundle_gradcam(bundle, images, target="abnormal")
     assert list(maps) == ["tiny", "mobilenetv2", "mean"]
     assert all(values.shape == (2, SIZE, SIZE) and np.isfinite(values).all() for values in maps.values())
@@ -275,7 +306,8 @@ def test_explain_cases_writes_a_linked_gallery_and_review_sheet(task, tmp_path):
     index = explain_cases(task["bundle"], paths, labels, out_dir, lime_samples=30)
     page = index.read_text()
     links = re.findall(r'(?:src|href)="([^"]+)"', page)
-    assert len(re.findall(r"<img ", page)) == 4 * 3  # image, Grad-CAM (one backbone: no mean), LIME
+    # image, Grad-CAM of the selected model, of the backbone's own head, LIME
+    assert len(re.findall(r"<img ", page)) == 4 * 4
     assert links and all(not os.path.isabs(link) and (out_dir / link).is_file() for link in links)
     assert "http" not in page
     with open(out_dir / "review.csv", newline="") as handle:
@@ -353,7 +385,7 @@ def test_gallery_renders_in_headless_chromium(task, tmp_path):
     dom = subprocess.run([*flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
     found = re.search(r'<div id="probe">drawn (\d+) of (\d+) order ([\d.,]+)</div>', dom)
     assert found, dom[-500:]
-    assert int(found[1]) == int(found[2]) == 3 * 3
+    assert int(found[1]) == int(found[2]) == 3 * 4
     confidences = [float(value) for value in found[3].split(",")]
     assert confidences == sorted(confidences)
     screenshot = tmp_path / "page.png"

@@ -240,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--ids", nargs="*", help="explain these image paths (or file names) instead")
     methods = ",".join(shown.methods)
     explain.add_argument("--method", default=methods, help="gradcam, lime or both (comma-separated)")
-    explain.add_argument("--lime-samples", type=int, default=shown.lime_samples)
+    explain.add_argument(
+        "--lime-samples", type=int, help=f"LIME samples per case (default: the experiment's, {shown.lime_samples})"
+    )
     explain.add_argument("--out", required=True)
     explain.set_defaults(handler=cmd_explain)
 

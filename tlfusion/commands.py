@@ -111,9 +111,12 @@ def explain_bundle(
     ids: list[str] | None,
     data_root: str | None,
     split: str,
-    lime_samples: int,
+    lime_samples: int | None,
 ) -> None:
-    """Explanation images + review page in `out` for a bundle's predictions on an experiment's images."""
+    """Explanation images + review page in `out` for a bundle's predictions on an experiment's images; `lime_samples`
+    None takes the experiment's `explain.lime_samples`. Without `ids`, the split's images are the reference rows
+    of a non-linear classifier's surrogate (`tlfusion.explain.decision`)."""
+    from tlfusion.data.images import decoded_batches
     from tlfusion.explain import explain_cases
 
     unknown = sorted(set(methods) - set(EXPLAIN_METHODS))
@@ -121,10 +124,13 @@ def explain_bundle(
         raise InputError(f"--method: unknown method(s) {unknown or methods}; use gradcam, lime or both")
     experiment, table = experiment_rows(data, data_root, split)
     table = with_binary_target(table, bundle.class_names[1])
+    reference = None
     if ids:
         chosen = _named_rows(table, ids, split)
     else:
-        prob = bundle.predict_paths(table["path"].tolist())[:, 1]
+        batches = decoded_batches(table["path"].tolist(), bundle.image_size, bundle.clahe)
+        reference = np.concatenate([bundle.features(batch) for batch in batches])
+        prob = bundle.estimator.predict_proba(reference)[:, 1]
         chosen = pick_cases(table.assign(prob=prob, y_true=table["y"]), bundle.threshold, cases)
     explain_cases(
         bundle,
@@ -132,9 +138,11 @@ def explain_bundle(
         chosen["y"].tolist(),
         Path(out),
         methods=tuple(methods),
-        lime_samples=lime_samples,
+        lime_samples=experiment.explain.lime_samples if lime_samples is None else lime_samples,
         seed=experiment.seed,
         clahe=bundle.clahe,
+        reference=reference,
+        reference_label=f"images of the {split} split (scored by the model, labels unused)",
     )
 
 

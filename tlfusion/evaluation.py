@@ -84,12 +84,28 @@ def fusion_vs_single(
     return comparisons
 
 
+OUTCOMES = ("FN", "FP", "TP", "TN")
+"""Outcome order of `pick_cases`: errors first."""
+
+
 def pick_cases(test: pd.DataFrame, threshold: float, count: int) -> pd.DataFrame:
-    """Cases worth a reviewer's time: errors first (most confident first), then the most confident correct ones."""
+    """`count` cases worth a reviewer's time, from every outcome present (columns prob, y_true): one FN, FP, TP
+    and TN in turn (so both classes and both right and wrong predictions are shown), each outcome's most confident
+    first; column `outcome` names each case's."""
+    predicted = (test["prob"] >= threshold).astype(int)
     test = test.assign(
-        wrong=(test["prob"] >= threshold).astype(int) != test["y_true"], confidence=(test["prob"] - threshold).abs()
+        outcome=np.where(predicted == test["y_true"], "T", "F") + np.where(predicted == 1, "P", "N"),
+        confidence=(test["prob"] - threshold).abs(),
     )
-    return test.sort_values(["wrong", "confidence"], ascending=False).head(count)
+    ranked = test.sort_values("confidence", ascending=False, kind="stable")
+    turn = ranked.groupby("outcome").cumcount()
+    order = ranked["outcome"].map({outcome: index for index, outcome in enumerate(OUTCOMES)})
+    return (
+        ranked.assign(turn=turn, order=order)
+        .sort_values(["turn", "order"], kind="stable")
+        .head(count)
+        .drop(columns=["turn", "order"])
+    )
 
 
 def semantic_metrics(

@@ -28,12 +28,17 @@ REVIEW_COLUMNS = (
 
 _STYLE = """
 body { font-family: sans-serif; margin: 1em; }
+p.note { max-width: 75em; font-size: 14px; }
+.scroll { overflow-x: auto; }
 table { border-collapse: collapse; }
 th, td { border: 1px solid #ccc; padding: 4px; text-align: center; vertical-align: middle; }
+th { font-size: 12px; font-weight: normal; max-width: 190px; }
 th[data-key] { cursor: pointer; text-decoration: underline; }
+td { font-size: 13px; }
 tr.incorrect { background: #fde8e8; }
-img { max-width: 220px; max-height: 220px; }
+img { display: block; max-width: 190px; max-height: 190px; }
 """
+_IMAGE_HEADERS = {"image": "radiograph"}
 
 _SORT_SCRIPT = """
 document.querySelectorAll("th[data-key]").forEach(function (header) {
@@ -109,9 +114,10 @@ def _row(case: Case, rank: int, class_names: Sequence[str], threshold: float) ->
     return f"<tr {attributes}>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>"
 
 
-def _page(ordered: list[Case], class_names: Sequence[str], threshold: float) -> str:
+def _page(ordered: list[Case], class_names: Sequence[str], threshold: float, model: str, notes: Sequence[str]) -> str:
     titles = list(ordered[0].images) if ordered else []
-    headers = ['<th data-key="order">case</th>', *(f"<th>{html.escape(title)}</th>" for title in titles)]
+    shown = (_IMAGE_HEADERS.get(title, title) for title in titles)
+    headers = ['<th data-key="order">case</th>', *(f"<th>{html.escape(title)}</th>" for title in shown)]
     headers += [
         "<th>true label</th>",
         f'<th data-key="probability">P({html.escape(class_names[1])})</th>',
@@ -123,10 +129,14 @@ def _page(ordered: list[Case], class_names: Sequence[str], threshold: float) -> 
     rows = "\n".join(_row(case, rank, class_names, threshold) for rank, case in enumerate(ordered))
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>tlfusion explanations</title>'
-        f"<style>{_STYLE}</style></head><body>\n<h1>Explanations for review</h1>\n"
-        f"<p>{len(ordered)} cases, {mistakes} misclassified at threshold {threshold:g}; mistakes first, then by "
-        "confidence. Click an underlined header to sort. Record verdicts in <code>review.csv</code>.</p>\n"
-        f'<table id="cases"><thead><tr>{"".join(headers)}</tr></thead><tbody>\n{rows}\n</tbody></table>\n'
+        f"<style>{_STYLE}</style></head><body>\n<h1>Explanations for review: {html.escape(model)}</h1>\n"
+        f"<p>{len(ordered)} cases, {mistakes} misclassified by {html.escape(model)} at threshold {threshold:g}; "
+        f"mistakes first, then by confidence. Outcome: T/F = correct or not, P/N = predicted "
+        f"{html.escape(class_names[1])} / {html.escape(class_names[0])}. Click an underlined header to sort. "
+        "Record verdicts in <code>review.csv</code>.</p>\n"
+        + "".join(f'<p class="note">{html.escape(note)}</p>\n' for note in notes)
+        + f'<div class="scroll"><table id="cases"><thead><tr>{"".join(headers)}</tr></thead><tbody>\n{rows}\n'
+        "</tbody></table></div>\n"
         f"<script>{_SORT_SCRIPT}</script>\n</body></html>\n"
     )
 
@@ -164,12 +174,15 @@ def write_gallery(
     out_dir: str | Path,
     class_names: Sequence[str] = ("negative", "positive"),
     threshold: float = 0.5,
+    model: str = "the model",
+    notes: Sequence[str] = (),
 ) -> Path:
-    """Write `out_dir/index.html` and `out_dir/review.csv` for cases whose PNGs are already in `out_dir`."""
+    """Write `out_dir/index.html` and `out_dir/review.csv` for cases whose PNGs are already in `out_dir`; `model`
+    names the model whose probabilities the cases hold, `notes` (plain text) say how the images were made."""
     out_dir = Path(out_dir)
     _check_images(cases, out_dir)
     ordered = review_order(cases, threshold)
     write_atomic(
         out_dir / "review.csv", lambda temporary: _write_review_csv(temporary, ordered, class_names, threshold)
     )
-    return write_text(out_dir / "index.html", _page(ordered, class_names, threshold))
+    return write_text(out_dir / "index.html", _page(ordered, class_names, threshold, model, notes))

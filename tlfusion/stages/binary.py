@@ -133,7 +133,8 @@ def run_evaluate(run: RunContext) -> None:
 
 
 def run_explain(run: RunContext) -> None:
-    """explanations/: Grad-CAM / LIME of the selected model's most telling test cases, and a review page."""
+    """explanations/: Grad-CAM / LIME of test cases from every outcome (TP, TN, FP, FN where present) of the
+    selected model, and a review page; a non-linear classifier's surrogate is fitted on the training split."""
     spec = run.experiment.explain
     if not spec.enabled or spec.cases == 0:
         log.info("explanations disabled")
@@ -142,8 +143,11 @@ def run_explain(run: RunContext) -> None:
     from tlfusion.explain import explain_cases
 
     selection, predictions = run.fit_outputs()
-    test = predictions[(predictions["model"] == selection["selected"]) & (predictions["split"] == "test")]
-    cases = pick_cases(test, selection["thresholds"][selection["selected"]], spec.cases)
+    selected = selection["selected"]
+    test = predictions[(predictions["model"] == selected) & (predictions["split"] == "test")]
+    cases = pick_cases(test, selection["thresholds"][selected], spec.cases)
+    X, _ = run.load_features(run.feature_sets()[ModelName.parse(selected).feature_set])
+    is_fit = run.table["split"].isin(["train", "val"]).to_numpy()
     with activity(f"explaining {len(cases)} cases ({', '.join(spec.methods)})"):
         explain_cases(
             load_bundle(run.paths.bundle),
@@ -154,4 +158,6 @@ def run_explain(run: RunContext) -> None:
             lime_samples=spec.lime_samples,
             seed=run.experiment.seed,
             clahe=run.experiment.image.clahe,
+            reference=X[is_fit],
+            reference_label="images of the training split (train + val)",
         )
