@@ -3,6 +3,8 @@ then its saved bundle reloaded and explained again, against the run's own output
 
 from __future__ import annotations
 
+import html
+import re
 from pathlib import Path
 
 import cv2
@@ -65,7 +67,7 @@ def test_explained_probabilities_are_the_bundles_and_the_runs(explained_run, bun
     stored = stored[(stored["model"] == "mobilenetv2/lr") & (stored["split"] == "test")].set_index("path")["prob"]
     np.testing.assert_allclose(stored[cases["path"]].to_numpy(), predicted, rtol=0, atol=1e-5)
     for case_id in cases["case_id"]:
-        for suffix in ("", "_gradcam_mobilenetv2", "_lime"):
+        for suffix in ("", "_gradcam_0", "_gradcam_1", "_lime"):
             png = explained_run / "explanations" / f"{case_id}{suffix}.png"
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
@@ -109,3 +111,56 @@ def test_lime_through_the_bundle_predicts_what_hiding_superpixels_does(explained
     probabilities = np.asarray(bundle.predict_proba(np.concatenate([image[None], changed])))[:, 1]
     actual, predicted = probabilities[1:] - probabilities[0], -(hidden * weight_of).sum(axis=1)
     assert np.corrcoef(actual, predicted)[0, 1] > 0.8  # 0.999 here
+
+
+def test_gallery_leads_with_the_selected_models_exact_map(explained_run):
+    """The run selected mobilenetv2/lr (linear): the first map is its exact Grad-CAM, the backbone's own head
+    comes after, labelled as not the selected model; the cases come from two different outcomes."""
+    page = html.unescape((explained_run / "explanations" / "index.html").read_text())
+    headers = re.findall(r"<th[^>]*>([^<]*)</th>", page)
+    assert headers[1:5] == [
+        "radiograph",
+        "Grad-CAM of the selected model mobilenetv2/lr (exact)",
+        "Grad-CAM of backbone mobilenetv2's own head (not the selected model)",
+        "LIME of the selected model: green for abnormal, red against",
+    ]
+    assert "Explanations for review: mobilenetv2/lr" in page
+    outcomes = re.findall(r"(?:correct|incorrect) ([TF][PN])</td>", page)
+    assert len(outcomes) == 2 and len(set(outcomes)) == 2, outcomes
+
+
+def test_explain_command_takes_the_experiments_lime_samples(explained_run, monkeypatch, tmp_path):
+    """`tlfusion explain` without --lime-samples runs LIME with the experiment's explain.lime_samples (20)."""
+    import tlfusion.explain as explain
+
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs["num_samples"])
+        return explain_lime(*args, **kwargs)
+
+    monkeypatch.setattr(explain, "explain_lime", recording)
+    experiment = str(explained_run.parent / "tiny.yaml")
+    out = tmp_path / "gallery"
+    assert (
+        main(["explain", str(explained_run / "bundle"), "--data", experiment, "--cases", "1", "--out", str(out)]) == 0
+    )
+    assert calls == [20]
+    assert (
+        main(
+            [
+                "explain",
+                str(explained_run / "bundle"),
+                "--data",
+                experiment,
+                "--cases",
+                "1",
+                "--lime-samples",
+                "12",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert calls == [20, 12]
