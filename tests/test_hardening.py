@@ -32,6 +32,7 @@ from tlfusion.bundle import Bundle, save_bundle
 from tlfusion.classifiers import fusion_pipeline
 from tlfusion.cli import main
 from tlfusion.config import load_experiment
+from tlfusion.data import images
 from tlfusion.data.images import file_sha256
 from tlfusion.data.sources import read_chestxray14
 from tlfusion.errors import InputError
@@ -200,16 +201,79 @@ def test_bad_set_value_exits_2(experiment, capsys, override, key):
     assert_one_line_error(code, error, key)
 
 
-def test_decompression_bomb_error_is_one_line(tmp_path, experiment, folder_dataset, capsys):
+def png_declaring(width: int, height: int) -> bytes:
+    """A few hundred bytes of PNG whose header declares `width` x `height` 8-bit grayscale pixels."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    header = struct.pack(">IIBBBBB", 40000, 40000, 8, 0, 0, 0, 0)  # 1.6 gigapixels, 8-bit grayscale
-    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 4001))
-    (folder_dataset / "normal" / "bomb.png").write_bytes(bomb + chunk(b"IEND", b""))
-    code, error = run_cli(capsys, "finetune", experiment, "--out", tmp_path / "run")
-    assert_one_line_error(code, error, "bomb.png")
-    assert error.endswith(")") and "CV_IO_MAX_IMAGE_PIXELS" in error
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    rows = zlib.compress(b"\0" * (width + 1) * min(height, 64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+def dicom_declaring(path: Path, rows: int, columns: int) -> Path:
+    """A DICOM file declaring `rows` x `columns` 8-bit pixels, with four bytes of pixel data."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1.1", generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    dataset.Rows, dataset.Columns, dataset.PhotometricInterpretation = rows, columns, "MONOCHROME2"
+    dataset.SamplesPerPixel, dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 1, 8, 8, 7
+    dataset.PixelRepresentation, dataset.PixelData = 0, bytes(4)
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("size", [(30000, 30000), (40000, 40000), (100, 10_000_000)])
+def test_decompression_bomb_is_refused_before_it_is_decoded(tmp_path, monkeypatch, size):
+    """30000 x 30000 passes OpenCV's own limit (2^30 pixels) and used to be decoded (900 MB) before it was refused."""
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_declaring(*size))
+    assert bomb.stat().st_size < 100_000
+    monkeypatch.setattr(images.cv2, "imdecode", lambda *_: pytest.fail("decoded before the size check"))
+    with pytest.raises(InputError, match=re.escape(f"{bomb}: image too large ({size[0]}x{size[1]} declared")):
+        images.read_gray(bomb)
+
+
+def test_dicom_bomb_is_refused_before_its_pixels_are_decoded(tmp_path):
+    bomb = dicom_declaring(tmp_path / "bomb.dcm", 60000, 60000)
+    with pytest.raises(InputError, match=re.escape(f"{bomb}: image too large (60000x60000 declared")):
+        images.read_gray(bomb)
+
+
+def test_decompression_bomb_exits_2_in_one_line_or_is_skipped_with_the_reason(
+    tmp_path, experiment, folder_dataset, capsys
+):
+    bomb = folder_dataset / "normal" / "bomb.png"
+    bomb.write_bytes(png_declaring(30000, 30000))
+    code, error = run_cli(capsys, "finetune", experiment, "--out", tmp_path / "a")
+    assert_one_line_error(code, error, "bomb.png", "image too large (30000x30000 declared")
+    code, _ = run_cli(capsys, "finetune", experiment, "--out", tmp_path / "run", "--skip-bad")
+    skipped = json.loads((tmp_path / "run" / "data" / "skipped.json").read_text())
+    assert code == 0 and [(Path(row["path"]).name, "too large" in row["reason"]) for row in skipped] == [
+        ("bomb.png", True)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"GIF89a" + bytes(64), "not a PNG, JPEG, BMP or TIFF file"),
+        (b"\x89PNG\r\n\x1a\n\0\0", "not a PNG, JPEG, BMP or TIFF file, or its header is cut short"),
+        (png_declaring(64, 64)[:60], "truncated or unsupported"),
+    ],
+    ids=["gif", "cut-header", "cut-data"],
+)
+def test_unsupported_or_truncated_image_is_named(tmp_path, content, reason):
+    path = tmp_path / "odd.png"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=re.escape(f"{path}: cannot decode image")) as error:
+        images.read_gray(path)
+    assert reason in str(error.value) and "\n" not in str(error.value)
 
 
 # ----------------------------------------------------------------------------- bundles and predict

@@ -18,11 +18,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from tlfusion.data.image_header import FORMATS, declared_size
 from tlfusion.errors import InputError
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"} | DICOM_SUFFIXES
-MAX_PIXELS = 400_000_000
+MAX_PIXELS = 100_000_000
+"""Largest image read (width x height, per frame): a radiograph has under 50 million pixels. Checked against the
+file's header before decoding, so a decompression bomb costs no memory."""
 _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
 
 
@@ -81,12 +84,13 @@ def _to_gray(pixels: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY)
 
 
-def _read_dicom(data: bytes) -> np.ndarray:
+def _read_dicom(path: Path, data: bytes) -> np.ndarray:
     """Pixel data with rescale slope/intercept and VOI LUT applied; MONOCHROME1 inverted."""
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     dataset = pydicom.dcmread(io.BytesIO(data))
+    _check_size(path, int(dataset.Columns), int(dataset.Rows) * int(getattr(dataset, "NumberOfFrames", 1) or 1))
     pixels = apply_voi_lut(apply_modality_lut(dataset.pixel_array, dataset), dataset).astype(np.float32)
     if pixels.ndim == 3 and getattr(dataset, "SamplesPerPixel", 1) == 1:
         pixels = pixels[0]
@@ -96,6 +100,28 @@ def _read_dicom(data: bytes) -> np.ndarray:
     return pixels
 
 
+def _decode(path: Path, data: bytes) -> np.ndarray:
+    """The file's 2-D float32 image in [0, 255]: DICOM by its suffix, anything else by its content (PNG, JPEG, BMP
+    or TIFF), whose declared size is checked before decoding."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return _read_dicom(path, data)
+    size = declared_size(data)
+    if size is None:
+        raise InputError(f"{path}: cannot decode image (not a {FORMATS} file, or its header is cut short)")
+    _check_size(path, *size)
+    pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None or pixels.size == 0:
+        raise InputError(f"{path}: cannot decode image (truncated or unsupported {FORMATS} file)")
+    return _to_unit_range(_to_gray(pixels))
+
+
+def _check_size(path: Path, width: int, height: int) -> None:
+    """InputError unless the declared `width` x `height` is within `MAX_PIXELS` (checked before decoding)."""
+    if width * height > MAX_PIXELS:
+        limit = f"over {MAX_PIXELS // 1_000_000} million pixels"
+        raise InputError(f"{path}: image too large ({width}x{height} declared, {limit}); not decoded")
+
+
 def read_gray(path: str | Path) -> np.ndarray:
     """Decode one image file to a 2-D float32 array in [0, 255]; an unreadable file raises InputError naming it."""
     path = Path(path)
@@ -103,17 +129,12 @@ def read_gray(path: str | Path) -> np.ndarray:
     if not data:
         raise InputError(f"{path}: empty file")
     try:
-        if path.suffix.lower() in DICOM_SUFFIXES:
-            return _read_dicom(data)
-        pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        return _decode(path, data)
+    except InputError:
+        raise
     except Exception as error:  # decoders raise many types; all mean "this file is not an image we can read"
         reason = " ".join(str(error).split())  # OpenCV's messages span lines
         raise InputError(f"{path}: cannot decode image ({type(error).__name__}: {reason})") from None
-    if pixels is None or pixels.size == 0:
-        raise InputError(f"{path}: cannot decode image (not an image, truncated or unsupported format)")
-    if pixels.size > MAX_PIXELS:
-        raise InputError(f"{path}: image too large ({pixels.shape[1]}x{pixels.shape[0]})")
-    return _to_unit_range(_to_gray(pixels))
 
 
 def apply_clahe(gray: np.ndarray, clip_limit: float = 2.0, tiles: int = 8) -> np.ndarray:
