@@ -277,6 +277,21 @@ def test_html_is_self_contained_and_references_existing_files(binary_run):
     assert f"<li>kappa {format_metric(headline['kappa'], headline['ci']['kappa'])}</li>" in text
 
 
+def test_report_links_the_review_gallery_when_there_is_one(tmp_path):
+    """No explanations/index.html: no Explanations section; with one: both reports link it by a relative path."""
+    predictions = make_predictions()
+    metrics = binary_metrics_json(predictions)
+    write_reports(tmp_path, metrics, predictions)
+    assert "## Explanations" not in (tmp_path / "report.md").read_text()
+    (tmp_path / "explanations").mkdir()
+    (tmp_path / "explanations" / "index.html").write_text("<!doctype html>")
+    write_reports(tmp_path, metrics, predictions)
+    markdown = section((tmp_path / "report.md").read_text(), "Explanations")
+    assert "[explanations/index.html](explanations/index.html)" in markdown and metrics["selected"] in markdown
+    assert '<a href="explanations/index.html">explanations/index.html</a>' in (tmp_path / "report.html").read_text()
+    assert "explanations/index.html" in check_html_references(tmp_path)
+
+
 def test_roc_comparison_picks_the_best_single_backbone_by_cv_not_test(tmp_path):
     predictions = make_predictions()
     metrics = binary_metrics_json(predictions, study_level=False)

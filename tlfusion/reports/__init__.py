@@ -48,6 +48,7 @@ from tlfusion.reports.reading import (
     format_metric,
 )
 from tlfusion.reports.render import _render_html, _render_markdown
+from tlfusion.run_paths import RunPaths
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -88,7 +89,8 @@ def write_reports(
     """Write ``plots/*.png``, ``report.md`` and ``report.html`` into ``run_dir``, each atomically.
 
     ``predictions`` (columns model, split, y_true, prob; one row per image, model and split) feeds the ROC
-    curves of binary runs; ``None`` leaves them out. ``timings`` (stage -> seconds) adds a Timings section.
+    curves of binary runs; ``None`` leaves them out. ``timings`` (stage -> seconds) adds a Timings section. A review
+    gallery at ``run_dir/explanations/index.html`` (the explain stage's) is linked from an Explanations section.
     Returns the written files keyed by their path relative to ``run_dir``: ``"report.md"``, ``"report.html"``,
     ``"plots/confusion.png"``, ...
     """
@@ -100,7 +102,9 @@ def write_reports(
     run_dir = Path(run_dir)
     plots = _write_plots(run_dir, metrics, predictions)
     title = f"tlfusion report: {metrics.get('experiment', run_dir.name)}"
-    sections = _sections(metrics, plots, timings or {})
+    gallery = RunPaths(run_dir).gallery
+    gallery = gallery.relative_to(run_dir).as_posix() if gallery.is_file() else None
+    sections = _sections(metrics, plots, timings or {}, gallery)
     written = {plot.file: run_dir / plot.file for plot in plots}
     written["report.md"] = write_bytes(run_dir / "report.md", _render_markdown(title, sections).encode())
     written["report.html"] = write_bytes(run_dir / "report.html", _render_html(title, sections).encode())

@@ -38,9 +38,13 @@ if TYPE_CHECKING:
     pass
 
 
-def _sections(metrics: Mapping, plots: Sequence[_Plot], timings: Mapping[str, Any]) -> list[_Section]:
+def _sections(
+    metrics: Mapping, plots: Sequence[_Plot], timings: Mapping[str, Any], gallery: str | None = None
+) -> list[_Section]:
     split = _evaluation_split(metrics)
     sections: list[_Section] = [("Data", _data_blocks(metrics)), ("Selected model", _selected_blocks(metrics))]
+    if gallery:
+        sections.append(("Explanations", [_gallery_block(metrics, gallery)]))
     if _is_multilabel(metrics):
         sections += [
             (f"Mean AUROC on the {split} split", [_metrics_table(metrics, _headline(metrics).rows, ("auroc",))]),
@@ -61,6 +65,14 @@ def _sections(metrics: Mapping, plots: Sequence[_Plot], timings: Mapping[str, An
     if timings:
         sections.append(("Timings", _timing_blocks(timings)))
     return sections
+
+
+def _gallery_block(metrics: Mapping, gallery: str) -> str:
+    selected = metrics.get("selected") or MISSING
+    return (
+        f"Grad-CAM and LIME of {selected} on test cases from every outcome, for review: [{gallery}]({gallery}) "
+        "(verdicts go in `review.csv` beside it)."
+    )
 
 
 def _model_cell(name: str, selected: str | None) -> _Cell:

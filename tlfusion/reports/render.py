@@ -94,8 +94,9 @@ def _render_markdown(title: str, sections: Sequence[_Section]) -> str:
 
 
 def _inline_html(text: str) -> str:
-    """Escape ``text`` and turn its Markdown ``**bold**`` and ```code``` into HTML."""
+    """Escape ``text`` and turn its Markdown ``**bold**``, ```code``` and ``[links](relative/path)`` into HTML."""
     text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text, quote=False))
+    text = re.sub(r"\[([^\]]+)\]\(([^)\s\"]+)\)", r'<a href="\2">\1</a>', text)
     return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
 
 

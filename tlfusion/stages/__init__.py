@@ -97,7 +97,7 @@ REGISTRY: dict[str, Stage] = {
             run_explain,
             ("explain",),
             (_BINARY, "tlfusion.explain", "tlfusion.bundle"),
-            reads=("selection", "predictions", "bundle"),
+            reads=("table", "features", "selection", "predictions", "bundle"),
             writes=("explanations",),
         ),
         Stage(
@@ -105,7 +105,7 @@ REGISTRY: dict[str, Stage] = {
             run_report,
             (),
             ("tlfusion.stages.report", "tlfusion.reports"),
-            reads=("metrics", "selection", "predictions", "timings"),
+            reads=("metrics", "selection", "predictions", "timings", "gallery"),
             writes=("report",),
         ),
         Stage(
