@@ -63,10 +63,12 @@ def data() -> tuple[np.ndarray, np.ndarray]:
 
 def fitted_bundle(backbones, data, classifier, flip: bool = False, **fusion) -> Bundle:
     """A real in-memory bundle: the backbones, a FeatureFusion and `classifier`, fitted on `data`."""
-    placeholder = fusion_pipeline(FeatureFusion(), LogisticRegression()).fit(np.eye(2, 9), [0, 1])
+    width = sum(int(model.get_layer("features").output.shape[-1]) for model in backbones.values())
+    placeholder = fusion_pipeline(FeatureFusion(), LogisticRegression()).fit(np.eye(2, width), [0, 1])
     unfitted = Bundle(backbones, placeholder, 0.5, ["normal", "abnormal"], SIZE, flip=flip)
     X = unfitted.features(data[0])
-    estimator = fusion_pipeline(FeatureFusion(block_sizes=[5, 4], **fusion), classifier).fit(X, data[1])
+    widths = [int(model.get_layer("features").output.shape[-1]) for model in backbones.values()]
+    estimator = fusion_pipeline(FeatureFusion(block_sizes=widths, **fusion), classifier).fit(X, data[1])
     return Bundle(backbones, estimator, 0.5, ["normal", "abnormal"], SIZE, flip=flip, meta={"model": "fusion/x"})
 
 

@@ -30,13 +30,13 @@ _STYLE = """
 body { font-family: sans-serif; margin: 1em; }
 p.note { max-width: 75em; font-size: 14px; }
 .scroll { overflow-x: auto; }
-table { border-collapse: collapse; }
+table { border-collapse: collapse; width: 100%; }
 th, td { border: 1px solid #ccc; padding: 4px; text-align: center; vertical-align: middle; }
-th { font-size: 12px; font-weight: normal; max-width: 190px; }
+th { font-size: 12px; font-weight: normal; }
 th[data-key] { cursor: pointer; text-decoration: underline; }
 td { font-size: 13px; }
 tr.incorrect { background: #fde8e8; }
-img { display: block; max-width: 190px; max-height: 190px; }
+img { display: block; width: 100%; max-width: 190px; height: auto; margin: 0 auto; }
 """
 _IMAGE_HEADERS = {"image": "radiograph"}
 
