@@ -129,6 +129,10 @@ def test_run_end_to_end_then_rerun_skips_and_bundle_commands(tmp_path, folder_da
     threshold = json.loads((run / "fit" / "selection.json").read_text())["thresholds"][metrics["selected"]]
     expected = np.where(predictions["prob_abnormal"] >= threshold, "abnormal", "normal")
     assert predictions["predicted"].tolist() == expected.tolist()
+    assert predictions["threshold"].tolist() == pytest.approx([threshold] * 3)
+    assert predictions["out_of_distribution"].dtype == bool and (run / "bundle" / "ood.npz").is_file()
+    summary = capsys.readouterr().err
+    assert "tlfusion: 3 images scored: " in summary and f"CSV written to {out_csv}" in summary
 
     assert main(["evaluate", str(run / "bundle"), "--data", experiment, "--out", str(tmp_path / "eval")]) == 0
     evaluation = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -239,4 +243,24 @@ def test_identical_files_under_two_names_are_one_patient_in_one_part(tmp_path, f
         twins = table[table["name"].isin([f"img{i}", f"copy{i}"]) & table["path"].str.contains("abnormal")]
         assert len(twins) == 2 and twins["patient"].nunique() == 1 and twins["split"].nunique() == 1
     summary = json.loads((tmp_path / "run" / "data" / "summary.json").read_text())
-    assert summary["identical_image_copies"] == 4 and summary["patients"] == 12  # the copies add no patient
+    assert summary["identical_image_copies"] == 4 and summary["patients"] == 24  # the copies add no patient
+
+
+def test_demo_takes_set_overrides_and_refuses_an_unknown_key(tmp_path, capsys, monkeypatch):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--set", "finetune.epochz=1"]) == 2
+    assert "finetune.epochz: unknown key (did you mean 'epochs'?)" in capsys.readouterr().err
+    runs = []
+
+    class RecordingPipeline:
+        def __init__(self, experiment, run_dir, **options):
+            runs.append((experiment, run_dir))
+
+        def run(self, until=None):
+            pass
+
+    monkeypatch.setattr("tlfusion.pipeline.Pipeline", RecordingPipeline)
+    overrides = ["--set", "finetune.epochs=1", "--set", "explain.cases=0"]
+    assert main(["demo", "--out", str(tmp_path / "demo"), *overrides]) == 0
+    ((experiment, run_dir),) = runs
+    assert (experiment.name, experiment.finetune.epochs, experiment.explain.cases) == ("demo", 1, 0)
+    assert run_dir == tmp_path / "demo"

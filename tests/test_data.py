@@ -170,9 +170,54 @@ def test_mura_csv_disagreeing_with_folder_is_refused(mura_tree):
         sources.read_mura(mura_tree)
 
 
-def test_folder_reader(folder_dataset):
-    table = sources.read_folder(folder_dataset)
+def test_folder_reader(folder_dataset, caplog):
+    with caplog.at_level("INFO", logger="tlfusion"):
+        table = sources.read_folder(folder_dataset)
     assert table["label"].value_counts().to_dict() == {"abnormal": 12, "normal": 12}
+    assert table["patient"].nunique() == 24
+    assert "each image is its own patient (set data.patient_pattern" in caplog.text
+
+
+def _patient_folders(root: Path) -> Path:
+    """`root/<class>/p<N>/<view>.png` and `root/<class>/p<N>_<view>.png`: 6 patients per class, 3 images each."""
+    for label, first in (("normal", 0), ("abnormal", 6)):
+        for patient in range(first, first + 6):
+            for view in range(3):
+                name = f"p{patient}/{view}.png" if patient % 2 else f"p{patient}_{view}.png"
+                write_png(root / label / name, xray_like(patient * 3 + view, 16, label == "abnormal"))
+    return root
+
+
+@pytest.mark.parametrize("pattern", [r"^(p\d+)[/_]", r"(?P<patient>p\d+)", r"^p\d+"])
+def test_folder_patient_pattern_groups_a_patients_images_in_one_part(tmp_path, pattern):
+    root = _patient_folders(tmp_path / "data")
+    table = sources.read_folder(root, patient_pattern=pattern)
+    assert sorted(table["patient"].unique()) == sorted(f"p{i}" for i in range(12))
+    parts = splits.assign_splits(table, test_fraction=0.34, val_fraction=0.25, seed=0)
+    assert parts.groupby("patient")["split"].nunique().max() == 1  # each patient's 3 images in one part
+    ungrouped = splits.assign_splits(sources.read_folder(root), test_fraction=0.34, val_fraction=0.25, seed=0)
+    assert ungrouped.assign(p=table["patient"]).groupby("p")["split"].nunique().max() > 1  # the leak it prevents
+
+
+def test_folder_patient_pattern_that_finds_no_patient_names_the_image(tmp_path):
+    root = _patient_folders(tmp_path / "data")
+    write_png(root / "normal" / "scan.png", xray_like(0, 16))
+    with pytest.raises(InputError, match=r"data.patient_pattern '\^p\[0-9\]\+': finds no patient in 'scan.png'"):
+        sources.read_folder(root, patient_pattern="^p[0-9]+")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"format": "folder", "root": ".", "patient_pattern": "p(\\d"}, "not a regular expression"),
+        ({"format": "csv", "root": ".", "csv": "x.csv", "patient_pattern": "p"}, "patient_pattern is for format"),
+    ],
+)
+def test_folder_patient_pattern_is_checked_in_the_experiment(data, message):
+    from tlfusion.config import DataSpec
+
+    with pytest.raises(ValueError, match=message):
+        DataSpec(**data)
 
 
 def _csv_dataset(tmp_path: Path, rows: list[dict]) -> Path:

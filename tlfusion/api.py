@@ -40,6 +40,16 @@ class BundleModel:
         """Class names, positive where its probability reaches the bundle's threshold (chosen on CV)."""
         return np.where(self.predict_proba(images)[:, 1] >= self.threshold, self.classes_[1], self.classes_[0])
 
+    def ood_score(self, images: Image | Sequence[Image]) -> np.ndarray:
+        """Each image's out-of-distribution score: above 1, its features lie further from the training images' than
+        99 % of those do (`tlfusion.ood`), so its prediction is unreliable. InputError for a bundle saved without
+        the calibration."""
+        if self.bundle.ood is None:
+            raise InputError(
+                "bundle: no out-of-distribution calibration (saved by an older tlfusion); re-run its experiment"
+            )
+        return np.concatenate([self.bundle.assess(batch)[1] for batch in self._batches(images)])
+
     def _batches(self, images: Image | Sequence[Image]) -> Iterator[np.ndarray]:
         items = _as_list(images)
         if not items:

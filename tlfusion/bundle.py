@@ -10,6 +10,8 @@
       classifier.skops          the fitted classifier (step "clf"), every XGBoost model in it replaced by a marker
       xgboost/<i>.json          constructor parameters of XGBoost model i
       xgboost/<i>.ubj           its booster in XGBoost's own format (when fitted)
+      ood.npz                   optional: the out-of-distribution calibration on the training split's features
+                                (`tlfusion.ood`; plain arrays, read without pickles); older bundles have none
       bundle.json               class names, threshold, image size, clahe, flip, backbone order, meta
       manifest.json             versions and the sha256 of every other file
       signature.json            optional: HMAC-SHA256 of manifest.json under the user's key (`tlfusion.signing`)
@@ -27,7 +29,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,7 @@ from tlfusion.estimator_files import (
     write_json_file,
 )
 from tlfusion.features import BatchRunner, FeatureFusion, flip_averaged, fuse, keras_runner, onnx_runner
+from tlfusion.ood import FeatureDistance, load_feature_distance
 from tlfusion.signing import SIGNATURE, check_signature, write_signature
 
 logger = logging.getLogger(__name__)
@@ -63,6 +66,7 @@ FORMAT = "tlfusion-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INFO = "bundle.json"
+OOD = "ood.npz"
 PREDICT_BATCH = 64
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _INFO_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -85,7 +89,8 @@ class Bundle:
     `classifiers.fusion_pipeline` (feature fusion + classifier, as cross-validated and refitted by the fit stage).
 
     `onnx_graphs` maps backbone names to their feature sub-model as ONNX (see `features.onnx_graph`); those
-    backbones run with ONNX Runtime, the others with Keras. `trust` is set by `load_bundle`: "signed ..." or
+    backbones run with ONNX Runtime, the others with Keras. `ood` scores how unlike the training images an image's
+    features are (None in bundles saved without it). `trust` is set by `load_bundle`: "signed ..." or
     "integrity only ..." (see `tlfusion.signing`).
     """
 
@@ -98,6 +103,7 @@ class Bundle:
     flip: bool = False
     meta: dict = field(default_factory=dict)
     onnx_graphs: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
+    ood: FeatureDistance | None = field(default=None, repr=False, compare=False)
     trust: str = field(default="", compare=False)
     _runners: dict[str, BatchRunner] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -122,6 +128,11 @@ class Bundle:
             raise InputError(f"bundle: the estimator must be a Pipeline of {FUSION_STEP!r} and {CLASSIFIER_STEP!r}")
         if list(getattr(self.classifier, "classes_", [])) != [0, 1]:
             raise InputError("bundle: the classifier must be fitted on labels 0 (negative) and 1 (positive)")
+        width = getattr(self.fusion, "n_features_in_", None)
+        if self.ood is not None and len(self.ood.center) != width:
+            raise InputError(
+                f"bundle: out-of-distribution calibration for {len(self.ood.center)} features, not {width}"
+            )
 
     @property
     def fusion(self) -> FeatureFusion:
@@ -141,12 +152,25 @@ class Bundle:
         """Probabilities [n, 2] of (negative, positive) class, `class_names` order, for images [n, s, s, 1]."""
         return self.estimator.predict_proba(self.features(images))
 
+    def assess(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """`predict_proba` and each image's out-of-distribution score (`ood.FeatureDistance.score`: above 1, further
+        from the training images than 99 % of them), or None when the bundle has no calibration."""
+        X = self.features(images)
+        return self.estimator.predict_proba(X), None if self.ood is None else self.ood.score(X)
+
     def predict_paths(self, paths: Sequence[str | Path], batch_size: int = 32) -> np.ndarray:
         """Probabilities [n, 2] for image files (decoded as the bundle's backbones expect)."""
+        return np.concatenate([self.predict_proba(batch) for batch in self._decoded(paths, batch_size)])
+
+    def assess_paths(self, paths: Sequence[str | Path], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+        """`assess` for image files."""
+        prob, scores = zip(*(self.assess(batch) for batch in self._decoded(paths, batch_size)), strict=True)
+        return np.concatenate(prob), None if self.ood is None else np.concatenate(scores)
+
+    def _decoded(self, paths: Sequence[str | Path], batch_size: int) -> Iterator[np.ndarray]:
         if len(paths) == 0:
             raise InputError("paths: no images to predict")
-        batches = decoded_batches(paths, self.image_size, self.clahe, batch_size)
-        return np.concatenate([self.predict_proba(batch) for batch in batches])
+        return decoded_batches(paths, self.image_size, self.clahe, batch_size)
 
     def _check_images(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images, dtype=np.float32)
@@ -208,6 +232,8 @@ def _write_contents(bundle: Bundle, folder: Path) -> None:
     dump_skops(classifier, folder / "classifier.skops", "classifier")
     for i, model in enumerate(xgb_models):
         save_xgboost(model, folder / "xgboost", i)
+    if bundle.ood is not None:
+        bundle.ood.save(folder / OOD)
     info = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -280,6 +306,7 @@ def load_bundle(folder: str | Path) -> Bundle:
         flip=info.get("flip", False),
         meta=info["meta"],
         onnx_graphs={name: listed(f"backbones/{name}.onnx").read_bytes() for name in names if listed.has_onnx(name)},
+        ood=load_feature_distance(listed(OOD)) if OOD in listed.files else None,
         trust=trust,
     )
 

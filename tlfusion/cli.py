@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,10 +17,7 @@ DEMO_EXPERIMENT = Path(__file__).resolve().parent / "demo" / "demo.yaml"
 """`tlfusion demo`'s experiment and its data (`demo/sample/`): package data, there in a checkout and in a wheel."""
 
 
-def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("experiment", help="experiment YAML file")
-    parser.add_argument("--data-root", help="folder that relative data paths resolve against")
-    parser.add_argument("--out", help="run folder (default: runs/<experiment name>)")
+def _set_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -28,6 +26,13 @@ def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a setting, e.g. --set finetune.epochs=3 (repeatable)",
     )
+
+
+def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("experiment", help="experiment YAML file")
+    parser.add_argument("--data-root", help="folder that relative data paths resolve against")
+    parser.add_argument("--out", help="run folder (default: runs/<experiment name>)")
+    _set_argument(parser)
     parser.add_argument("--skip-bad", action="store_true", help="report and skip unreadable images")
     parser.add_argument("--force", action="store_true", help="re-run every stage even when unchanged")
     parser.add_argument("--scheduler", help="extract features on this Dask scheduler's workers (features.scheduler)")
@@ -59,7 +64,7 @@ def cmd_run(args: argparse.Namespace, until: str | None = None) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    args.experiment, args.data_root, args.overrides = str(DEMO_EXPERIMENT), None, []
+    args.experiment, args.data_root = str(DEMO_EXPERIMENT), None
     args.out = args.out or "runs/demo"
     args.skip_bad = False
     return cmd_run(args)
@@ -69,6 +74,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     from tlfusion.data.sources import read_sources, summarise
 
     experiment = _load(args)
+    logging.basicConfig(format="tlfusion: %(message)s")  # what the readers log (how patients are found) on stderr
+    logging.getLogger("tlfusion").setLevel(logging.INFO)
     summary = summarise(read_sources(experiment.data))
     print(json.dumps({"experiment": experiment.name, **summary}, indent=2, default=str))
     return 0
@@ -103,17 +110,20 @@ def _load_bundle(path: str):
 
 def cmd_predict(args: argparse.Namespace) -> int:
     import_tensorflow_quietly()
-    from tlfusion.commands import predict_images, readable_images
+    from tlfusion.commands import predict_images, prediction_summary, readable_images
     from tlfusion.fileio import write_atomic
 
     paths, skipped = readable_images(args.images, skip_bad=args.skip_bad)
     for path, reason in skipped:
         print(f"tlfusion: skipped {path}: {reason}", file=sys.stderr)
-    frame = predict_images(_load_bundle(args.bundle), paths, args.scheduler, args.bundle)
+    bundle = _load_bundle(args.bundle)
+    frame = predict_images(bundle, paths, args.scheduler, args.bundle)
     if args.out:
         write_atomic(args.out, lambda temp: frame.to_csv(temp, index=False))
     else:
         frame.to_csv(sys.stdout, index=False)
+    for line in prediction_summary(bundle, frame, args.out, args.scheduler):
+        print(f"tlfusion: {line}", file=sys.stderr)
     return 0
 
 
@@ -187,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="whole pipeline on the bundled data/ sample (a few minutes on CPU)")
     demo.add_argument("--out", help="run folder (default: runs/demo)")
     demo.add_argument("--force", action="store_true", help="re-run every stage even when unchanged")
+    _set_argument(demo)
     demo.set_defaults(handler=cmd_demo)
 
     run = commands.add_parser("run", help="run an experiment's stages (skipping those unchanged)")

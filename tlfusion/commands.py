@@ -58,21 +58,55 @@ def readable_images(inputs: list[str], skip_bad: bool = False) -> tuple[list[str
 def predict_images(
     bundle: Bundle, paths: list[str], scheduler: str | None = None, folder: str | Path | None = None
 ) -> pd.DataFrame:
-    """path, probability of the positive class and predicted class for readable image files; with `scheduler`,
-    computed by that Dask cluster's workers from the bundle at `folder` (`tlfusion.cluster`)."""
+    """One row per readable image file: path, probability of the positive class, the decision threshold used and
+    the predicted class, then, when the bundle has an out-of-distribution calibration (`tlfusion.ood`), the image's
+    `ood_score` and `out_of_distribution` (score above 1). With `scheduler`, the probabilities are computed by that
+    Dask cluster's workers from the bundle at `folder` (`tlfusion.cluster`), without the out-of-distribution check."""
     if scheduler:
         from tlfusion.cluster import predict_on_cluster
 
-        prob = predict_on_cluster(scheduler, folder, paths)[:, 1]
+        prob, scores = predict_on_cluster(scheduler, folder, paths)[:, 1], None
     else:
-        prob = bundle.predict_paths(paths)[:, 1]
-    return pd.DataFrame(
+        prob, scores = bundle.assess_paths(paths)
+        prob = prob[:, 1]
+    frame = pd.DataFrame(
         {
             "path": paths,
             f"prob_{bundle.class_names[1]}": prob,
+            "threshold": bundle.threshold,
             "predicted": np.where(prob >= bundle.threshold, bundle.class_names[1], bundle.class_names[0]),
         }
     )
+    if scores is not None:
+        frame["ood_score"] = scores
+        frame["out_of_distribution"] = scores > 1
+    return frame
+
+
+def prediction_summary(bundle: Bundle, frame: pd.DataFrame, out: str | None, scheduler: str | None) -> list[str]:
+    """What `tlfusion predict` says about `predict_images`' `frame` written to `out` (None: standard output)."""
+    positive = bundle.class_names[1]
+    counts = frame["predicted"].value_counts()
+    per_class = ", ".join(f"{int(counts.get(name, 0))} {name}" for name in reversed(bundle.class_names))
+    where = f"written to {out}" if out else "on standard output"
+    lines = [
+        f"{len(frame)} images scored: {per_class} (prob_{positive} >= threshold {bundle.threshold:.4g}); CSV {where}"
+    ]
+    if "out_of_distribution" in frame.columns:
+        flagged = int(frame["out_of_distribution"].sum())
+        if flagged:
+            lines.append(
+                f"warning: {flagged} of {len(frame)} images look unlike the training images (further out than "
+                f"{bundle.ood.quantile:.0%} of them; out_of_distribution in the CSV): their predictions are unreliable"
+            )
+    elif scheduler:
+        lines.append("note: no out-of-distribution check with --scheduler")
+    else:
+        lines.append(
+            "note: this bundle has no out-of-distribution calibration (saved by an older tlfusion, or from too few "
+            "training images); re-run its experiment to add one"
+        )
+    return lines
 
 
 def evaluate_bundle(bundle: Bundle, data: str, out: str | Path, data_root: str | None = None, split: str = "test"):

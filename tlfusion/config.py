@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Hashable, Iterable
 from pathlib import Path, PurePath
 from typing import Any, Literal, TypeVar, get_args
@@ -54,11 +55,27 @@ class DataSpec(Strict):
     findings: list[str] | None = None
     follow_symlinks: bool = False
     """Read files whose links lead out of `root` (by default no file outside the data root is read)."""
+    patient_pattern: str | None = None
+    """Folder format: a regular expression searched in each image's path below its class folder (`p17_2.png`,
+    `p17/2.png`); the patient id is its group `patient`, else its first group, else the whole match. Without it
+    each image is its own patient."""
+
+    @field_validator("patient_pattern")
+    @classmethod
+    def _compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"not a regular expression ({error})") from None
+        return pattern
 
     @model_validator(mode="after")
     def _csv_needed(self) -> DataSpec:
         if self.format in ("csv", "chestxray14") and not self.csv:
             raise ValueError(f"format {self.format!r} needs 'csv' (the labels file, relative to 'root')")
+        if self.patient_pattern is not None and self.format != "folder":
+            raise ValueError(f"patient_pattern is for format 'folder'; format {self.format!r} has patient columns")
         return self
 
 

@@ -7,6 +7,7 @@ a string; for multi-label sources `labels`, a tuple of findings, with `df.attrs[
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -18,6 +19,8 @@ import pandas as pd
 
 from tlfusion.data.images import IMAGE_SUFFIXES, read_regular
 from tlfusion.errors import InputError
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ["path", "label", "patient", "study", "split", "region"]
 MURA_STUDY = re.compile(r"^(?P<study>study\d+)_(?P<label>positive|negative)$")
@@ -168,15 +171,35 @@ def _mura_study_rows(
     return [[str(p), label, patient, study, split, region] for p in image_files(study_dir, root, follow_symlinks)]
 
 
-def read_folder(root: str | Path, follow_symlinks: bool = False) -> pd.DataFrame:
-    """One sub-folder per class (images anywhere below it); each image is its own patient and study.
+def read_folder(root: str | Path, follow_symlinks: bool = False, patient_pattern: str | None = None) -> pd.DataFrame:
+    """One sub-folder per class (images anywhere below it), each image its own study, named by its path below
+    `root`. Patients come from `patient_pattern` (`_folder_patient`); without it each image is its own patient
+    (also named by its path, so that equal file names in two folders stay apart), which is logged.
     `follow_symlinks` as in `image_files`."""
     root = _require_dir(root, "folder")
+    if patient_pattern is None:
+        log.info(
+            "folder %s: each image is its own patient (set data.patient_pattern to group a patient's images)", root
+        )
     rows = []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for image in image_files(class_dir, root, follow_symlinks):
-            rows.append([str(image), class_dir.name, image.stem, image.stem, "", ""])
+            name, inside = image.relative_to(root).as_posix(), image.relative_to(class_dir).as_posix()
+            patient = name if patient_pattern is None else _folder_patient(inside, patient_pattern, class_dir)
+            rows.append([str(image), class_dir.name, patient, name, "", ""])
     return _finish(pd.DataFrame(rows, columns=COLUMNS), f"folder {root}")
+
+
+def _folder_patient(inside: str, pattern: str, class_dir: Path) -> str:
+    """The patient id `pattern` finds in an image's path `inside` its class folder: the group `patient`, else the
+    first group, else the whole match; InputError naming the image when it finds none."""
+    match = re.search(pattern, inside)
+    patient = None
+    if match:
+        patient = match["patient"] if "patient" in match.re.groupindex else match[1] if match.re.groups else match[0]
+    if not patient:
+        raise InputError(f"data.patient_pattern {pattern!r}: finds no patient in {inside!r} (in {class_dir})")
+    return patient
 
 
 def read_csv(
@@ -312,7 +335,7 @@ def read_source(spec: Any) -> pd.DataFrame:
     if spec.format == "mura":
         return read_mura(root, regions=spec.regions, follow_symlinks=follow)
     if spec.format == "folder":
-        return read_folder(root, follow_symlinks=follow)
+        return read_folder(root, follow_symlinks=follow, patient_pattern=spec.patient_pattern)
     csv = resolve_inside(root, spec.csv, "data.csv", follow)
     if spec.format == "chestxray14":
         findings = spec.findings or CHESTXRAY14_FINDINGS

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pandas as pd
 
 from tlfusion.console import activity, progress
@@ -35,7 +36,7 @@ def run_fit(run: RunContext) -> None:
 
     experiment, table = run.experiment, run.table
     spec = experiment.classifiers
-    is_fit = table["split"].isin(["train", "val"]).to_numpy()
+    is_fit = _fit_rows(table)
     y = table["y"].to_numpy()
     groups = table["patient"].astype(str).to_numpy()
     rows, cv_scores, thresholds, fitted = [], {}, {}, {}
@@ -71,12 +72,23 @@ def run_fit(run: RunContext) -> None:
     save_run_bundle(run, selected, *fitted[selected], thresholds[selected])
 
 
+def _fit_rows(table: pd.DataFrame) -> np.ndarray:
+    """The training split's rows (train + val): what models are cross-validated and fitted on."""
+    return table["split"].isin(["train", "val"]).to_numpy()
+
+
 def save_run_bundle(run: RunContext, selected: str, keys: list[str], estimator, threshold: float) -> None:
-    """bundle/: the selected model with its fine-tuned backbones (and the ONNX graphs extract converted)."""
+    """bundle/: the selected model with its fine-tuned backbones (and the ONNX graphs extract converted), and the
+    out-of-distribution check calibrated on the training split's features (`tlfusion.ood`)."""
     from tlfusion.backbones import load_model_file
     from tlfusion.bundle import Bundle, save_bundle
+    from tlfusion.ood import fit_feature_distance
 
-    experiment = run.experiment
+    experiment, is_fit = run.experiment, _fit_rows(run.table)
+    X, _ = run.load_features(keys)
+    ood = fit_feature_distance(X[is_fit], run.table["patient"].astype(str).to_numpy()[is_fit])
+    if ood is None:
+        log.info("bundle: too few training images for an out-of-distribution check; predict will not flag images")
     bundle = Bundle(
         models={key: load_model_file(run.paths.model(key)) for key in keys},
         estimator=estimator,
@@ -92,6 +104,7 @@ def save_run_bundle(run: RunContext, selected: str, keys: list[str], estimator, 
             "config": experiment.model_dump(),
         },
         onnx_graphs=_converted_onnx_graphs(run, keys),
+        ood=ood,
     )
     save_bundle(bundle, run.paths.bundle)
 
