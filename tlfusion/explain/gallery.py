@@ -35,6 +35,7 @@ th, td { border: 1px solid #ccc; padding: 4px; text-align: center; vertical-alig
 th { font-size: 12px; font-weight: normal; }
 th[data-key] { cursor: pointer; text-decoration: underline; }
 td { font-size: 13px; }
+td:first-child { max-width: 9em; overflow-wrap: anywhere; }
 tr.incorrect { background: #fde8e8; }
 img { display: block; width: 100%; max-width: 190px; height: auto; margin: 0 auto; }
 """
@@ -130,7 +131,7 @@ def _page(ordered: list[Case], class_names: Sequence[str], threshold: float, mod
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>tlfusion explanations</title>'
         f"<style>{_STYLE}</style></head><body>\n<h1>Explanations for review: {html.escape(model)}</h1>\n"
-        f"<p>{len(ordered)} cases, {mistakes} misclassified by {html.escape(model)} at threshold {threshold:g}; "
+        f"<p>{len(ordered)} cases, {mistakes} misclassified by {html.escape(model)} at threshold {threshold:.3f}; "
         f"mistakes first, then by confidence. Outcome: T/F = correct or not, P/N = predicted "
         f"{html.escape(class_names[1])} / {html.escape(class_names[0])}. Click an underlined header to sort. "
         "Record verdicts in <code>review.csv</code>.</p>\n"
