@@ -79,7 +79,15 @@ CHEST = ROOT / "saved_models" / "mobilenetv2_chest128" / "model.keras"
 WAYS, SHOTS, SEED = 2, 5, 0
 QUERIES = {"covid": 5, "covid_actualmed": 5, "covid_source": 5, "kermany_test": 15, "fracatlas_hand": 15}
 SCREEN = RESULTS_DIR / "fewshot_screen.json"  # written by benchmarks.fewshot_screen (development sets only)
-STAGES = (1, 2)
+
+
+def compared_stages(screen: Path = SCREEN) -> tuple[int, ...]:
+    """Penultimate features alone (1) and the stage count benchmarks.fewshot_screen decided (2 before it ran)."""
+    decided = json.loads(screen.read_text())["decisions"]["stages"] if screen.is_file() else 2
+    return tuple(sorted({1, int(decided)}))
+
+
+STAGES = compared_stages()
 COVID_LABELS = {"COVID-19": "covid", "No finding": "normal"}
 COVID_SOURCES = ("actualmed", "figure1")
 

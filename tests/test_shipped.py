@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tlfusion.backbones import FEATURES_LAYER, architecture_of, load_model_file
 from tlfusion.data.images import file_sha256
@@ -51,3 +52,11 @@ def test_imagenet_resource_matches_its_sha256(architecture):
     shipped = OFFLINE_FILES[architecture]
     assert shipped.path.parent == IMAGENET_DIR and shipped.path.is_file()
     assert file_sha256(shipped.path) == shipped.sha256
+
+
+@pytest.mark.parametrize("name", ["fewshot_covid", "fewshot_mura_humerus"])
+def test_fewshot_experiments_use_the_development_screens_stage_count(name):
+    repo = Path(__file__).resolve().parents[1]
+    experiment = yaml.safe_load((repo / "experiments" / f"{name}.yaml").read_text())
+    screen = json.loads((repo / "benchmarks" / "results" / "fewshot_screen.json").read_text())
+    assert experiment["features"]["stages"] == screen["decisions"]["stages"]
