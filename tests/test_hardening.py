@@ -27,7 +27,7 @@ from conftest import write_png, xray_like
 from xgboost import XGBClassifier
 
 from tlfusion import bundle as bundle_module
-from tlfusion.backbones import build_backbone, feature_model
+from tlfusion.backbones import build_backbone, feature_model, load_model_file
 from tlfusion.bundle import Bundle, save_bundle
 from tlfusion.classifiers import fusion_pipeline
 from tlfusion.cli import main
@@ -36,9 +36,17 @@ from tlfusion.data import images
 from tlfusion.data.images import file_sha256
 from tlfusion.data.sources import read_chestxray14
 from tlfusion.errors import InputError
-from tlfusion.features import FeatureFusion
+from tlfusion.features import (
+    FeatureFusion,
+    ModelSource,
+    cached_onnx_graph,
+    onnx_cache_path,
+    onnx_runner,
+    read_cached_onnx,
+)
 from tlfusion.fileio import locked
 from tlfusion.pipeline import Pipeline
+from tlfusion.runfiles import check_keras_file
 from tlfusion.signing import KEY_ENV
 from tlfusion.stages import REGISTRY
 
@@ -511,8 +519,12 @@ def test_killed_runs_leftovers_are_removed_by_the_next_run(extracted, experiment
     (partial / "backbones" / "big.keras").write_bytes(b"\0" * 1000)
     temp = extracted / "data" / ".table.x1y2.tmp.csv"
     temp.write_text("half")
+    committed = sorted(extracted.glob("cache/*/chunk-*"))
+    uncommitted = committed[0].parent / "chunk-k1ll3d.npy"  # features written, the hash list (the commit) not
+    shutil.copy(committed[0].with_suffix(".npy"), uncommitted)
     assert run_cli(capsys, "extract", experiment, "--out", extracted)[0] == 0
-    assert not partial.exists() and not temp.exists()
+    assert not partial.exists() and not temp.exists() and not uncommitted.exists()
+    assert sorted(extracted.glob("cache/*/chunk-*")) == committed
 
 
 def test_a_stage_is_recorded_done_only_after_it_completes(extracted, experiment, capsys, monkeypatch):
@@ -587,3 +599,65 @@ def test_chestxray14_split_list_that_cannot_be_read_is_refused_by_name(chestxray
     with deadline(30), pytest.raises(InputError, match=re.escape(f"{test_list}: {message}")):
         read_chestxray14(chestxray14_csv)
     assert read_chestxray14(chestxray14_csv, split_lists=False)["split"].tolist() == ["", ""]
+
+
+# ----------------------------------------------------------------------------- damaged caches and models
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [truncate, flip_a_byte, Path.unlink], ids=["truncated", "flipped", "missing"])
+def test_damaged_fine_tuned_model_makes_its_stage_run_again(extracted, experiment, capsys, damage):
+    model = extracted / "backbones" / "mobilenetv2" / "model.keras"
+    damage(model)
+    assert run_cli(capsys, "extract", experiment, "--out", extracted)[0] == 0
+    log = (extracted / "run.log").read_text()
+    assert f"{model}: " in log and "re-running stage finetune" in log
+    check_keras_file(model)
+    load_model_file(model, "mobilenetv2")
+
+
+@pytest.fixture(scope="module")
+def tiny_source() -> ModelSource:
+    return ModelSource(build_backbone("mobilenetv2", SIZE, alpha=0.35))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [truncate, flip_a_byte, lambda path: path.with_name(path.name + ".sha256").unlink()],
+    ids=["truncated", "flipped", "no-checksum"],
+)
+def test_damaged_cached_onnx_graph_is_converted_again(tmp_path, tiny_source, caplog, damage):
+    graph = cached_onnx_graph(tiny_source, tmp_path)
+    path = onnx_cache_path(tmp_path, tiny_source.key)
+    assert read_cached_onnx(path) == graph
+    damage(path)
+    assert read_cached_onnx(path) is None
+    assert "converting again" in caplog.text and str(path) in caplog.text
+    again = cached_onnx_graph(tiny_source, tmp_path)
+    assert read_cached_onnx(path) == again
+    images_in = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 1)).astype(np.float32)
+    run_batch, _ = onnx_runner(again)
+    expected = feature_model(tiny_source.model).predict_on_batch(images_in)
+    np.testing.assert_allclose(run_batch(images_in), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_run_folder_with_a_damaged_onnx_cache_bundles_a_graph_converted_again(tmp_path, experiment, capsys):
+    run, engine = tmp_path / "run", ["--set", "features.engine=auto", "--set", "classifiers.models=[lr]"]
+    assert run_cli(capsys, "fit", experiment, "--out", run, *engine, "--set", "classifiers.cv=2")[0] == 0
+    (cached,) = run.glob("cache/onnx/*.onnx")
+    truncate(cached)
+    assert run_cli(capsys, "fit", experiment, "--out", run, *engine, "--set", "classifiers.cv=3")[0] == 0
+    assert f"cached ONNX graph {cached} does not match its sha256" in (run / "run.log").read_text()
+    (bundled,) = run.glob("bundle/backbones/*.onnx")
+    assert bundled.read_bytes() == read_cached_onnx(cached)
+    assert bundle_module.load_bundle(run / "bundle").predict_paths([next(run.parent.rglob("img0.png"))]).shape == (1, 2)

@@ -63,6 +63,15 @@ class FeatureCache:
         write_bytes(chunk.with_suffix(".txt"), "".join(f"{digest}\n" for digest in hashes).encode())
 
 
+def remove_uncommitted(cache_dir: Path) -> None:
+    """Delete the chunk features under `cache_dir` whose hash list was never written (an extraction killed between
+    the two). Only for a caller that holds the lock of the run folder `cache_dir` belongs to, so that no writer is
+    between the two files."""
+    for features in cache_dir.glob("*/chunk-*.npy"):
+        if not features.with_suffix(".txt").exists():
+            features.unlink()
+
+
 def _chunk_hashes(index: Path) -> list[str] | None:
     """A chunk's image hashes, None when its index is not a readable regular text file."""
     if not index.is_file():

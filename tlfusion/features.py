@@ -7,6 +7,8 @@ sha256 of its file, so a re-run extracts only images it has not seen::
 
     cache_dir/
       onnx/<model key>.onnx            converted feature sub-model (checked against Keras when written)
+      onnx/<model key>.onnx.sha256     its sha256, written after it: a graph without it or not matching it is
+                                       converted again
       <cache key>/key.json             what the key stands for (model, image size, clahe, format)
       <cache key>/chunk-<id>.npy       float32 [k, d] features of one extraction
       <cache key>/chunk-<id>.txt       the k image sha256s, one a line; written last, so it commits the chunk
@@ -33,7 +35,7 @@ from sklearn.preprocessing import StandardScaler, normalize
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from tlfusion.backbones import INPUT_NAME, feature_model, load_model_file
-from tlfusion.data.images import decoded_batches, file_sha256
+from tlfusion.data.images import decoded_batches, file_sha256, read_regular
 from tlfusion.errors import InputError
 from tlfusion.feature_cache import FeatureCache
 from tlfusion.fileio import write_bytes
@@ -271,20 +273,42 @@ def onnx_runner(graph: bytes) -> tuple[BatchRunner, int]:
 
 
 def onnx_cache_path(cache_dir: Path, model_key: str) -> Path:
-    """Where `extract_features` keeps the converted graph of the model with that key."""
+    """Where `extract_features` keeps the converted graph of the model with that key (its sha256 beside it, in
+    `<model key>.onnx.sha256`)."""
     return cache_dir / "onnx" / f"{model_key}.onnx"
 
 
 def cached_onnx_graph(source: ModelSource, cache_dir: Path | None = None) -> bytes:
     """The feature sub-model's ONNX graph, read from `cache_dir` or converted by `onnx_graph` (and written there)."""
     path = None if cache_dir is None else onnx_cache_path(cache_dir, source.key)
-    if path is not None and path.is_file():
-        return path.read_bytes()
+    graph = None if path is None else read_cached_onnx(path)
+    if graph is not None:
+        return graph
     graph = onnx_graph(source.model, source.stages)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes(path, graph)
+        write_bytes(_checksum_path(path), f"{hashlib.sha256(graph).hexdigest()}\n".encode())  # commits the graph
     return graph
+
+
+def read_cached_onnx(path: Path) -> bytes | None:
+    """The graph cached at `path`; None when there is none or it is damaged (not the bytes its checksum file
+    records, or no checksum: written before the checksum or by a killed run), which is logged: a cache is rebuilt."""
+    if not path.exists():
+        return None
+    try:
+        graph, recorded = read_regular(path), read_regular(_checksum_path(path)).decode("ascii").strip()
+    except (InputError, UnicodeError) as error:
+        logger.warning("features: ignoring cached ONNX graph %s (%s); converting again", path, error)
+        return None
+    if hashlib.sha256(graph).hexdigest() != recorded:
+        logger.warning("features: cached ONNX graph %s does not match its sha256; converting again", path)
+        return None
+    return graph
+
+
+def _checksum_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}.sha256")
 
 
 def onnx_graph(model: keras.Model, stages: int = 1) -> bytes:

@@ -11,6 +11,7 @@ from pathlib import Path
 from tlfusion.config import Experiment
 from tlfusion.console import setup_logging
 from tlfusion.errors import InputError
+from tlfusion.feature_cache import remove_uncommitted
 from tlfusion.fileio import locked, remove_leftovers, write_json
 from tlfusion.run_paths import RunPaths
 from tlfusion.signing import key_id
@@ -33,9 +34,11 @@ class Pipeline(RunContext):
         return self.paths.root
 
     def run(self, until: str | None = None) -> None:
-        """Run the stages up to `until` holding the run folder's lock; a killed run's leftovers are removed first."""
+        """Run the stages up to `until` holding the run folder's lock; a killed run's leftovers (temporary files,
+        staging folders, uncommitted feature-cache chunks) are removed first."""
         with locked(self.run_dir):
             remove_leftovers(self.run_dir)
+            remove_uncommitted(self.paths.cache)
             self._run_stages(until)
 
     def _run_stages(self, until: str | None) -> None:

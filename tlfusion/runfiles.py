@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +102,19 @@ def read_features(path: Path, rows: int) -> np.ndarray:
     if array.ndim != 2 or array.dtype.kind != "f" or len(array) != rows:
         raise InputError(f"{path}: expected float features [{rows}, d], found {array.dtype} {array.shape}")
     return np.asarray(array)
+
+
+def check_keras_file(path: Path) -> None:
+    """A `.keras` model file that is complete: a zip archive whose every member passes its CRC check, holding the
+    model's config.json (read, not deserialised; that is `backbones.load_model_file`'s job)."""
+    check_regular(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged, names = archive.testzip(), archive.namelist()
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as error:
+        raise InputError(f"{path}: not a complete Keras model file ({type(error).__name__})") from None
+    if damaged is not None or "config.json" not in names:
+        raise InputError(f"{path}: not a complete Keras model file ({damaged or 'no config.json'} damaged)")
 
 
 def _is_probability(value: object) -> bool:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from tlfusion.metrics_schema import read_metrics
 from tlfusion.stages.binary import run_evaluate, run_explain, run_fit
 from tlfusion.stages.context import RunContext
-from tlfusion.stages.prepare import run_data, run_extract, run_finetune
+from tlfusion.stages.prepare import check_models, run_data, run_extract, run_finetune
 from tlfusion.stages.report import run_report
 from tlfusion.stages.tasks import run_fewshot_stage, run_semantic
 
@@ -64,6 +64,7 @@ REGISTRY: dict[str, Stage] = {
             (_PREPARE, "tlfusion.training", "tlfusion.backbones"),
             reads=("table",),
             writes=("model",),
+            check=check_models,
         ),
         Stage(
             "extract",

@@ -110,11 +110,17 @@ def save_run_bundle(run: RunContext, selected: str, keys: list[str], estimator, 
 
 
 def _converted_onnx_graphs(run: RunContext, keys: list[str]) -> dict[str, bytes]:
-    """The ONNX graphs the extract stage converted (and checked) for these backbones; none where it ran Keras."""
-    from tlfusion.features import ModelSource, onnx_cache_path
+    """The ONNX graphs the extract stage converted (and checked) for these backbones, none where it ran Keras; a
+    cached graph damaged since is converted again."""
+    from tlfusion.features import ModelSource, cached_onnx_graph, onnx_cache_path
 
-    paths = {key: onnx_cache_path(run.paths.cache, ModelSource(run.paths.model(key)).key) for key in keys}
-    return {key: path.read_bytes() for key, path in paths.items() if path.is_file()}
+    sources = {key: ModelSource(run.paths.model(key)) for key in keys}
+    cache = run.paths.cache
+    return {
+        key: cached_onnx_graph(source, cache)
+        for key, source in sources.items()
+        if onnx_cache_path(cache, source.key).exists()
+    }
 
 
 def run_evaluate(run: RunContext) -> None:

@@ -11,6 +11,7 @@ import pandas as pd
 from tlfusion.console import progress
 from tlfusion.data.table import scan_with_cache, split_table, with_binary_target
 from tlfusion.fileio import write_atomic, write_json
+from tlfusion.runfiles import check_keras_file
 from tlfusion.stages.context import RunContext
 
 log = logging.getLogger("tlfusion")
@@ -92,6 +93,12 @@ def run_finetune(run: RunContext) -> None:
             verbose=0,
         )
         _log_training(key, result)
+
+
+def check_models(run: RunContext) -> None:
+    """Each backbone's `model.keras` (what extract and the bundle load) is a complete Keras file."""
+    for key in run.backbone_keys:
+        check_keras_file(run.paths.model(key))
 
 
 def _log_training(key: str, result) -> None:
