@@ -73,8 +73,10 @@ def test_bad_configuration_exits_2_with_one_line(tmp_path, folder_dataset, capsy
 
 def test_data_command_prints_a_summary(tmp_path, folder_dataset, capsys):
     assert main(["data", str(tiny_experiment(tmp_path, folder_dataset))]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr()
+    summary = json.loads(printed.out)
     assert summary["classes"] == {"abnormal": 12, "normal": 12} and summary["images"] == 24
+    assert summary["patients"] == 24 and "each image is its own patient" in printed.err
 
 
 def test_unreadable_image_exits_2_or_is_skipped(tmp_path, folder_dataset, capsys):

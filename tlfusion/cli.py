@@ -74,11 +74,19 @@ def cmd_data(args: argparse.Namespace) -> int:
     from tlfusion.data.sources import read_sources, summarise
 
     experiment = _load(args)
-    logging.basicConfig(format="tlfusion: %(message)s")  # what the readers log (how patients are found) on stderr
-    logging.getLogger("tlfusion").setLevel(logging.INFO)
+    _log_to_stderr()  # what the readers say (e.g. how patients are found); the summary alone on stdout
     summary = summarise(read_sources(experiment.data))
     print(json.dumps({"experiment": experiment.name, **summary}, indent=2, default=str))
     return 0
+
+
+def _log_to_stderr() -> None:
+    """tlfusion's INFO lines on stderr, as `tlfusion: <message>`, for commands without a run folder."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("tlfusion: %(message)s"))
+    logger = logging.getLogger("tlfusion")
+    logger.handlers = [handler]
+    logger.setLevel(logging.INFO)
 
 
 def cmd_stage(stage: str) -> Callable[[argparse.Namespace], int]:
