@@ -1,11 +1,13 @@
 """Out-of-distribution check: how far an image's features lie from the training images'.
 
-The training split's backbone features (side by side, as the bundle's fusion step receives them) are standardised
-and summarised by their leading principal components. An image has two distances from them: inside those components
-(Hotelling's T², each component scaled by its variance) and off them (Q, the squared residual). Each is divided by
-its median over held-out training images and the larger one is the image's distance; `FeatureDistance.score`
-divides it by the `QUANTILE` of the held-out distances, so a score above 1 is further out than 99 % of the training
-images. The distance works before the fusion's L2 scaling or PCA, which would hide how far out an image is.
+The training split's backbone features (side by side, as the bundle's fusion step receives them) are standardised,
+each feature's spread floored at `SPREAD_FLOOR` of the median feature's (features that barely vary in training,
+numerical noise, would otherwise drown the rest), and summarised by their leading principal components. An image
+has two distances from them: inside those components (Hotelling's T², each component scaled by its variance) and off
+them (Q, the squared residual). Each is divided by its median over held-out training images and the larger one is
+the image's distance; `FeatureDistance.score` divides it by the `QUANTILE` of the held-out distances, so a score
+above 1 is further out than 99 % of the training images. The distance works before the fusion's L2 scaling or PCA,
+which would hide how far out an image is.
 
 Held out means patient-grouped folds, each scored by a standardisation and summary fitted on the other folds: a
 summary's own images sit closer to it than new images do. A bundle stores the result in `ood.npz` (plain arrays,
@@ -20,7 +22,6 @@ from pathlib import Path
 import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.model_selection import GroupKFold
-from sklearn.preprocessing import StandardScaler
 
 from tlfusion.errors import InputError
 
@@ -28,6 +29,7 @@ QUANTILE = 0.99
 MAX_COMPONENTS = 20
 FOLDS = 5
 MIN_IMAGES = 10
+SPREAD_FLOOR = 0.01
 _ARRAYS = ("center", "scale", "components", "variances", "scales", "limit", "quantile", "images")
 
 
@@ -72,12 +74,11 @@ def fit_feature_distance(X: np.ndarray, groups: np.ndarray) -> FeatureDistance |
         return None
     held_out = np.zeros((len(X), 2))
     for fit, out in GroupKFold(n_splits=folds).split(X, groups=groups):
-        scaler, components, variances = _summary(X[fit])
-        held_out[out] = _statistics(scaler.transform(X[out]), components, variances)
+        center, scale, components, variances = _summary(X[fit])
+        held_out[out] = _statistics((X[out] - center) / scale, components, variances)
     scales = np.array([_positive(float(np.median(column))) for column in held_out.T])
     limit = _positive(float(np.quantile(_distance(held_out, scales), QUANTILE)))
-    scaler, components, variances = _summary(X)
-    return FeatureDistance(scaler.mean_, scaler.scale_, components, variances, scales, limit, QUANTILE, len(X))
+    return FeatureDistance(*_summary(X), scales, limit, QUANTILE, len(X))
 
 
 def load_feature_distance(path: Path) -> FeatureDistance:
@@ -102,14 +103,16 @@ def load_feature_distance(path: Path) -> FeatureDistance:
     return FeatureDistance(center, scale, components, variances, scales, limit, quantile, int(images))
 
 
-def _summary(X: np.ndarray) -> tuple[StandardScaler, np.ndarray, np.ndarray]:
-    """The standardisation of X, and the leading principal components of the standardised X with their variances
-    (floored, so that none divides by zero)."""
-    scaler = StandardScaler().fit(X)
+def _summary(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Center and scale of X (the spread floored, see the module), and the leading principal components of the
+    standardised X with their variances (floored, so that none divides by zero)."""
+    center, spread = X.mean(axis=0), X.std(axis=0)
+    varying = spread[spread > 0]
+    scale = np.maximum(spread, SPREAD_FLOOR * float(np.median(varying)) if len(varying) else 1.0)
     k = min(MAX_COMPONENTS, len(X) - 1, X.shape[1])
-    pca = PCA(n_components=k, random_state=0).fit(scaler.transform(X))
+    pca = PCA(n_components=k, random_state=0).fit((X - center) / scale)
     variances = np.maximum(pca.explained_variance_, 1e-12 * max(pca.explained_variance_.max(), 1.0))
-    return scaler, pca.components_, variances
+    return center, scale, pca.components_, variances
 
 
 def _statistics(Z: np.ndarray, components: np.ndarray, variances: np.ndarray) -> np.ndarray:
