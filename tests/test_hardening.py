@@ -21,12 +21,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from conftest import write_png, xray_like
 from xgboost import XGBClassifier
 
 from tlfusion import bundle as bundle_module
+from tlfusion import pretraining
 from tlfusion.backbones import build_backbone, feature_model, load_model_file
 from tlfusion.bundle import Bundle, save_bundle
 from tlfusion.classifiers import fusion_pipeline
@@ -661,3 +663,46 @@ def test_run_folder_with_a_damaged_onnx_cache_bundles_a_graph_converted_again(tm
     (bundled,) = run.glob("bundle/backbones/*.onnx")
     assert bundled.read_bytes() == read_cached_onnx(cached)
     assert bundle_module.load_bundle(run / "bundle").predict_paths([next(run.parent.rglob("img0.png"))]).shape == (1, 2)
+
+
+@pytest.fixture
+def resume_folder(tmp_path) -> tuple[Path, pd.DataFrame]:
+    """An interrupted pretraining's folder (state after epoch 1, a checkpoint) and its table."""
+    rows = [
+        [
+            str(write_png(tmp_path / "images" / f"{i}.png", xray_like(i, 32))),
+            f"c{i % 2}",
+            f"p{i}",
+            "train" if i < 6 else "val",
+        ]
+        for i in range(8)
+    ]
+    table = pd.DataFrame(rows, columns=["path", "label", "patient", "split"])
+    out = tmp_path / "pretrain"
+    out.mkdir()
+    build_backbone("mobilenetv2", SIZE, alpha=0.35).save(out / "checkpoint.keras")
+    state = {"epoch": 1, "phase": "all", "best": 1.0, "best_epoch": 1, "wait": 0, "stopped": False}
+    state |= {"wall_seconds": 1.0, "history": [], "task": ["pretrain", "mobilenetv2", 2]}
+    (out / "state.json").write_text(json.dumps(state))
+    return out, table
+
+
+@pytest.mark.parametrize(
+    ("damaged", "message"),
+    [("state.json", "unreadable JSON"), ("checkpoint.keras", "not a complete Keras model file")],
+)
+def test_resuming_from_a_damaged_checkpoint_names_the_file(resume_folder, damaged, message):
+    out, table = resume_folder
+    truncate(out / damaged)
+    with pytest.raises(InputError, match=re.escape(f"{out / damaged}: {message}")):
+        pretraining.pretrain(
+            table,
+            "mobilenetv2",
+            out,
+            epochs=2,
+            resume=True,
+            image_size=SIZE,
+            batch_size=4,
+            options={"alpha": 0.35},
+            verbose=0,
+        )

@@ -14,7 +14,6 @@ early stopping and resume.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from tlfusion.data.images import training_dataset
 from tlfusion.errors import InputError
 from tlfusion.fileio import write_atomic, write_json
 from tlfusion.provenance import SEEN_IMAGES, write_seen_images
+from tlfusion.runfiles import check_keras_file, read_json_object
 from tlfusion.strategy import distribution
 from tlfusion.training_records import write_records
 
@@ -302,6 +302,7 @@ def _fit_phases(
 def _initial_model(task: Task, out_dir: Path, state: dict, weights, options: dict) -> keras.Model:
     """The checkpoint (compiled, optimizer state included) when resuming, else a freshly built backbone."""
     if state["epoch"] > 0:
+        check_keras_file(out_dir / CHECKPOINT)  # a damaged checkpoint exits 2 naming it, not with Keras's traceback
         return keras.saving.load_model(out_dir / CHECKPOINT, compile=True, safe_mode=True)
     model = backbones.build_backbone(task.backbone, task.image_size, weights, task.num_outputs, **options)
     if any(phase.trainable == "all" for phase in task.phases):
@@ -319,7 +320,7 @@ def _load_state(out_dir: Path, task: Task) -> dict | None:
     path = out_dir / STATE
     if not path.is_file() or not (out_dir / CHECKPOINT).is_file():
         return None
-    state = json.loads(path.read_text())
+    state = read_json_object(path)
     if state.get("task") != [task.kind, task.backbone, task.num_outputs]:
         raise InputError(f"{path}: the checkpoint there is from another task {state.get('task')}; use a new out_dir")
     return state
