@@ -177,17 +177,18 @@ def read_folder(root: str | Path, follow_symlinks: bool = False, patient_pattern
     (also named by its path, so that equal file names in two folders stay apart), which is logged.
     `follow_symlinks` as in `image_files`."""
     root = _require_dir(root, "folder")
-    if patient_pattern is None:
-        log.info(
-            "folder %s: each image is its own patient (set data.patient_pattern to group a patient's images)", root
-        )
     rows = []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for image in image_files(class_dir, root, follow_symlinks):
             name, inside = image.relative_to(root).as_posix(), image.relative_to(class_dir).as_posix()
             patient = name if patient_pattern is None else _folder_patient(inside, patient_pattern, class_dir)
             rows.append([str(image), class_dir.name, patient, name, "", ""])
-    return _finish(pd.DataFrame(rows, columns=COLUMNS), f"folder {root}")
+    table = _finish(pd.DataFrame(rows, columns=COLUMNS), f"folder {root}")
+    if patient_pattern is None:
+        log.info(
+            "folder %s: each image is its own patient (set data.patient_pattern to group a patient's images)", root
+        )
+    return table
 
 
 def _folder_patient(inside: str, pattern: str, class_dir: Path) -> str:
