@@ -23,8 +23,9 @@ MobileNetV2 and EfficientNetB0, their fusion (per-block L2, as the pipeline's fe
 with random weights ("scratch", seed 0), and
 ``chest/mobilenetv2``, pretrained on chest X-rays only (experiments/pretrain_chest.yaml: the Kermany and NIH
 training parts; it saw the NIH base set but none of the evaluated images). Each is run with the penultimate
-features alone (``stages=1``) and with multi-scale features (``stages=2``: the pooled outputs of the last two
-resolution stages, each L2-normalised; the few-shot default, see below); the extractor name carries the count.
+features alone (``stages=1``) and with multi-scale features (``stages=N``, N the screen's decision, now 3: the
+pooled outputs of the last N resolution stages, each L2-normalised; the few-shot default, see below); the extractor
+name carries the count.
 
 Choices are made on development sets that this benchmark never reports: ``benchmarks.fewshot_screen`` screens the
 number of pooled stages and feature transforms (power 0.5, centring on the supports / episode / NIH base mean,
@@ -197,7 +198,7 @@ def l2_rows(X: np.ndarray) -> np.ndarray:
 
 
 def extractor_features(paths: list[str]) -> dict[str, np.ndarray]:
-    """Feature matrix per extractor name ("in_domain/mobilenetv2 stages=1", ..., "scratch/fusion stages=2")."""
+    """Feature matrix per extractor name ("in_domain/mobilenetv2 stages=1", ..., "scratch/fusion stages=3")."""
     out = {}
     starts = (
         ("imagenet", imagenet_model, IMAGENET_ARCHITECTURES, IMAGENET_SIZE),

@@ -29,6 +29,7 @@ from tlfusion.classifiers import fusion_pipeline
 from tlfusion.data.images import resize_pad
 from tlfusion.errors import InputError
 from tlfusion.explain import explain_cases
+from tlfusion.explain import lime as lime_module
 from tlfusion.explain.decision import decision_head, selected_model_maps
 from tlfusion.explain.gallery import REVIEW_COLUMNS, Case, write_gallery
 from tlfusion.explain.gradcam import GradCAM, bundle_gradcam, default_layer_name
@@ -203,6 +204,40 @@ def test_lime_is_reproducible_with_consistent_masks(task):
     assert not (first.positive_mask & first.negative_mask).any()
     assert len(np.unique(first.segments[first.positive_mask])) <= 2
     assert (first.weights[first.positive_mask] > 0).all() and (first.weights[first.negative_mask] < 0).all()
+
+
+class PaddingSensitiveModel:
+    """A bundle stand-in whose abnormal probability rises with the brightness of the image's left padding strip and,
+    less, of its centre: switching the black padding to grey (LIME's old fill) moves it most."""
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        padding, centre = images[:, :, :PADDING, 0].mean(axis=(1, 2)), images[:, 24:40, 24:40, 0].mean(axis=(1, 2))
+        positive = 1 / (1 + np.exp(-(padding / 20 + centre / 60 - 2)))
+        return np.stack([1 - positive, positive], axis=1)
+
+
+PADDING = 12  # the letterbox's black strips: columns [0, 12) and [52, 64)
+
+
+@pytest.mark.parametrize("background_level", [lime_module.BACKGROUND_LEVEL, -1.0])
+def test_lime_leaves_the_dark_padding_alone(monkeypatch, background_level):
+    """The dark border-connected background is one segment that is never switched off, weighs 0 and is never
+    outlined, so a model's reaction to grey padding is not credited to the border. Control (level -1: nothing
+    counts as background): the padding then weighs more than the anatomy, so the check can fail."""
+    monkeypatch.setattr(lime_module, "BACKGROUND_LEVEL", background_level)
+    image = np.zeros((SIZE, SIZE, 1), np.float32)
+    image[:, PADDING : SIZE - PADDING, 0] = np.random.default_rng(0).normal(120, 20, (SIZE, SIZE - 2 * PADDING))
+    explanation = explain_lime(PaddingSensitiveModel(), image, num_samples=200, top_k=3)
+    padding = np.ones((SIZE, SIZE), bool)
+    padding[:, PADDING : SIZE - PADDING] = False
+    outlined = explanation.positive_mask | explanation.negative_mask
+    if background_level < 0:
+        magnitude = np.abs(explanation.weights)
+        assert not explanation.background.any() and magnitude[padding].mean() > magnitude[~padding].mean()
+        return
+    np.testing.assert_array_equal(explanation.background, padding)
+    assert (explanation.weights[padding] == 0).all() and not (outlined & padding).any()
+    assert explanation.positive_mask[24:40, 24:40].any()
 
 
 def test_gradcam_batches_agree_and_maps_are_normalised(task):
