@@ -303,6 +303,9 @@ def test_reused_finetuning_points_the_backbones_at_the_run_and_skips_finetuning(
 
 
 def test_reused_finetuning_refuses_a_run_with_another_recipe(tmp_path: Path):
-    finetuned_run(tmp_path / "s1", epochs=10)
+    from tlfusion.config import load_experiment
+
+    shipped = load_experiment(Path("experiments/fracatlas_hand.yaml")).finetune.epochs
+    finetuned_run(tmp_path / "s1", epochs=shipped + 1)
     with pytest.raises(SystemExit, match="epochs"):
         reused_backbones("fracatlas_hand", 1, tmp_path / "s1")

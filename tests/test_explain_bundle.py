@@ -97,10 +97,11 @@ def test_gradcam_of_the_saved_backbone_is_the_closed_form(explained_run, bundle)
 
 def test_lime_through_the_bundle_predicts_what_hiding_superpixels_does(explained_run, bundle):
     """LIME's weights are a linear model of the bundle's positive probability in which superpixels are on or off
-    (off: filled with the image mean). Hiding random halves of the superpixels must change the bundle's probability
-    as the weights on those pixels say: fails for flipped signs or weights painted on the wrong superpixels. The
-    image is the run's least saturated test image (probability nearest 0.5): near 0 or 1 the probability flattens,
-    and a linear model of it, LIME's, fits less well (0.6 on this run's true negative at p = 0.03)."""
+    (off: filled with the image mean; the background segment is never off). Hiding random halves of the anatomy's
+    superpixels must change the bundle's probability as the weights on those pixels say: fails for flipped signs or
+    weights painted on the wrong superpixels. The image is the run's least saturated test image (probability
+    nearest 0.5): near 0 or 1 the probability flattens, and a linear model of it, LIME's, fits less well (0.6 on
+    this run's true negative at p = 0.03)."""
     stored = pd.read_csv(explained_run / "fit" / "predictions.csv")
     test = stored[(stored["model"] == "mobilenetv2/lr") & (stored["split"] == "test")]
     borderline = test.loc[(test["prob"] - 0.5).abs().idxmin(), "path"]
@@ -112,6 +113,7 @@ def test_lime_through_the_bundle_predicts_what_hiding_superpixels_does(explained
     weight_of = np.zeros(segments.max() + 1)
     weight_of[segments.ravel()] = explanation.weights.ravel()
     hidden = np.random.default_rng(1).random((20, len(weight_of))) < 0.5
+    hidden[:, np.unique(segments[explanation.background])] = False  # LIME never hides the background
     changed = np.stack([np.where(off[segments][..., None], image.mean(), image) for off in hidden]).astype(np.float32)
     probabilities = np.asarray(bundle.predict_proba(np.concatenate([image[None], changed])))[:, 1]
     actual, predicted = probabilities[1:] - probabilities[0], -(hidden * weight_of).sum(axis=1)

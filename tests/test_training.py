@@ -16,7 +16,8 @@ from tlfusion import backbones, model_cards, pretraining, training
 from tlfusion.data.images import file_sha256
 from tlfusion.errors import InputError
 
-TINY = {"image_size": 32, "batch_size": 4, "options": {"alpha": 0.35}, "verbose": 0}
+ARCH = "mobilenet"  # MobileNetV1 at width 0.25: the registry's quickest model to build and trace
+TINY = {"image_size": 32, "batch_size": 4, "options": {"alpha": 0.25}, "verbose": 0}
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +41,14 @@ def table(tmp_path_factory) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def pretrained(table, tmp_path_factory):
-    return pretraining.pretrain(table, "mobilenetv2", tmp_path_factory.mktemp("pretrain"), epochs=1, **TINY)
+    return pretraining.pretrain(table, ARCH, tmp_path_factory.mktemp("pretrain"), epochs=1, **TINY)
 
 
 def test_pretrain_writes_a_reloadable_model_and_its_records(pretrained, table):
     out = pretrained.model_path.parent
     for name in ("model.keras", "checkpoint.keras", "state.json", "history.csv", "curves.png", "train.json"):
         assert (out / name).is_file(), name
-    model = backbones.load_model_file(pretrained.model_path, expected="mobilenetv2")
+    model = backbones.load_model_file(pretrained.model_path, expected=ARCH)
     assert model.get_layer("head").units == 2
     assert model.input.shape[1] == 32
     assert pretrained.best_epoch == 1 and len(pretrained.history) == 1
@@ -63,7 +64,7 @@ def test_pretrain_writes_a_reloadable_model_and_its_records(pretrained, table):
 def test_finetune_from_pretrained_warms_up_then_unfreezes_all_but_batchnorm(pretrained, table, tmp_path):
     result = training.finetune(
         table,
-        "mobilenetv2",
+        ARCH,
         tmp_path,
         positive_class="fractured",
         weights=pretrained.model_path,
@@ -75,14 +76,14 @@ def test_finetune_from_pretrained_warms_up_then_unfreezes_all_but_batchnorm(pret
     val_aucs = {row["epoch"]: row["val_auc"] for row in result.history}
     assert result.best_epoch == max(val_aucs, key=val_aucs.get)  # the kept epoch is the one with the best val AUC
     assert result.val_metrics["val_auc"] == val_aucs[result.best_epoch]
-    model = backbones.load_model_file(result.model_path, expected="mobilenetv2")
+    model = backbones.load_model_file(result.model_path, expected=ARCH)
     assert model.get_layer("head").units == 1
     checkpoint = keras.saving.load_model(tmp_path / "checkpoint.keras")
     batchnorm = [layer for layer in checkpoint.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert batchnorm and not any(layer.trainable for layer in batchnorm)
-    assert checkpoint.get_layer("Conv1").trainable
-    before = keras.saving.load_model(pretrained.model_path).get_layer("Conv_1").get_weights()[0]
-    assert np.abs(before - checkpoint.get_layer("Conv_1").get_weights()[0]).max() > 1e-6  # unfrozen: trained
+    assert checkpoint.get_layer("conv1").trainable
+    before = keras.saving.load_model(pretrained.model_path).get_layer("conv_pw_13").get_weights()[0]
+    assert np.abs(before - checkpoint.get_layer("conv_pw_13").get_weights()[0]).max() > 1e-6  # unfrozen: trained
 
 
 def test_pretrain_from_imagenet_warms_up_the_head_then_keeps_batchnorm(table, tmp_path):
@@ -113,7 +114,7 @@ def test_pretrain_from_imagenet_warms_up_the_head_then_keeps_batchnorm(table, tm
 def test_finetune_can_train_batchnorm_from_pretrained_weights(pretrained, table, tmp_path):
     training.finetune(
         table,
-        "mobilenetv2",
+        ARCH,
         tmp_path,
         positive_class="fractured",
         weights=pretrained.model_path,
@@ -131,12 +132,12 @@ def test_finetune_can_train_batchnorm_from_pretrained_weights(pretrained, table,
 def test_finetune_refuses_an_unknown_batchnorm_mode_as_a_callers_mistake(table, tmp_path):
     """An experiment's `batchnorm` is validated by its schema: a bad one here is a programming error (exit 1)."""
     with pytest.raises(ValueError, match="batchnorm") as raised:
-        training.finetune(table, "mobilenetv2", tmp_path, positive_class="fractured", batchnorm="sometimes", **TINY)
+        training.finetune(table, ARCH, tmp_path, positive_class="fractured", batchnorm="sometimes", **TINY)
     assert not isinstance(raised.value, InputError)
 
 
 def test_resume_continues_from_the_checkpoint(pretrained, table, tmp_path, monkeypatch):
-    pretraining.pretrain(table, "mobilenetv2", tmp_path, epochs=1, **TINY)
+    pretraining.pretrain(table, ARCH, tmp_path, epochs=1, **TINY)
     first = json.loads((tmp_path / "state.json").read_text())
     assert first["history"][0]["loss"] == pytest.approx(pretrained.history[0]["loss"], rel=1e-5)  # same seed
     checkpoint = keras.saving.load_model(tmp_path / "checkpoint.keras")
@@ -145,7 +146,7 @@ def test_resume_continues_from_the_checkpoint(pretrained, table, tmp_path, monke
     record_start = lambda self, logs=None: at_start.setdefault("w", self.model.get_weights())  # noqa: E731
     monkeypatch.setattr(training._EpochRecorder, "on_train_begin", record_start)
 
-    result = pretraining.pretrain(table, "mobilenetv2", tmp_path, epochs=2, resume=True, **TINY)
+    result = pretraining.pretrain(table, ARCH, tmp_path, epochs=2, resume=True, **TINY)
 
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["epoch"] == 2 and [row["epoch"] for row in result.history] == [1, 2]
@@ -155,7 +156,7 @@ def test_resume_continues_from_the_checkpoint(pretrained, table, tmp_path, monke
     resumed = keras.saving.load_model(tmp_path / "checkpoint.keras")
     assert int(resumed.optimizer.iterations.numpy()) == 2 * steps_per_epoch  # optimizer state carried over
     assert not np.allclose(
-        resumed.get_layer("Conv_1").get_weights()[0], checkpoint.get_layer("Conv_1").get_weights()[0]
+        resumed.get_layer("conv_pw_13").get_weights()[0], checkpoint.get_layer("conv_pw_13").get_weights()[0]
     )
 
 
@@ -169,12 +170,12 @@ def test_resume_continues_from_the_checkpoint(pretrained, table, tmp_path, monke
 )
 def test_bad_tables_are_input_errors(table, tmp_path, change, message):
     with pytest.raises(InputError, match=message):
-        pretraining.pretrain(change(table), "mobilenetv2", tmp_path, **TINY)
+        pretraining.pretrain(change(table), ARCH, tmp_path, **TINY)
 
 
 def test_a_table_without_the_split_column_is_a_callers_mistake(table, tmp_path):
     with pytest.raises(ValueError, match="missing column") as raised:
-        pretraining.pretrain(table.drop(columns="split"), "mobilenetv2", tmp_path, **TINY)
+        pretraining.pretrain(table.drop(columns="split"), ARCH, tmp_path, **TINY)
     assert not isinstance(raised.value, InputError)
 
 
@@ -182,10 +183,10 @@ def test_bad_backbone_weights_and_positive_class_are_input_errors(pretrained, ta
     with pytest.raises(InputError, match="unknown backbone"):
         pretraining.pretrain(table, "alexnet", tmp_path, **TINY)
     with pytest.raises(InputError, match="positive_class"):
-        training.finetune(table, "mobilenetv2", tmp_path, positive_class="broken", **TINY)
+        training.finetune(table, ARCH, tmp_path, positive_class="broken", **TINY)
     val_one_class = table[(table["split"] == "train") | (table["label"] == "normal")]
     with pytest.raises(InputError, match="val AUC"):
-        training.finetune(val_one_class, "mobilenetv2", tmp_path, positive_class="fractured", **TINY)
+        training.finetune(val_one_class, ARCH, tmp_path, positive_class="fractured", **TINY)
     with pytest.raises(InputError, match="not efficientnetb0"):
         training.finetune(
             table,
@@ -213,7 +214,7 @@ def test_pretrain_and_ship_from_a_pretraining_yaml(table, tmp_path):
     (tmp_path / "pretrain.yaml").write_text(yaml.safe_dump(spec))
     out = tmp_path / "shipped" / "tiny_model"
 
-    pretraining.pretrain_and_ship(str(tmp_path / "pretrain.yaml"), "mobilenetv2", str(out), str(tmp_path / "run"))
+    pretraining.pretrain_and_ship(str(tmp_path / "pretrain.yaml"), ARCH, str(out), str(tmp_path / "run"))
 
     summary = json.loads((out / "train.json").read_text())
     assert summary["settings"]["augment"] is False and summary["settings"]["image_size"] == 32
