@@ -42,7 +42,11 @@ def test_model_selection_lines_name_the_feature_set(caplog):
     X = rng.normal(size=(24, 3)) + y[:, None]
     with caplog.at_level(logging.INFO, logger="tlfusion"):
         select_model(X, y, None, ["lr"], cv=2, label="fusion")
-    assert any(message.startswith("select_model: fusion/lr kappa = ") for message in caplog.messages)
+        select_model(X, y, None, ["lr", "knn"], cv=2)
+    lines = [message for message in caplog.messages if message.startswith("select_model:")]
+    assert len(lines) == 2  # one line per feature set; each classifier's score and parameters at debug level
+    assert lines[0].startswith("select_model: fusion: CV kappa lr ") and "knn" not in lines[0]
+    assert lines[1].startswith("select_model: CV kappa lr ") and ", knn " in lines[1]
 
 
 def test_the_run_ends_naming_report_gallery_and_bundle(tmp_path, folder_dataset, caplog):

@@ -71,7 +71,7 @@ def test_readme_own_data_example_runs_as_written_and_quietly(own_data, capfd):
             assert summary["images"] == 24
     console = "\n".join(capfd.readouterr())  # the CSV run's
     assert not [word for word in NOISE if word in console], console
-    assert "select_model: mobilenetv2/lr kappa = " in console
+    assert "select_model: mobilenetv2: CV kappa lr " in console
     assert "report:  runs/my_data/report.html" in console and "bundle:  runs/my_data/bundle" in console
     for run in ("runs/my_xrays", "runs/my_data"):
         metrics = json.loads((own_data / run / "metrics.json").read_text())

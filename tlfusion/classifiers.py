@@ -164,7 +164,9 @@ def select_model(
             if name not in scores or np.isnan(scores[name]) or score > scores[name]:
                 scores[name], oof_prob[name], params[name] = score, oof, candidate
         shown = f"{label}/{name}" if label else name
-        logger.info("select_model: %s %s = %.4f %s", shown, scoring, scores[name], params[name] or "")
+        logger.debug("select_model: %s %s = %.4f %s", shown, scoring, scores[name], params[name] or "")
+    listed = ", ".join(f"{name} {scores[name]:.4f}" for name in names)
+    logger.info("select_model: %sCV %s %s", f"{label}: " if label else "", scoring, listed)
     if not any(np.isfinite(score) for score in scores.values()):
         raise InputError(f"no classifier has a defined {scoring} in any fold; the training set is too small")
     return Selection(

@@ -78,7 +78,8 @@ def distribution(setting: str = "auto") -> Distribution:
         raise InputError("distribute: multi_worker needs TF_CONFIG naming the cluster and this worker's task")
     strategy = _strategy(name)
     chosen = Distribution(name, strategy)
-    logger.info("distribute: %s (%s), %d replica(s)", name, type(strategy).__name__, chosen.replicas)
+    log = logger.debug if name == "default" else logger.info  # the plain one-device case is not news
+    log("distribute: %s (%s), %d replica(s)", name, type(strategy).__name__, chosen.replicas)
     return chosen
 
 
