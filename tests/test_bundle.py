@@ -19,7 +19,8 @@ from tlfusion.bundle import Bundle, check_class_names, load_bundle, save_bundle
 from tlfusion.classifiers import fusion_pipeline
 from tlfusion.data.images import file_sha256, load_batch
 from tlfusion.errors import InputError
-from tlfusion.features import FeatureFusion, fuse, onnx_graph
+from tlfusion.features import FeatureFusion, fuse
+from tlfusion.onnx_graphs import onnx_graph
 
 SIZE = 32
 

@@ -11,7 +11,7 @@ from keras import layers
 from sklearn.preprocessing import normalize
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from tlfusion import features
+from tlfusion import features, onnx_graphs
 from tlfusion.backbones import XrayInput, build_backbone, feature_model, stage_layer_names
 from tlfusion.errors import InputError
 from tlfusion.features import FeatureCache, FeatureExtractor, FeatureFusion, extract_features, fuse
@@ -134,7 +134,7 @@ def test_converted_graph_is_reused_from_the_cache_folder(tmp_path, pngs, monkeyp
     model = tiny_backbone()
     extract_features(model, pngs[:2], SIZE, engine="onnx", cache_dir=tmp_path / "cache")
     monkeypatch.setattr(features, "EXTRACTOR", FeatureExtractor())
-    monkeypatch.setattr(features, "export_onnx", lambda model: pytest.fail("converted twice"))
+    monkeypatch.setattr(onnx_graphs, "export_onnx", lambda model: pytest.fail("converted twice"))
     assert extract_features(model, pngs, SIZE, engine="onnx", cache_dir=tmp_path / "cache").shape == (5, 16)
 
 
@@ -142,7 +142,7 @@ def test_auto_engine_falls_back_to_keras_and_says_why(pngs, monkeypatch, caplog)
     def broken(model):
         raise RuntimeError("converter exploded")
 
-    monkeypatch.setattr(features, "export_onnx", broken)
+    monkeypatch.setattr(onnx_graphs, "export_onnx", broken)
     model = tiny_backbone()
     with caplog.at_level(logging.WARNING, logger="tlfusion.features"):
         result = extract_features(model, pngs, SIZE, engine="auto")

@@ -38,15 +38,9 @@ from tlfusion.data import images
 from tlfusion.data.images import file_sha256
 from tlfusion.data.sources import read_chestxray14
 from tlfusion.errors import InputError
-from tlfusion.features import (
-    FeatureFusion,
-    ModelSource,
-    cached_onnx_graph,
-    onnx_cache_path,
-    onnx_runner,
-    read_cached_onnx,
-)
+from tlfusion.features import FeatureFusion, ModelSource
 from tlfusion.fileio import locked
+from tlfusion.onnx_graphs import cached_onnx_graph, onnx_cache_path, onnx_runner, read_cached_onnx
 from tlfusion.pipeline import Pipeline
 from tlfusion.runfiles import check_keras_file
 from tlfusion.signing import KEY_ENV

@@ -56,7 +56,8 @@ from tlfusion.estimator_files import (
     save_xgboost,
     write_json_file,
 )
-from tlfusion.features import BatchRunner, FeatureFusion, flip_averaged, fuse, keras_runner, onnx_runner
+from tlfusion.features import FeatureFusion, flip_averaged, fuse, keras_runner
+from tlfusion.onnx_graphs import BatchRunner, onnx_runner
 from tlfusion.ood import FeatureDistance, load_feature_distance
 from tlfusion.signing import SIGNATURE, check_signature, write_signature
 
@@ -88,7 +89,7 @@ class Bundle:
     """Everything needed to go from images to class probabilities: backbones, then `estimator`, the fitted
     `classifiers.fusion_pipeline` (feature fusion + classifier, as cross-validated and refitted by the fit stage).
 
-    `onnx_graphs` maps backbone names to their feature sub-model as ONNX (see `features.onnx_graph`); those
+    `onnx_graphs` maps backbone names to their feature sub-model as ONNX (see `onnx_graphs.onnx_graph`); those
     backbones run with ONNX Runtime, the others with Keras. `ood` scores how unlike the training images an image's
     features are (None in bundles saved without it). `trust` is set by `load_bundle`: "signed ..." or
     "integrity only ..." (see `tlfusion.signing`).

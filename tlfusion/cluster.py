@@ -35,17 +35,9 @@ from tlfusion.backbones import load_model_file
 from tlfusion.data.images import file_sha256
 from tlfusion.errors import InputError
 from tlfusion.feature_cache import npy_bytes
-from tlfusion.features import (
-    FeatureExtractor,
-    ModelSource,
-    engine_graph,
-    flip_averaged,
-    flipped_key,
-    keras_runner,
-    onnx_cache_path,
-    onnx_runner,
-)
+from tlfusion.features import FeatureExtractor, ModelSource, engine_graph, flip_averaged, flipped_key, keras_runner
 from tlfusion.fileio import write_atomic, write_bytes
+from tlfusion.onnx_graphs import onnx_cache_path, onnx_runner
 
 try:
     from distributed import Client, WorkerPlugin, get_worker
