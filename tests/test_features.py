@@ -20,7 +20,9 @@ SIZE = 24
 
 
 def tiny_backbone(size: int = SIZE) -> keras.Model:
-    """A flat model with tlfusion's landmarks whose features are O(0.1-1), so a 1e-4 tolerance means something."""
+    """A flat model with tlfusion's landmarks, initialised from seed 0 (features spread about 0.014 on the test
+    images, over 100x the 1e-4 tolerance; unseeded, the spread ranged 0.007-0.018 and the check of it was flaky)."""
+    keras.utils.set_random_seed(0)
     image = keras.Input((size, size, 1), name="image")
     x = XrayInput("tf", name="xray_input")(image)
     x = layers.Conv2D(16, 3, strides=2, activation="relu", name="conv")(x)
