@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from tlfusion import pretraining, training
-from tlfusion.config import FinetuneSpec, ImageSpec, PretrainSettings, load_experiment, load_pretraining_config
+from tlfusion.config import FinetuneSpec, ImageSpec, load_experiment
 from tlfusion.errors import InputError
+from tlfusion.pretraining_config import PretrainSettings, load_pretraining_config
 
 
 def write_experiment(folder: Path, data_root: Path, **changes) -> Path:
@@ -92,7 +93,7 @@ def test_shipped_experiments_validate():
 
             Experiment.model_validate(raw)
         else:  # a pretraining spec
-            from tlfusion.config import load_pretraining_config
+            from tlfusion.pretraining_config import load_pretraining_config
 
             assert load_pretraining_config(path).sources
 

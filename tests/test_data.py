@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from conftest import SHARED_DATA, write_png, xray_like
 
-from tlfusion.config import PretrainSource, PretrainSplit
 from tlfusion.data import images, sources, splits
 from tlfusion.data.pretraining import pretraining_table
 from tlfusion.errors import InputError
+from tlfusion.pretraining_config import PretrainSource, PretrainSplit
 
 # ----------------------------------------------------------------------------- decoding
 

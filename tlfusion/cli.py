@@ -97,7 +97,7 @@ def cmd_stage(stage: str) -> Callable[[argparse.Namespace], int]:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from tlfusion.config import load_pretraining_config
+    from tlfusion.pretraining_config import load_pretraining_config
 
     load_pretraining_config(args.config)  # a bad file exits 2 before TensorFlow is imported
     import_tensorflow_quietly()

@@ -1,7 +1,8 @@
 """Supervised in-domain pretraining of a backbone on several labelled X-ray sources (`tlfusion pretrain`).
 
 The run writes what `training` lists into its run folder; `pretrain_and_ship` then copies the shippable files with a
-model card (`model_cards`). The settings and sources come from a pretraining YAML (`config.PretrainingConfig`).
+model card (`model_cards`). The settings and sources come from a pretraining YAML
+(`pretraining_config.PretrainingConfig`).
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import numpy as np
 import pandas as pd
 
 from tlfusion import training
-from tlfusion.config import PretrainSettings, load_pretraining_config
 from tlfusion.data.pretraining import pretraining_table
 from tlfusion.fileio import write_json
 from tlfusion.model_cards import ship_pretrained
+from tlfusion.pretraining_config import PretrainSettings, load_pretraining_config
 
 _DEFAULTS = PretrainSettings()
 
@@ -51,7 +52,8 @@ def pretrain(
     `warmup_epochs` train the new head alone at `learning_rate`, the rest everything at `unfrozen_learning_rate`
     (default: `learning_rate`); `batchnorm` and `distribute` as in `training.finetune`. Early stopping on val
     loss after `patience` epochs without improvement (after the warm-up); the best epoch becomes `model.keras`.
-    `options` go to `backbones.build_backbone` (e.g. `{"alpha": 0.35}`). The defaults are `config.PretrainSettings`'.
+    `options` go to `backbones.build_backbone` (e.g. `{"alpha": 0.35}`). The defaults are
+    `pretraining_config.PretrainSettings`'.
     """
     arguments = dict(locals())  # before any other local: what train.json records
     train, val = training.train_val_rows(table)

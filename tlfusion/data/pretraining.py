@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from tlfusion.config import PretrainSource, PretrainSplit
 from tlfusion.data.sources import read_csv
 from tlfusion.data.splits import assign_splits
+from tlfusion.pretraining_config import PretrainSource, PretrainSplit
 
 
 def pretraining_table(
