@@ -57,13 +57,8 @@ from benchmarks._common import RESULTS_DIR, machine_info, write_result
 from tlfusion.data.images import file_sha256
 from tlfusion.data.sources import read_csv
 from tlfusion.data.splits import assign_splits, content_groups
-from tlfusion.fewshot import (
-    FEWSHOT_CLASSIFIERS,
-    SUMMARY_KEYS,
-    evaluate_episodes,
-    make_fewshot_classifier,
-    sample_episodes,
-)
+from tlfusion.episodes import sample_episodes
+from tlfusion.fewshot import FEWSHOT_CLASSIFIERS, SUMMARY_KEYS, evaluate_episodes, make_fewshot_classifier
 from tlfusion.fewshot_intervals import METHOD, episode_membership, interval_note
 from tlfusion.provenance import SEEN_IMAGES, read_seen_images
 

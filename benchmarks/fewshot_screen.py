@@ -44,7 +44,8 @@ from benchmarks._common import machine_info, write_result
 from tlfusion.data.images import file_sha256
 from tlfusion.data.sources import read_csv
 from tlfusion.data.splits import assign_splits, content_groups
-from tlfusion.fewshot import FEWSHOT_CLASSIFIERS, evaluate_episodes, sample_episodes
+from tlfusion.episodes import sample_episodes
+from tlfusion.fewshot import FEWSHOT_CLASSIFIERS, evaluate_episodes
 from tlfusion.fewshot_intervals import episode_membership, patient_se
 
 WAYS, SHOTS, QUERIES, SEED = 2, 5, 15, 1

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from tlfusion.episodes import sample_episodes
 from tlfusion.errors import InputError
 from tlfusion.fewshot import (
     FEWSHOT_CLASSIFIERS,
@@ -14,7 +15,6 @@ from tlfusion.fewshot import (
     make_fewshot_classifier,
     plot_shots_curve,
     run_fewshot,
-    sample_episodes,
     shots_curve,
 )
 

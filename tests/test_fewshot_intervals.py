@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tlfusion.fewshot import evaluate_episodes, run_fewshot, sample_episodes
+from tlfusion.episodes import sample_episodes
+from tlfusion.fewshot import evaluate_episodes, run_fewshot
 from tlfusion.fewshot_intervals import episode_membership, patient_jackknife_variance
 from tlfusion.fewshot_intervals import patient_se as patient_se_of
 
