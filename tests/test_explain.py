@@ -206,6 +206,9 @@ def test_lime_is_reproducible_with_consistent_masks(task):
     assert (first.weights[first.positive_mask] > 0).all() and (first.weights[first.negative_mask] < 0).all()
 
 
+PADDING = 12  # the letterbox's black strips: columns [0, 12) and [52, 64)
+
+
 class PaddingSensitiveModel:
     """A bundle stand-in whose abnormal probability rises with the brightness of the image's left padding strip and,
     less, of its centre: switching the black padding to grey (LIME's old fill) moves it most."""
@@ -214,9 +217,6 @@ class PaddingSensitiveModel:
         padding, centre = images[:, :, :PADDING, 0].mean(axis=(1, 2)), images[:, 24:40, 24:40, 0].mean(axis=(1, 2))
         positive = 1 / (1 + np.exp(-(padding / 20 + centre / 60 - 2)))
         return np.stack([1 - positive, positive], axis=1)
-
-
-PADDING = 12  # the letterbox's black strips: columns [0, 12) and [52, 64)
 
 
 @pytest.mark.parametrize("background_level", [lime_module.BACKGROUND_LEVEL, -1.0])
