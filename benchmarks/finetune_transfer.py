@@ -120,7 +120,7 @@ def in_domain_minus_scratch(table: pd.DataFrame, results: dict, image_size: int,
     }
     (labels, in_domain), (_, scratch) = test["in_domain"], test["scratch"]
     thresholds = (results["in_domain"]["threshold_from_val"], results["scratch"]["threshold_from_val"])
-    delta = paired_bootstrap_delta(labels, in_domain, scratch, None, *thresholds)
+    delta = paired_bootstrap_delta(labels, in_domain, scratch, None, thresholds)
     return {metric: delta[metric] for metric in ("kappa", "auroc")}
 
 

@@ -56,9 +56,9 @@ def sent_to_model(monkeypatch):
     counts: list[int] = []
     compute = features._compute
 
-    def counting(source, paths, *args):
-        counts.append(len(paths))
-        return compute(source, paths, *args)
+    def counting(job, progress):
+        counts.append(len(job.paths))
+        return compute(job, progress)
 
     monkeypatch.setattr(features, "_compute", counting)
     return counts

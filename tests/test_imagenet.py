@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from pathlib import Path
 
@@ -106,10 +105,10 @@ def test_other_options_are_refused_with_a_clear_line():
 def test_cli_exits_2_naming_a_corrupted_shipped_file(tmp_path, folder_dataset, capsys, monkeypatch):
     from tests.test_cli import tiny_experiment
 
-    shipped = tmp_path / "imagenet"
-    shutil.copytree(imagenet.IMAGENET_DIR, shipped)
-    (shipped / imagenet.OFFLINE_FILES["mobilenet"].name).write_bytes(b"truncated")
-    monkeypatch.setattr(imagenet, "IMAGENET_DIR", shipped)
+    shipped = imagenet.OFFLINE_FILES["mobilenet"]
+    corrupted = tmp_path / shipped.path.name
+    corrupted.write_bytes(b"truncated")
+    monkeypatch.setitem(imagenet.OFFLINE_FILES, "mobilenet", shipped._replace(path=corrupted))
     experiment = tiny_experiment(tmp_path, folder_dataset, backbones=[{"name": "mobilenet", "weights": "imagenet"}])
     assert main(["extract", str(experiment), "--out", str(tmp_path / "run"), "--set", "finetune.enabled=false"]) == 2
     error = capsys.readouterr().err.strip()

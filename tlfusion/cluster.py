@@ -35,7 +35,15 @@ from tlfusion.backbones import load_model_file
 from tlfusion.data.images import file_sha256
 from tlfusion.errors import InputError
 from tlfusion.feature_cache import npy_bytes
-from tlfusion.features import FeatureExtractor, ModelSource, engine_graph, flip_averaged, flipped_key, keras_runner
+from tlfusion.features import (
+    ExtractionJob,
+    FeatureExtractor,
+    ModelSource,
+    engine_graph,
+    flip_averaged,
+    flipped_key,
+    keras_runner,
+)
 from tlfusion.fileio import write_atomic, write_bytes
 from tlfusion.onnx_graphs import onnx_cache_path, onnx_runner
 
@@ -121,26 +129,17 @@ def _run_sharded(client: Any, task: Callable[..., Any], first: Any, paths: Seque
     return list(zip(parts, client.gather(futures), strict=True))
 
 
-def extract_on_cluster(
-    scheduler: str,
-    source: ModelSource,
-    paths: list[str],
-    image_size: int,
-    clahe: bool,
-    batch_size: int,
-    engine: str,
-    cache_dir: Path,
-    progress: bool = False,
-) -> np.ndarray:
-    """Features [n, d] (float32) of `paths`, in order, extracted by the cluster's workers (`extract_features` with
-    a scheduler; `progress` is not shown for a cluster run)."""
-    kind, model_file = _model_file(source, engine, cache_dir)
+def extract_on_cluster(scheduler: str, job: ExtractionJob) -> np.ndarray:
+    """Features [n, d] (float32) of `job.paths`, in order, extracted by the cluster's workers (`extract_features`
+    with a scheduler; `job.cache_dir`, a folder the workers share, is required)."""
+    source, cache_dir = job.source, job.cache_dir
+    kind, model_file = _model_file(source, job.engine, cache_dir)
     staging = cache_dir.resolve() / f".shards.{uuid.uuid4().hex}.partial"
     model = (kind, str(model_file.resolve()), file_sha256(model_file))
-    job = ShardJob(*model, source.stages, source.flip, image_size, clahe, batch_size, str(staging))
+    shard_job = ShardJob(*model, source.stages, source.flip, job.image_size, job.clahe, job.batch_size, str(staging))
     try:
         with connect(scheduler) as client:
-            done = _run_sharded(client, extract_shard, job, paths, batch_size)
+            done = _run_sharded(client, extract_shard, shard_job, job.paths, job.batch_size)
         return np.concatenate([_read_shard(Path(file), len(part)) for part, file in done])
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -76,9 +76,8 @@ def fusion_vs_single(
             if single == fused or ModelName.parse(single).classifier != classifier:
                 continue
             for (level, y, p_fused, groups), (_, _, p_single, _) in zip(levels[fused], levels[single], strict=True):
-                delta = metrics.paired_bootstrap_delta(
-                    y, p_fused, p_single, groups, thresholds[fused], thresholds[single], n_boot, seed
-                )
+                pair = (thresholds[fused], thresholds[single])
+                delta = metrics.paired_bootstrap_delta(y, p_fused, p_single, groups, pair, n_boot=n_boot, seed=seed)
                 row = {"level": level, "classifier": classifier, "fusion": fused, "single": single}
                 comparisons.append(row | {metric: delta[metric] for metric in ("kappa", "auroc")})
     return comparisons
@@ -131,7 +130,9 @@ def semantic_metrics(
         scores = model.decision_function(X[test_rows], vectors)
         auroc = per_finding_auroc(Y[test_rows], scores, findings)
         n_boot = experiment.evaluate.bootstrap
-        ci = metrics.bootstrap_mean_auroc_ci(Y[test_rows], scores, patients[test_rows], n_boot, experiment.seed)
+        ci = metrics.bootstrap_mean_auroc_ci(
+            Y[test_rows], scores, patients[test_rows], n_boot=n_boot, seed=experiment.seed
+        )
         results += [{"model": loss, "finding": name, "split": "test", "auroc": value} for name, value in auroc.items()]
         results.append(
             {

@@ -22,6 +22,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from numbers import Integral, Real
 from pathlib import Path
@@ -82,7 +83,7 @@ def extract_features(
         raise InputError("scheduler: extraction on a cluster needs cache_dir, a folder the workers share")
     source = ModelSource(model, stages, flip)
     if cache_dir is None:
-        return _compute(source, paths, image_size, clahe, batch_size, engine, None, progress)
+        return _compute(ExtractionJob(source, paths, image_size, clahe, batch_size, engine, None), progress)
 
     cache_dir = Path(cache_dir)
     hashes = [_image_sha256(path) for path in paths]
@@ -90,8 +91,8 @@ def extract_features(
     known = cache.lookup(hashes)
     missing = {digest: path for digest, path in zip(hashes, paths, strict=True) if digest not in known}
     if missing:
-        compute = _cluster_compute(scheduler) if scheduler else _compute
-        new = compute(source, list(missing.values()), image_size, clahe, batch_size, engine, cache_dir, progress)
+        job = ExtractionJob(source, list(missing.values()), image_size, clahe, batch_size, engine, cache_dir)
+        new = _compute_on_cluster(scheduler, job) if scheduler else _compute(job, progress)
         cache.append(list(missing), new)
         known.update(zip(missing, new, strict=True))
     logger.info("features: %d images, %d extracted, the rest from %s", len(paths), len(missing), cache.folder)
@@ -194,26 +195,32 @@ EXTRACTOR = FeatureExtractor()
 """This process's extractor (`extract_features` without a scheduler)."""
 
 
-def _compute(
-    source: ModelSource,
-    paths: list[str],
-    image_size: int,
-    clahe: bool,
-    batch_size: int,
-    engine: str,
-    cache_dir: Path | None,
-    progress: bool,
-) -> np.ndarray:
-    """Run the model over `paths` in this process (every image here is sent to the model)."""
-    build = partial(_new_runner, source, engine, cache_dir)
-    return EXTRACTOR.extract((source.features_key, engine), build, paths, image_size, clahe, batch_size, progress)
+@dataclass(frozen=True)
+class ExtractionJob:
+    """The images one model runs over and how: what `_compute` (this process) and `cluster.extract_on_cluster`
+    take. `cache_dir` (None without a cache) holds the ONNX graphs and the models cluster workers load."""
+
+    source: ModelSource
+    paths: list[str]
+    image_size: int
+    clahe: bool
+    batch_size: int
+    engine: str
+    cache_dir: Path | None
 
 
-def _cluster_compute(scheduler: str) -> Callable[..., np.ndarray]:
+def _compute(job: ExtractionJob, progress: bool) -> np.ndarray:
+    """Run the model over `job.paths` in this process (every image here is sent to the model)."""
+    build = partial(_new_runner, job.source, job.engine, job.cache_dir)
+    key = (job.source.features_key, job.engine)
+    return EXTRACTOR.extract(key, build, job.paths, job.image_size, job.clahe, job.batch_size, progress)
+
+
+def _compute_on_cluster(scheduler: str, job: ExtractionJob) -> np.ndarray:
     """`_compute`'s counterpart that shards the images over the Dask cluster at `scheduler`."""
     from tlfusion.cluster import extract_on_cluster
 
-    return partial(extract_on_cluster, scheduler)
+    return extract_on_cluster(scheduler, job)
 
 
 def _new_runner(source: ModelSource, engine: str, cache_dir: Path | None) -> Runner:

@@ -10,8 +10,8 @@ cached on disk; each file is checked against its sha256 before it is parsed.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -22,25 +22,20 @@ from tlfusion.tflite_weights import ConvWeights, read_conv_weights
 IMAGENET_DIR = Path(__file__).parent / "resources" / "imagenet"
 
 
-@dataclass(frozen=True)
-class ImagenetFile:
+class ImagenetFile(NamedTuple):
     """One shipped TFLite file and the sha256 it must have."""
 
-    name: str
+    path: Path
     sha256: str
-
-    @property
-    def path(self) -> Path:
-        return IMAGENET_DIR / self.name
 
 
 OFFLINE_FILES: dict[str, ImagenetFile] = {
     "mobilenet": ImagenetFile(
-        "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite",
+        IMAGENET_DIR / "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite",
         "f409ef4f73fcbb9667841965623c5c8524aac33d41b9bf5f3667161fb4a76319",
     ),
     "mobilenetv2": ImagenetFile(
-        "tf2_mobilenet_v2_1.0_224_ptq.tflite",
+        IMAGENET_DIR / "tf2_mobilenet_v2_1.0_224_ptq.tflite",
         "5d3137241276e79c86d14a74fe43581398ae0e815191d3dba45495b810840e8c",
     ),
 }
@@ -59,7 +54,8 @@ def imagenet_convolutions(architecture: str, path: str | Path | None = None) -> 
         raise InputError(f"{path}: ImageNet weights file for {architecture} not found (reinstall tlfusion)")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != expected.sha256:
-        raise InputError(f"{path}: sha256 {digest[:16]}... is not the shipped {expected.name} (corrupted or replaced)")
+        shipped = expected.path.name
+        raise InputError(f"{path}: sha256 {digest[:16]}... is not the shipped {shipped} (corrupted or replaced)")
     return read_conv_weights(path)
 
 

@@ -92,6 +92,7 @@ def bootstrap_ci(
     prob,
     groups,
     threshold: float = 0.5,
+    *,
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
@@ -113,19 +114,21 @@ def paired_bootstrap_delta(
     prob_a,
     prob_b,
     groups,
-    threshold_a: float = 0.5,
-    threshold_b: float = 0.5,
+    thresholds: tuple[float, float] = (0.5, 0.5),
+    *,
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
 ) -> dict[str, dict[str, float | list[float] | None]]:
-    """Model A minus model B on the same items: each metric's observed difference and its percentile interval.
+    """Model A minus model B on the same items: each metric's observed difference and its percentile interval
+    (`thresholds`: A's and B's).
 
     Both models are scored on the same group resamples (a paired bootstrap), so the interval reflects how much the
     difference, not each model alone, moves; an interval excluding 0 means A and B differ at that level.
     """
     y, p_a = _binary_inputs(y_true, prob_a)
     _, p_b = _binary_inputs(y_true, prob_b)
+    threshold_a, threshold_b = thresholds
     resamples = _group_resamples(len(y), groups, n_boot, seed)
     a = _chunked_metric_table(y, p_a, p_a >= _check_threshold(threshold_a), resamples)
     b = _chunked_metric_table(y, p_b, p_b >= _check_threshold(threshold_b), resamples)
@@ -204,7 +207,7 @@ def multilabel_auroc(Y_true, scores, names: Sequence[str]) -> dict[str, float | 
 
 
 def bootstrap_mean_auroc_ci(
-    Y_true, scores, groups, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+    Y_true, scores, groups, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95
 ) -> list[float] | None:
     """Percentile interval of the mean per-finding AUROC (over the findings defined in each resample), resampling
     ``groups`` as ``bootstrap_ci`` does; ``None`` when ``n_boot`` is 0 or no resample defines any finding."""

@@ -330,6 +330,10 @@ def label_matrix(table: pd.DataFrame, findings: Sequence[str]) -> np.ndarray:
     return np.array([[name in labels for name in findings] for labels in table["labels"]], dtype=np.float32)
 
 
+CSV_COLUMNS = ("path_column", "label_column", "patient_column", "study_column", "split_column", "region_column")
+"""The `config.DataSpec` column keys, passed to `read_csv` under the same names."""
+
+
 def read_source(spec: Any) -> pd.DataFrame:
     """Read one `config.DataSpec` (format + root + reader options) with the matching reader."""
     root, follow = Path(spec.root), spec.follow_symlinks
@@ -341,19 +345,8 @@ def read_source(spec: Any) -> pd.DataFrame:
     if spec.format == "chestxray14":
         findings = spec.findings or CHESTXRAY14_FINDINGS
         return read_chestxray14(csv, root, findings=findings, follow_symlinks=follow)
-    return read_csv(
-        csv,
-        root,
-        path_column=spec.path_column,
-        label_column=spec.label_column,
-        patient_column=spec.patient_column,
-        study_column=spec.study_column,
-        split_column=spec.split_column,
-        region_column=spec.region_column,
-        filters=spec.filters,
-        label_map=spec.label_map,
-        follow_symlinks=follow,
-    )
+    columns = {key: getattr(spec, key) for key in CSV_COLUMNS}
+    return read_csv(csv, root, filters=spec.filters, label_map=spec.label_map, follow_symlinks=follow, **columns)
 
 
 def read_sources(specs: Sequence[Any]) -> pd.DataFrame:

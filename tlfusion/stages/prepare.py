@@ -70,7 +70,6 @@ def run_finetune(run: RunContext) -> None:
             continue
         from tlfusion.training import finetune
 
-        spec = experiment.finetune
         log.info("fine-tuning %s (%s) on %d images", key, entry.weights or "random init", len(trainval))
         result = finetune(
             trainval,
@@ -80,17 +79,10 @@ def run_finetune(run: RunContext) -> None:
             positive_class=experiment.positive_class,
             image_size=experiment.image.size,
             clahe=experiment.image.clahe,
-            warmup_epochs=spec.warmup_epochs,
-            epochs=spec.epochs,
-            learning_rate=spec.learning_rate,
-            unfrozen_learning_rate=spec.unfrozen_learning_rate,
-            batch_size=spec.batch_size,
-            patience=spec.patience,
-            batchnorm=spec.batchnorm,
-            distribute=spec.distribute,
             seed=experiment.seed,
             options=entry.options,
             verbose=0,
+            **experiment.finetune.model_dump(exclude={"enabled"}),  # every other FinetuneSpec key is an argument
         )
         _log_training(key, result)
 
