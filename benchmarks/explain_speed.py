@@ -30,7 +30,8 @@ from tlfusion.bundle import Bundle
 from tlfusion.classifiers import fusion_pipeline
 from tlfusion.explain.gradcam import GradCAM
 from tlfusion.explain.lime import explain_lime
-from tlfusion.features import FeatureFusion, fuse, keras_runner
+from tlfusion.feature_runners import keras_runner
+from tlfusion.features import FeatureFusion, fuse
 from tlfusion.onnx_graphs import onnx_graph
 
 IMAGE_SIZE = 224

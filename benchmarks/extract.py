@@ -43,7 +43,8 @@ import tlfusion.features as features_module
 from benchmarks._common import machine_info, write_result
 from tlfusion.backbones import build_backbone, feature_model
 from tlfusion.data.images import decoded_batches, load_batch
-from tlfusion.features import FeatureExtractor, extract_features
+from tlfusion.feature_runners import FeatureExtractor
+from tlfusion.features import extract_features
 from tlfusion.onnx_graphs import onnx_graph, onnx_runner
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fracatlas" / "images"

@@ -74,7 +74,7 @@ def on_cluster(workers: int, model_file: Path, images: list[str], onnx_dir: Path
 def measure(count: int, folder: Path) -> dict:
     """Local, 1-worker and 2-worker seconds and images/s over the same `count` images."""
     from tlfusion.backbones import build_backbone
-    from tlfusion.features import ModelSource
+    from tlfusion.feature_runners import ModelSource
     from tlfusion.onnx_graphs import cached_onnx_graph
 
     images = pick_images(count)

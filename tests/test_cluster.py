@@ -43,9 +43,9 @@ class KillOnce(distributed.WorkerPlugin):
         self.marker = marker
 
     def setup(self, worker) -> None:
-        from tlfusion import features
+        from tlfusion import feature_runners
 
-        self.original = original = features.decoded_batches
+        self.original = original = feature_runners.decoded_batches
         marker = Path(self.marker)
 
         def dying(*args, **kwargs):
@@ -55,12 +55,12 @@ class KillOnce(distributed.WorkerPlugin):
                     os.kill(os.getpid(), signal.SIGKILL)
                 yield batch
 
-        features.decoded_batches = dying
+        feature_runners.decoded_batches = dying
 
     def teardown(self, worker) -> None:
-        from tlfusion import features
+        from tlfusion import feature_runners
 
-        features.decoded_batches = self.original
+        feature_runners.decoded_batches = self.original
 
 
 def local_cluster(processes: bool):

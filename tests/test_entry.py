@@ -127,29 +127,46 @@ def _imported_modules(path: Path, modules: set[str]) -> set[str]:
     return found & modules
 
 
-ENTRY_AND_TRAINING = ("cli", "console", "config", "pretraining_config", "fileio", "training", "training_records")
-ENTRY_AND_TRAINING += ("pretraining", "model_cards", "provenance", "data.images", "data.sources", "data.pretraining")
-
-
-def test_no_module_imports_the_cli_and_no_import_cycle_runs_through_the_entry_or_training_modules():
-    """The command line sits on top: only `__main__` imports `tlfusion.cli`; and no chain of imports, at module or
-    function level, leads from one of these modules back to itself."""
+def _import_graph() -> dict[str, set[str]]:
+    """Each tlfusion module -> the tlfusion modules it imports (module or function level; the package's lazy
+    `__getattr__` left out)."""
     package = Path(tlfusion.__file__).resolve().parent
     files = {
         ".".join(("tlfusion", *path.relative_to(package).with_suffix("").parts)).removesuffix(".__init__"): path
         for path in package.rglob("*.py")
     }
-    graph = {name: _imported_modules(path, set(files)) - {name} for name, path in files.items()}
+    return {name: _imported_modules(path, set(files)) - {name, "tlfusion"} for name, path in files.items()}
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module an import chain from `start` reaches."""
+    seen, todo = set(), list(graph[start])
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += graph[name]
+    return seen
+
+
+LOWER_FLOORS = ("errors", "fileio", "names", "metrics", "data", "feature_cache", "feature_runners", "features")
+LOWER_FLOORS += ("onnx_graphs", "classifiers", "backbones", "model_name", "run_paths")
+UPPER_FLOORS = ("cli", "api", "commands", "pipeline", "stages", "evaluation", "reports", "explain", "bundle")
+
+
+def test_no_import_cycle_and_no_upward_import():
+    """The command line sits on top: only `__main__` imports `tlfusion.cli`; no chain of imports, at module or
+    function level, leads from a module back to itself; and no chain leads from a lower floor to an upper one."""
+    graph = _import_graph()
     assert sorted(name for name, imported in graph.items() if "tlfusion.cli" in imported) == ["tlfusion.__main__"]
-    graph = {name: imported - {"tlfusion"} for name, imported in graph.items()}  # the package's lazy __getattr__
-    for start in (f"tlfusion.{name}" for name in ENTRY_AND_TRAINING):
-        seen, todo = set(), list(graph[start])
-        while todo:
-            name = todo.pop()
-            assert name != start, f"import cycle through {start}"
-            if name not in seen:
-                seen.add(name)
-                todo += graph[name]
+    cycles = sorted(name for name in graph if name in _reachable(graph, name))
+    assert cycles == [], f"modules on an import cycle: {cycles}"
+
+    def floor(name: str, floors: tuple[str, ...]) -> bool:
+        return any(name == f"tlfusion.{top}" or name.startswith(f"tlfusion.{top}.") for top in floors)
+
+    upward = {name: sorted(n for n in _reachable(graph, name) if floor(n, UPPER_FLOORS)) for name in graph}
+    assert {name: found for name, found in upward.items() if floor(name, LOWER_FLOORS) and found} == {}
 
 
 def test_a_bad_pretraining_yaml_exits_2_before_tensorflow_is_imported(tmp_path):

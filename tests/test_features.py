@@ -11,10 +11,11 @@ from keras import layers
 from sklearn.preprocessing import normalize
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from tlfusion import features, onnx_graphs
+from tlfusion import feature_runners, features, onnx_graphs
 from tlfusion.backbones import XrayInput, build_backbone, feature_model, stage_layer_names
 from tlfusion.errors import InputError
-from tlfusion.features import FeatureCache, FeatureExtractor, FeatureFusion, extract_features, fuse
+from tlfusion.feature_runners import FeatureExtractor
+from tlfusion.features import FeatureCache, FeatureFusion, extract_features, fuse
 
 SIZE = 24
 
@@ -119,7 +120,7 @@ def test_model_file_is_not_loaded_when_everything_is_cached(tmp_path, pngs, monk
     def refuse(*args, **kwargs):
         raise AssertionError("model loaded although every feature is cached")
 
-    monkeypatch.setattr(features, "load_model_file", refuse)
+    monkeypatch.setattr(feature_runners, "load_model_file", refuse)
     np.testing.assert_array_equal(extract_features(model_file, pngs, 32, cache_dir=tmp_path / "cache"), first)
 
 

@@ -38,7 +38,8 @@ from tlfusion.data import images
 from tlfusion.data.images import file_sha256
 from tlfusion.data.sources import read_chestxray14
 from tlfusion.errors import InputError
-from tlfusion.features import FeatureFusion, ModelSource
+from tlfusion.feature_runners import ModelSource
+from tlfusion.features import FeatureFusion
 from tlfusion.fileio import locked
 from tlfusion.onnx_graphs import cached_onnx_graph, onnx_cache_path, onnx_runner, read_cached_onnx
 from tlfusion.pipeline import Pipeline

@@ -56,7 +56,8 @@ from tlfusion.estimator_files import (
     save_xgboost,
     write_json_file,
 )
-from tlfusion.features import FeatureFusion, flip_averaged, fuse, keras_runner
+from tlfusion.feature_runners import flip_averaged, keras_runner
+from tlfusion.features import FeatureFusion, fuse
 from tlfusion.onnx_graphs import BatchRunner, onnx_runner
 from tlfusion.ood import FeatureDistance, load_feature_distance
 from tlfusion.signing import SIGNATURE, check_signature, write_signature

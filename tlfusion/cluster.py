@@ -1,4 +1,4 @@
-"""Feature extraction and prediction sharded over a Dask distributed cluster (`--scheduler tcp://HOST:8786`).
+"""Feature extraction sharded over a Dask distributed cluster (`--scheduler tcp://HOST:8786`).
 
 The driver (the `tlfusion` process) splits the image list into shards and submits one task per shard. Every worker
 holds a `WorkerState` (a Dask worker plugin): its own `FeatureExtractor` and the last bundle it loaded, so a worker
@@ -12,8 +12,7 @@ order, appends them to the cache as one chunk (the layout of a local run) and re
 that dies mid-shard is replaced by its nanny and Dask re-runs the shard elsewhere (up to
 `distributed.scheduler.allowed-failures` times); what it left is only ever inside the staging folder.
 
-Prediction: each worker loads the bundle after checking its manifest (`tlfusion.bundle.load_bundle`) and that the
-manifest is the one the driver checked (sha256), and returns the probabilities of its shard.
+Prediction (`tlfusion.cluster_predict`) runs on the same connection, shards and worker state.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from tlfusion.backbones import load_model_file
 from tlfusion.data.images import file_sha256
 from tlfusion.errors import InputError
 from tlfusion.feature_cache import npy_bytes
-from tlfusion.features import (
+from tlfusion.feature_runners import (
     ExtractionJob,
     FeatureExtractor,
     ModelSource,
@@ -120,7 +119,7 @@ def shards(paths: Sequence[str], threads: int, batch_size: int) -> list[list[str
     return [list(paths[i : i + size]) for i in range(0, len(paths), size)]
 
 
-def _run_sharded(client: Any, task: Callable[..., Any], first: Any, paths: Sequence[str], batch_size: int) -> list:
+def run_sharded(client: Any, task: Callable[..., Any], first: Any, paths: Sequence[str], batch_size: int) -> list:
     """`task(first, index, shard)` for every shard of `paths` on the cluster; the results in shard order."""
     threads = sum(client.nthreads().values())
     parts = shards(paths, threads, batch_size)
@@ -139,7 +138,7 @@ def extract_on_cluster(scheduler: str, job: ExtractionJob) -> np.ndarray:
     shard_job = ShardJob(*model, source.stages, source.flip, job.image_size, job.clahe, job.batch_size, str(staging))
     try:
         with connect(scheduler) as client:
-            done = _run_sharded(client, extract_shard, shard_job, job.paths, job.batch_size)
+            done = run_sharded(client, extract_shard, shard_job, job.paths, job.batch_size)
         return np.concatenate([_read_shard(Path(file), len(part)) for part, file in done])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -165,28 +164,17 @@ def _read_shard(path: Path, rows: int) -> np.ndarray:
     return features
 
 
-def predict_on_cluster(scheduler: str, bundle_dir: str | Path, paths: Sequence[str], batch_size: int = 32):
-    """Positive-class probabilities of `paths`, in order, from the bundle at `bundle_dir` run by the workers."""
-    from tlfusion.bundle import MANIFEST
-
-    folder = Path(bundle_dir).resolve()
-    expected = (str(folder), file_sha256(folder / MANIFEST))
-    with connect(scheduler) as client:
-        done = _run_sharded(client, predict_shard, expected, paths, batch_size)
-    return np.concatenate([prob for _, prob in done])
-
-
 # --- worker -----------------------------------------------------------------------------------------------------
 
 
-def _state() -> WorkerState:
+def worker_state() -> WorkerState:
     return get_worker().plugins[PLUGIN]
 
 
 def extract_shard(job: ShardJob, index: int, paths: list[str]) -> str:
     """Run one shard on this worker and write its features to the staging folder; returns the file written."""
     build = _loader(job)
-    features = _state().extractor.extract(
+    features = worker_state().extractor.extract(
         (flipped_key(job.model_sha256, job.flip), job.kind), build, paths, job.image_size, job.clahe, job.batch_size
     )
     path = Path(job.staging) / f"shard-{index:05d}.npy"
@@ -207,28 +195,12 @@ def _loader(job: ShardJob) -> Callable[[], tuple[Callable[[np.ndarray], np.ndarr
 def _checked_runner(job: ShardJob) -> tuple[Callable[[np.ndarray], np.ndarray], int]:
     if job.kind == "onnx":
         data = Path(job.model_file).read_bytes()
-        _check_sha256(job.model_file, hashlib.sha256(data).hexdigest(), job.model_sha256)
+        check_sha256(job.model_file, hashlib.sha256(data).hexdigest(), job.model_sha256)
         return onnx_runner(data)
-    _check_sha256(job.model_file, file_sha256(job.model_file), job.model_sha256)
+    check_sha256(job.model_file, file_sha256(job.model_file), job.model_sha256)
     return keras_runner(load_model_file(job.model_file), job.stages)
 
 
-def _check_sha256(path: str, actual: str, expected: str) -> None:
+def check_sha256(path: str, actual: str, expected: str) -> None:
     if actual != expected:
         raise InputError(f"{path}: sha256 {actual[:16]}… differs from the {expected[:16]}… the driver checked")
-
-
-def predict_shard(expected: tuple[str, str], index: int, paths: list[str]) -> np.ndarray:
-    """Probabilities of one shard from the bundle this worker keeps (loaded and manifest-checked once)."""
-    state = _state()
-    if state.bundle is None or state.bundle[0] != expected:
-        state.bundle = (expected, _checked_bundle(*expected))
-    return state.bundle[1].predict_paths(paths)
-
-
-def _checked_bundle(folder: str, manifest_sha256: str):
-    from tlfusion.bundle import MANIFEST, load_bundle
-
-    bundle = load_bundle(folder)
-    _check_sha256(str(Path(folder) / MANIFEST), file_sha256(Path(folder) / MANIFEST), manifest_sha256)
-    return bundle

@@ -61,9 +61,10 @@ def predict_images(
     """One row per readable image file: path, probability of the positive class, the decision threshold used and
     the predicted class, then, when the bundle has an out-of-distribution calibration (`tlfusion.ood`), the image's
     `ood_score` and `out_of_distribution` (score above 1). With `scheduler`, the probabilities are computed by that
-    Dask cluster's workers from the bundle at `folder` (`tlfusion.cluster`), without the out-of-distribution check."""
+    Dask cluster's workers from the bundle at `folder` (`tlfusion.cluster_predict`), without the out-of-distribution
+    check."""
     if scheduler:
-        from tlfusion.cluster import predict_on_cluster
+        from tlfusion.cluster_predict import predict_on_cluster
 
         prob, scores = predict_on_cluster(scheduler, folder, paths)[:, 1], None
     else:

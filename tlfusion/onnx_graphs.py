@@ -19,7 +19,7 @@ from tlfusion.errors import InputError
 from tlfusion.fileio import write_bytes
 
 if TYPE_CHECKING:
-    from tlfusion.features import ModelSource
+    from tlfusion.feature_runners import ModelSource
 
 logger = logging.getLogger(__name__)
 

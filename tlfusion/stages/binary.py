@@ -112,7 +112,7 @@ def save_run_bundle(run: RunContext, selected: str, keys: list[str], estimator, 
 def _converted_onnx_graphs(run: RunContext, keys: list[str]) -> dict[str, bytes]:
     """The ONNX graphs the extract stage converted (and checked) for these backbones, none where it ran Keras; a
     cached graph damaged since is converted again."""
-    from tlfusion.features import ModelSource
+    from tlfusion.feature_runners import ModelSource
     from tlfusion.onnx_graphs import cached_onnx_graph, onnx_cache_path
 
     sources = {key: ModelSource(run.paths.model(key)) for key in keys}
