@@ -1,0 +1,156 @@
+"""Did the issue-17 redesign change any result? Each shipped experiment that runs on ../shared/data is run with the
+code of a commit before the redesign (`--base`, default 8d2528c) and with this checkout's HEAD, and every number
+both runs write is compared.
+
+    python -m benchmarks.refactor_equivalence [--base 8d2528c] [--experiments demo fracatlas_leg ...]
+
+Each side is a git worktree of its commit under runs/benchmarks/equivalence/ (`base_src`, `head_src`: edits to this
+checkout while it runs change nothing), run as `python -m tlfusion run experiments/NAME.yaml --out
+runs/benchmarks/equivalence/SIDE/NAME --set explain.enabled=false` with that worktree first on PYTHONPATH; both read
+HEAD's experiment files (explanations change no score). A finished run is re-used: the pipeline skips its stages.
+
+Compared (`compare_runs`): the data split (data/table.csv), the fine-tuning histories (backbones/*/history.csv),
+the features (features/*.npy), the selection (fit/selection.json: model, CV scores, thresholds), the out-of-fold
+and test probabilities (fit/predictions.csv), metrics.json, and the few-shot results (fewshot.json,
+fewshot_curve.json). JSON files are flattened to leaves (rows of a list keyed by their text fields); a leaf counts
+as differing when it is missing on one side, its text differs, or its number differs by more than `TOLERANCE`.
+Writes benchmarks/results/refactor_equivalence.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from benchmarks._common import REPO, git, machine_info, measure_command, write_result
+
+OUT = REPO / "runs" / "benchmarks" / "equivalence"
+EXPERIMENTS = ("demo", "fracatlas_leg", "kermany_pneumonia", "fewshot_covid", "nih1000")
+"""The shipped experiments whose data is in ../shared/data (fracatlas_hand: benchmarks/accuracy at 25300a9)."""
+BASE = "8d2528c"
+"""The last commit before the issue-17 redesign began (9e08d90 moved the feature runner cache)."""
+TOLERANCE = 1e-9
+JSON_FILES = ("fit/selection.json", "metrics.json", "fewshot.json", "fewshot_curve.json")
+SHOWN = 12
+"""Differing leaves listed per file (all are counted)."""
+
+
+def worktree(side: str, commit: str) -> Path:
+    """A git worktree of `commit` at runs/benchmarks/equivalence/<side>_src (re-made if it holds another commit)."""
+    folder = OUT / f"{side}_src"
+    if folder.exists() and git("-C", str(folder), "rev-parse", "HEAD") != commit:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(folder)], check=True)
+    if not folder.exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(folder), commit], check=True)
+    return folder
+
+
+def run(source: Path, name: str, out: Path) -> dict:
+    """`tlfusion run` of experiment `name` with the code in `source`; its console output in `out`.out. Paths are
+    given relative to the repository, so a run started by hand with the same command line is re-used."""
+    command = [sys.executable, "-m", "tlfusion", "run", f"experiments/{name}.yaml", "--out", str(out.relative_to(REPO))]
+    env = {**os.environ, "PYTHONPATH": str(source)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"{out.name}.out", "a") as log:
+        return measure_command([*command, "--set", "explain.enabled=false"], cwd=REPO, env=env, stdout=log, stderr=log)
+
+
+def leaves(value, prefix: str = "") -> dict[str, object]:
+    """A JSON value flattened to `path -> scalar`; a list of objects is keyed by each row's text fields."""
+    if isinstance(value, dict):
+        return {key: leaf for name, item in value.items() for key, leaf in leaves(item, f"{prefix}/{name}").items()}
+    if isinstance(value, list):
+        found = {}
+        for index, item in enumerate(value):
+            label = (
+                "|".join(f"{k}={v}" for k, v in item.items() if isinstance(v, str)) if isinstance(item, dict) else ""
+            )
+            found.update(leaves(item, f"{prefix}[{label or index}]"))
+        return found
+    return {prefix: value}
+
+
+def differing(a: dict[str, object], b: dict[str, object]) -> list[str]:
+    """The leaves of `a` and `b` that differ: missing on one side, other text, or numbers beyond `TOLERANCE`."""
+    found = []
+    for key in sorted(a.keys() | b.keys()):
+        x, y = a.get(key, "<missing>"), b.get(key, "<missing>")
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (x, y))
+        if (abs(x - y) > TOLERANCE) if numbers else (x != y):
+            found.append(f"{key}: {x} vs {y}")
+    return found
+
+
+def table_leaves(path: Path) -> dict[str, object]:
+    """A CSV as `row/column -> value` (rows by position)."""
+    frame = pd.read_csv(path, keep_default_na=False)
+    return {
+        f"{row}/{column}": value
+        for row, record in enumerate(frame.to_dict("records"))
+        for column, value in record.items()
+    }
+
+
+def compare_files(base: Path, head: Path) -> dict:
+    """Every compared file of one experiment: how many leaves differ, the first `SHOWN`, and features' max gap."""
+    files: dict[str, dict] = {}
+    for relative in JSON_FILES:
+        if (base / relative).exists() or (head / relative).exists():
+            found = differing(
+                *(
+                    leaves(json.loads((side / relative).read_text())) if (side / relative).exists() else {}
+                    for side in (base, head)
+                )
+            )
+            files[relative] = {"differing": len(found), "first": found[:SHOWN]}
+    tables = [
+        "data/table.csv",
+        "fit/predictions.csv",
+        *sorted(str(p.relative_to(base)) for p in base.glob("backbones/*/history.csv")),
+    ]
+    for relative in tables:
+        if (base / relative).exists():
+            found = differing(table_leaves(base / relative), table_leaves(head / relative))
+            files[relative] = {"differing": len(found), "first": found[:SHOWN]}
+    for path in sorted(base.glob("features/*.npy")):
+        a, b = np.load(path), np.load(head / path.relative_to(base))
+        gap = float(np.abs(a - b).max()) if a.shape == b.shape else None
+        files[str(path.relative_to(base))] = {"shape": list(a.shape), "max_abs_difference": gap}
+    return files
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default=BASE)
+    parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS))
+    args = parser.parse_args(argv)
+    machine = machine_info("tensorflow-cpu", "keras", "scikit-learn", "xgboost", "numpy")
+    commits = {"base": git("rev-parse", args.base), "head": git("rev-parse", "HEAD")}
+    sources = {side: worktree(side, commit) for side, commit in commits.items()}
+    experiments = {}
+    for name in args.experiments:
+        runs = {side: run(sources[side], name, OUT / side / name) for side in commits}
+        files = compare_files(OUT / "base" / name, OUT / "head" / name)
+        same = all(not entry.get("differing") and not entry.get("max_abs_difference") for entry in files.values())
+        experiments[name] = {"identical": same, "runs": runs, "files": files}
+        print(name, "identical" if same else "DIFFERS", json.dumps(runs), flush=True)
+    payload = {
+        "benchmark": "refactor_equivalence",
+        "machine": machine,
+        "settings": {"commits": commits, "tolerance": TOLERANCE, "overrides": ["explain.enabled=false"]},
+        "experiments": experiments,
+    }
+    print("written", write_result("refactor_equivalence", payload))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
