@@ -89,42 +89,36 @@ def differing(a: dict[str, object], b: dict[str, object]) -> list[str]:
     return found
 
 
-def table_leaves(path: Path) -> dict[str, object]:
-    """A CSV as `row/column -> value` (rows by position)."""
-    frame = pd.read_csv(path, keep_default_na=False)
-    return {
-        f"{row}/{column}": value
-        for row, record in enumerate(frame.to_dict("records"))
-        for column, value in record.items()
-    }
+def file_leaves(path: Path) -> dict[str, object]:
+    """A JSON file's `leaves`, or a CSV as `row/column -> value` (rows by position); {} for a missing file."""
+    if not path.exists():
+        return {}
+    if path.suffix == ".json":
+        return leaves(json.loads(path.read_text()))
+    records = pd.read_csv(path, keep_default_na=False).to_dict("records")
+    return {f"{row}/{column}": value for row, record in enumerate(records) for column, value in record.items()}
 
 
 def compare_files(base: Path, head: Path) -> dict:
     """Every compared file of one experiment: how many leaves differ, the first `SHOWN`, and features' max gap."""
+    histories = sorted(str(path.relative_to(base)) for path in base.glob("backbones/*/history.csv"))
     files: dict[str, dict] = {}
-    for relative in JSON_FILES:
+    for relative in (*JSON_FILES, "data/table.csv", "fit/predictions.csv", *histories):
         if (base / relative).exists() or (head / relative).exists():
-            found = differing(
-                *(
-                    leaves(json.loads((side / relative).read_text())) if (side / relative).exists() else {}
-                    for side in (base, head)
-                )
-            )
-            files[relative] = {"differing": len(found), "first": found[:SHOWN]}
-    tables = [
-        "data/table.csv",
-        "fit/predictions.csv",
-        *sorted(str(p.relative_to(base)) for p in base.glob("backbones/*/history.csv")),
-    ]
-    for relative in tables:
-        if (base / relative).exists():
-            found = differing(table_leaves(base / relative), table_leaves(head / relative))
+            found = differing(file_leaves(base / relative), file_leaves(head / relative))
             files[relative] = {"differing": len(found), "first": found[:SHOWN]}
     for path in sorted(base.glob("features/*.npy")):
         a, b = np.load(path), np.load(head / path.relative_to(base))
         gap = float(np.abs(a - b).max()) if a.shape == b.shape else None
         files[str(path.relative_to(base))] = {"shape": list(a.shape), "max_abs_difference": gap}
     return files
+
+
+def same_file(entry: dict) -> bool:
+    """No differing leaf, or features of the same shape within `TOLERANCE`."""
+    if "differing" in entry:
+        return entry["differing"] == 0
+    return entry["max_abs_difference"] is not None and entry["max_abs_difference"] <= TOLERANCE
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -139,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.experiments:
         runs = {side: run(sources[side], name, OUT / side / name) for side in commits}
         files = compare_files(OUT / "base" / name, OUT / "head" / name)
-        same = all(not entry.get("differing") and not entry.get("max_abs_difference") for entry in files.values())
+        same = all(same_file(entry) for entry in files.values())
         experiments[name] = {"identical": same, "runs": runs, "files": files}
         print(name, "identical" if same else "DIFFERS", json.dumps(runs), flush=True)
     payload = {

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import _common, results_md
@@ -309,3 +310,28 @@ def test_reused_finetuning_refuses_a_run_with_another_recipe(tmp_path: Path):
     finetuned_run(tmp_path / "s1", epochs=shipped + 1)
     with pytest.raises(SystemExit, match="epochs"):
         reused_backbones("fracatlas_hand", 1, tmp_path / "s1")
+
+
+def test_refactor_equivalence_compares_every_leaf_and_keys_rows_by_their_text(tmp_path: Path):
+    from benchmarks.refactor_equivalence import compare_files, differing, leaves, same_file
+
+    rows = [
+        {"model": "fusion/lr", "split": "test", "kappa": 0.5},
+        {"model": "fusion/svm", "split": "test", "kappa": 0.4},
+    ]
+    assert leaves({"results": rows})["/results[model=fusion/svm|split=test]/kappa"] == 0
+    assert differing(leaves({"results": rows}), leaves({"results": rows[::-1]})) == []  # row order does not matter
+    moved = [rows[0] | {"kappa": 0.5 + 1e-6}, rows[1]]
+    assert differing(leaves({"results": rows}), leaves({"results": moved})) == [
+        "/results[model=fusion/lr|split=test]/kappa: 0.5 vs 0.500001"
+    ]
+    assert differing({"/a": 1.0}, {"/a": 1.0 + 1e-12, "/b": "x"}) == ["/b: <missing> vs x"]
+    for side, kappa in (("base", 0.5), ("head", 0.6)):
+        (tmp_path / side / "features").mkdir(parents=True)
+        (tmp_path / side / "metrics.json").write_text(json.dumps({"results": [{"model": "m", "kappa": kappa}]}))
+        np.save(tmp_path / side / "features" / "b.npy", np.zeros((2, 3)) + (side == "head") * 1e-3)
+    files = compare_files(tmp_path / "base", tmp_path / "head")
+    assert files["metrics.json"]["differing"] == 1 and not same_file(files["metrics.json"])
+    assert files["features/b.npy"]["max_abs_difference"] == pytest.approx(1e-3) and not same_file(
+        files["features/b.npy"]
+    )
