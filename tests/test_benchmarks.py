@@ -319,7 +319,7 @@ def test_refactor_equivalence_compares_every_leaf_and_keys_rows_by_their_text(tm
         {"model": "fusion/lr", "split": "test", "kappa": 0.5},
         {"model": "fusion/svm", "split": "test", "kappa": 0.4},
     ]
-    assert leaves({"results": rows})["/results[model=fusion/svm|split=test]/kappa"] == 0
+    assert leaves({"results": rows})["/results[model=fusion/svm|split=test]/kappa"] == 0.4
     assert differing(leaves({"results": rows}), leaves({"results": rows[::-1]})) == []  # row order does not matter
     moved = [rows[0] | {"kappa": 0.5 + 1e-6}, rows[1]]
     assert differing(leaves({"results": rows}), leaves({"results": moved})) == [
