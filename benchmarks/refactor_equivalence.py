@@ -1,6 +1,7 @@
-"""Did the issue-17 redesign change any result? Each shipped experiment that runs on ../shared/data is run with the
-code of a commit before the redesign (`--base`, default 8d2528c) and with this checkout's HEAD, and every number
-both runs write is compared.
+"""Did the issue-17 redesign change any result? Shipped experiments run with the code before it and at HEAD.
+
+Each shipped experiment that runs on ../shared/data is run with the code of a commit before the redesign (`--base`,
+default 8d2528c) and with this checkout's HEAD, and every number both runs write is compared.
 
     python -m benchmarks.refactor_equivalence [--base 8d2528c] [--experiments demo fracatlas_leg ...]
 

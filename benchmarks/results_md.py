@@ -515,7 +515,25 @@ def summarise_init_screen(payload: dict) -> list[Table]:
     return [("train -> val, per start and feature set", header, rows)]
 
 
+def summarise_refactor_equivalence(payload: dict) -> list[Table]:
+    commits = payload["settings"]["commits"]
+    header = ["experiment", "identical", "files compared", "files differing", "first difference"]
+    header += [f"base ({commits['base'][:7]}) s", f"head ({commits['head'][:7]}) s"]
+    rows = []
+    for name, result in payload["experiments"].items():
+        files = result["files"]
+        differing = [path for path, e in files.items() if e.get("differing") or e.get("max_abs_difference", 0) != 0]
+        first = next((files[path]["first"][0] for path in differing if files[path].get("first")), None)
+        runs = result["runs"]
+        rows.append(
+            [name, result["identical"], len(files), ", ".join(differing) or None, first]
+            + [runs["base"]["wall_s"], runs["head"]["wall_s"]]
+        )
+    return [("base vs head, every number each run wrote", header, rows)]
+
+
 SUMMARISERS: dict[str, Callable[[dict], list[Table]]] = {
+    "refactor_equivalence": summarise_refactor_equivalence,
     "init_screen": summarise_init_screen,
     "fewshot_speed": summarise_fewshot,
     "finetune_transfer": summarise_finetune,

@@ -335,3 +335,15 @@ def test_refactor_equivalence_compares_every_leaf_and_keys_rows_by_their_text(tm
     assert files["features/b.npy"]["max_abs_difference"] == pytest.approx(1e-3) and not same_file(
         files["features/b.npy"]
     )
+
+
+def test_refactor_equivalence_table_names_the_differing_files():
+    files = {"metrics.json": {"differing": 2, "first": ["/a: 1 vs 2"]}, "features/b.npy": {"max_abs_difference": 0.0}}
+    run = {"wall_s": 10.0}
+    payload = {
+        "benchmark": "refactor_equivalence",
+        "settings": {"commits": {"base": "8d2528c" + "0" * 33, "head": "ab43158" + "0" * 33}},
+        "experiments": {"demo": {"identical": False, "runs": {"base": run, "head": run}, "files": files}},
+    }
+    text = results_md.section("refactor_equivalence", payload)
+    assert "| demo | no | 2 | metrics.json | /a: 1 vs 2 | 10 | 10 |" in text
