@@ -6,9 +6,11 @@ default 8d2528c) and with this checkout's HEAD, and every number both runs write
     python -m benchmarks.refactor_equivalence [--base 8d2528c] [--experiments demo fracatlas_leg ...]
 
 Each side is a git worktree of its commit under runs/benchmarks/equivalence/ (`base_src`, `head_src`: edits to this
-checkout while it runs change nothing), run as `python -m tlfusion run experiments/NAME.yaml --out
-runs/benchmarks/equivalence/SIDE/NAME --set explain.enabled=false` with that worktree first on PYTHONPATH; both read
-HEAD's experiment files (explanations change no score). A finished run is re-used: the pipeline skips its stages.
+checkout while it runs change nothing), run as `python -P -m tlfusion run experiments/NAME.yaml --out
+runs/benchmarks/equivalence/SIDE/NAME --set explain.enabled=false` with that worktree as PYTHONPATH (`-P`: this
+checkout's own tlfusion/, in the working directory, must not shadow it; checked before any run); both read HEAD's
+experiment files (explanations change no score). The two sides of an experiment run at the same time. A finished run
+is re-used: the pipeline skips its stages. The result file is rewritten after each experiment.
 
 Compared (`compare_runs`): the data split (data/table.csv), the fine-tuning histories (backbones/*/history.csv),
 the features (features/*.npy), the selection (fit/selection.json: model, CV scores, thresholds), the out-of-fold
@@ -25,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +36,7 @@ import pandas as pd
 from benchmarks._common import REPO, git, machine_info, measure_command, write_result
 
 OUT = REPO / "runs" / "benchmarks" / "equivalence"
-EXPERIMENTS = ("demo", "fracatlas_leg", "kermany_pneumonia", "fewshot_covid", "nih1000")
+EXPERIMENTS = ("demo", "fewshot_covid", "nih1000", "fracatlas_leg", "kermany_pneumonia")
 """The shipped experiments whose data is in ../shared/data (fracatlas_hand: benchmarks/accuracy at 25300a9)."""
 BASE = "8d2528c"
 """The last commit before the issue-17 redesign began (9e08d90 moved the feature runner cache)."""
@@ -54,14 +57,28 @@ def worktree(side: str, commit: str) -> Path:
     return folder
 
 
+def side_command(source: Path, *arguments: str) -> tuple[list[str], dict[str, str]]:
+    """A Python command line and environment that import tlfusion from `source` only: `-P` keeps the working
+    directory (this checkout, whose own tlfusion/ would shadow `source`) off `sys.path`."""
+    return [sys.executable, "-P", *arguments], {**os.environ, "PYTHONPATH": str(source)}
+
+
+def check_imported_from(source: Path) -> None:
+    """Refuse to compare when a side's tlfusion would not come from its worktree."""
+    command, env = side_command(source, "-c", "import tlfusion; print(tlfusion.__file__)")
+    found = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    if not Path(found).resolve().is_relative_to(source.resolve()):
+        raise SystemExit(f"tlfusion imports from {found}, not from {source}")
+
+
 def run(source: Path, name: str, out: Path) -> dict:
     """`tlfusion run` of experiment `name` with the code in `source`; its console output in `out`.out. Paths are
     given relative to the repository, so a run started by hand with the same command line is re-used."""
-    command = [sys.executable, "-m", "tlfusion", "run", f"experiments/{name}.yaml", "--out", str(out.relative_to(REPO))]
-    env = {**os.environ, "PYTHONPATH": str(source)}
+    command, env = side_command(source, "-m", "tlfusion", "run", f"experiments/{name}.yaml")
+    command += ["--out", str(out.relative_to(REPO)), "--set", "explain.enabled=false"]
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f"{out.name}.out", "a") as log:
-        return measure_command([*command, "--set", "explain.enabled=false"], cwd=REPO, env=env, stdout=log, stderr=log)
+        return measure_command(command, cwd=REPO, env=env, stdout=log, stderr=log)
 
 
 def leaves(value, prefix: str = "") -> dict[str, object]:
@@ -130,20 +147,23 @@ def main(argv: list[str] | None = None) -> dict:
     machine = machine_info("tensorflow-cpu", "keras", "scikit-learn", "xgboost", "numpy")
     commits = {"base": git("rev-parse", args.base), "head": git("rev-parse", "HEAD")}
     sources = {side: worktree(side, commit) for side, commit in commits.items()}
-    experiments = {}
-    for name in args.experiments:
-        runs = {side: run(sources[side], name, OUT / side / name) for side in commits}
-        files = compare_files(OUT / "base" / name, OUT / "head" / name)
-        same = all(same_file(entry) for entry in files.values())
-        experiments[name] = {"identical": same, "runs": runs, "files": files}
-        print(name, "identical" if same else "DIFFERS", json.dumps(runs), flush=True)
+    for source in sources.values():
+        check_imported_from(source)
     payload = {
         "benchmark": "refactor_equivalence",
         "machine": machine,
         "settings": {"commits": commits, "tolerance": TOLERANCE, "overrides": ["explain.enabled=false"]},
-        "experiments": experiments,
+        "experiments": {},
     }
-    print("written", write_result("refactor_equivalence", payload))
+    for name in args.experiments:
+        with ThreadPoolExecutor(len(sources)) as pool:  # both sides at once: their timings share the CPUs
+            started = {side: pool.submit(run, source, name, OUT / side / name) for side, source in sources.items()}
+            runs = {side: future.result() for side, future in started.items()}
+        files = compare_files(OUT / "base" / name, OUT / "head" / name)
+        same = all(same_file(entry) for entry in files.values())
+        payload["experiments"][name] = {"identical": same, "runs": runs, "files": files}
+        print(name, "identical" if same else "DIFFERS", json.dumps(runs), flush=True)
+        print("written", write_result("refactor_equivalence", payload))  # after each experiment: partial runs count
     return payload
 
 
