@@ -132,6 +132,24 @@ def compare_files(base: Path, head: Path) -> dict:
     return files
 
 
+def outcome(folder: Path) -> dict:
+    """What a reader looks at first: the selected model (binary or multi-label) and the few-shot mean AUROC."""
+    found = {}
+    if (folder / "metrics.json").exists():
+        found["selected"] = json.loads((folder / "metrics.json").read_text()).get("selected")
+    if (folder / "fewshot.json").exists():
+        found["fewshot_auroc"] = json.loads((folder / "fewshot.json").read_text())["auroc"]["mean"]
+    return found
+
+
+def probability_gaps(base: Path, head: Path) -> dict[str, float]:
+    """Largest |base - head| probability per split of fit/predictions.csv (cv: out of fold; test)."""
+    if not (base / "fit/predictions.csv").exists():
+        return {}
+    a, b = (pd.read_csv(folder / "fit/predictions.csv") for folder in (base, head))
+    return (a["prob"] - b["prob"]).abs().groupby(a["split"]).max().round(6).to_dict()
+
+
 def same_file(entry: dict) -> bool:
     """No differing leaf, or features of the same shape within `TOLERANCE`."""
     if "differing" in entry:
@@ -159,9 +177,12 @@ def main(argv: list[str] | None = None) -> dict:
         with ThreadPoolExecutor(len(sources)) as pool:  # both sides at once: their timings share the CPUs
             started = {side: pool.submit(run, source, name, OUT / side / name) for side, source in sources.items()}
             runs = {side: future.result() for side, future in started.items()}
-        files = compare_files(OUT / "base" / name, OUT / "head" / name)
+        base, head = OUT / "base" / name, OUT / "head" / name
+        files = compare_files(base, head)
         same = all(same_file(entry) for entry in files.values())
-        payload["experiments"][name] = {"identical": same, "runs": runs, "files": files}
+        outcomes = {"base": outcome(base), "head": outcome(head)}
+        payload["experiments"][name] = {"identical": same, "outcome": outcomes}
+        payload["experiments"][name] |= {"probability_gaps": probability_gaps(base, head), "runs": runs, "files": files}
         print(name, "identical" if same else "DIFFERS", json.dumps(runs), flush=True)
         print("written", write_result("refactor_equivalence", payload))  # after each experiment: partial runs count
     return payload

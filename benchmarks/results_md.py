@@ -516,18 +516,19 @@ def summarise_init_screen(payload: dict) -> list[Table]:
 
 
 def summarise_refactor_equivalence(payload: dict) -> list[Table]:
-    commits = payload["settings"]["commits"]
-    header = ["experiment", "identical", "files compared", "files differing", "first difference"]
-    header += [f"base ({commits['base'][:7]}) s", f"head ({commits['head'][:7]}) s"]
+    commits = {side: commit[:7] for side, commit in payload["settings"]["commits"].items()}
+    header = ["experiment", "identical", "outcome base", "outcome head", "max Δprob cv", "max Δprob test"]
+    header += ["files differing", "first difference", f"base ({commits['base']}) s", f"head ({commits['head']}) s"]
     rows = []
     for name, result in payload["experiments"].items():
-        files = result["files"]
+        files, outcome, gaps = result["files"], result.get("outcome", {}), result.get("probability_gaps", {})
         differing = [path for path, e in files.items() if e.get("differing") or e.get("max_abs_difference", 0) != 0]
         first = next((files[path]["first"][0] for path in differing if files[path].get("first")), None)
-        runs = result["runs"]
+        shown = [", ".join(f"{key} {fmt(value)}" for key, value in outcome.get(side, {}).items()) for side in commits]
+        counted = f"{len(differing)} of {len(files)}" + (f": {', '.join(differing)}" if differing else "")
         rows.append(
-            [name, result["identical"], len(files), ", ".join(differing) or None, first]
-            + [runs["base"]["wall_s"], runs["head"]["wall_s"]]
+            [name, result["identical"], *shown, gaps.get("cv"), gaps.get("test"), counted, first]
+            + [result["runs"]["base"]["wall_s"], result["runs"]["head"]["wall_s"]]
         )
     return [("base vs head, every number each run wrote", header, rows)]
 

@@ -343,7 +343,18 @@ def test_refactor_equivalence_table_names_the_differing_files():
     payload = {
         "benchmark": "refactor_equivalence",
         "settings": {"commits": {"base": "8d2528c" + "0" * 33, "head": "ab43158" + "0" * 33}},
-        "experiments": {"demo": {"identical": False, "runs": {"base": run, "head": run}, "files": files}},
+        "experiments": {
+            "demo": {
+                "identical": False,
+                "outcome": {"base": {"selected": "fusion/vote"}, "head": {"selected": "fusion/lr"}},
+                "probability_gaps": {"cv": 0.05, "test": 0.0},
+                "runs": {"base": run, "head": run},
+                "files": files,
+            }
+        },
     }
     text = results_md.section("refactor_equivalence", payload)
-    assert "| demo | no | 2 | metrics.json | /a: 1 vs 2 | 10 | 10 |" in text
+    assert (
+        "| demo | no | selected fusion/vote | selected fusion/lr | 0.05 | 0 | 1 of 2: metrics.json | /a: 1 vs 2 |"
+        in (text)
+    )
