@@ -72,16 +72,12 @@ def test_importing_tlfusion_changes_no_process_state(tmp_path):
 
 def test_command_defaults_are_the_experiment_defaults():
     """One set of defaults: `tlfusion explain` / `fewshot` options default to the `explain` / `fewshot` sections';
-    `--lime-samples` to the experiment's own (None here, resolved by `commands.explain_bundle`)."""
+    `--cases` and `--lime-samples` to the experiment's own (None here, resolved by `commands.explain_bundle`)."""
     from tlfusion.config import ExplainSpec, FewshotSpec
 
     parser = cli.build_parser()
     explain = parser.parse_args(["explain", "b", "--data", "e.yaml", "--out", "o"])
-    assert (explain.cases, explain.lime_samples, explain.method.split(",")) == (
-        ExplainSpec().cases,
-        None,
-        ExplainSpec().methods,
-    )
+    assert (explain.cases, explain.lime_samples, explain.method.split(",")) == (None, None, ExplainSpec().methods)
     fewshot = vars(parser.parse_args(["fewshot", "--features", "f.npz", "--out", "o"]))
     names = {"ways", "shots", "queries", "episodes", "classifier"}
     assert {name: fewshot[name] for name in names} == FewshotSpec().model_dump(include=names)

@@ -136,8 +136,9 @@ def test_gallery_leads_with_the_selected_models_exact_map(explained_run):
     assert len(outcomes) == 2 and len(set(outcomes)) == 2, outcomes
 
 
-def test_explain_command_takes_the_experiments_lime_samples(explained_run, monkeypatch, tmp_path):
-    """`tlfusion explain` without --lime-samples runs LIME with the experiment's explain.lime_samples (20)."""
+def test_explain_command_takes_the_experiments_cases_and_lime_samples(explained_run, monkeypatch, tmp_path):
+    """`tlfusion explain` without --cases / --lime-samples explains the experiment's explain.cases (2, not the
+    default 8) with its explain.lime_samples (20)."""
     import tlfusion.explain as explain
 
     calls = []
@@ -149,10 +150,8 @@ def test_explain_command_takes_the_experiments_lime_samples(explained_run, monke
     monkeypatch.setattr(explain, "explain_lime", recording)
     experiment = str(explained_run.parent / "tiny.yaml")
     out = tmp_path / "gallery"
-    assert (
-        main(["explain", str(explained_run / "bundle"), "--data", experiment, "--cases", "1", "--out", str(out)]) == 0
-    )
-    assert calls == [20]
+    assert main(["explain", str(explained_run / "bundle"), "--data", experiment, "--out", str(out)]) == 0
+    assert calls == [20, 20]
     assert (
         main(
             [
@@ -170,4 +169,4 @@ def test_explain_command_takes_the_experiments_lime_samples(explained_run, monke
         )
         == 0
     )
-    assert calls == [20, 12]
+    assert calls == [20, 20, 12]

@@ -255,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--data", required=True, help="experiment YAML whose images to explain")
     explain.add_argument("--data-root")
     explain.add_argument("--split", default="test")
-    explain.add_argument("--cases", type=int, default=shown.cases, help="number of cases (errors first)")
+    explain.add_argument(
+        "--cases", type=int, help=f"number of cases, errors first (default: the experiment's, {shown.cases})"
+    )
     explain.add_argument("--ids", nargs="*", help="explain these image paths (or file names) instead")
     methods = ",".join(shown.methods)
     explain.add_argument("--method", default=methods, help="gradcam, lime or both (comma-separated)")

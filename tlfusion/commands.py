@@ -142,15 +142,15 @@ def explain_bundle(
     data: str,
     out: str | Path,
     methods: list[str],
-    cases: int,
+    cases: int | None,
     ids: list[str] | None,
     data_root: str | None,
     split: str,
     lime_samples: int | None,
 ) -> None:
-    """Explanation images + review page in `out` for a bundle's predictions on an experiment's images; `lime_samples`
-    None takes the experiment's `explain.lime_samples`. Without `ids`, the split's images are the reference rows
-    of a non-linear classifier's surrogate (`tlfusion.explain.decision`)."""
+    """Explanation images + review page in `out` for a bundle's predictions on an experiment's images; `cases` and
+    `lime_samples` None take the experiment's `explain.cases` and `explain.lime_samples`. Without `ids`, the split's
+    images are the reference rows of a non-linear classifier's surrogate (`tlfusion.explain.decision`)."""
     from tlfusion.data.images import decoded_batches
     from tlfusion.explain import explain_cases
 
@@ -166,6 +166,7 @@ def explain_bundle(
         batches = decoded_batches(table["path"].tolist(), bundle.image_size, bundle.clahe)
         reference = np.concatenate([bundle.features(batch) for batch in batches])
         prob = bundle.estimator.predict_proba(reference)[:, 1]
+        cases = experiment.explain.cases if cases is None else cases
         chosen = pick_cases(table.assign(prob=prob, y_true=table["y"]), bundle.threshold, cases)
     explain_cases(
         bundle,
