@@ -12,7 +12,7 @@ checkout's own tlfusion/, in the working directory, must not shadow it; checked 
 experiment files (explanations change no score). The two sides of an experiment run at the same time. A finished run
 is re-used: the pipeline skips its stages. The result file is rewritten after each experiment.
 
-Compared (`compare_runs`): the data split (data/table.csv), the fine-tuning histories (backbones/*/history.csv),
+Compared (`compare_files`): the data split (data/table.csv), the fine-tuning histories (backbones/*/history.csv),
 the features (features/*.npy), the selection (fit/selection.json: model, CV scores, thresholds), the out-of-fold
 and test probabilities (fit/predictions.csv), metrics.json, and the few-shot results (fewshot.json,
 fewshot_curve.json). JSON files are flattened to leaves (rows of a list keyed by their text fields); a leaf counts
