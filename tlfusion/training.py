@@ -79,7 +79,7 @@ class Phase:
 
 @dataclass(frozen=True)
 class Task:
-    kind: str  # "pretrain" (softmax over classes) or "finetune" (one logit)
+    kind: str  # "pretrain" (softmax over classes), "finetune" (one logit), or a pretraining objective's name
     backbone: str
     image_size: int
     num_outputs: int
@@ -87,6 +87,9 @@ class Task:
     monitor: str
     mode: str  # "min" or "max"
     metric: str  # the metric plotted beside the loss
+    loss: Any = None  # a Keras loss replacing the kind's own (its `metrics` beside it), e.g. `pretraining_losses`
+    metrics: tuple = ()
+    views: int = 1  # 2: each training image as two augmented views in a row (`data.images.training_dataset`)
 
 
 def finetune(
@@ -255,9 +258,11 @@ def run_task(
         model = _initial_model(task, out_dir, state, settings["weights"], settings["options"])
         write_seen_images(out_dir / SEEN_IMAGES, pd.concat([train, val])["path"])
         size, clahe, batch = task.image_size, settings["clahe"], chosen.global_batch(settings["batch_size"])
-        train_data = training_dataset(train["path"], targets[0], size, clahe, batch, seed, settings["augment"])
-        val_data = training_dataset(val["path"], targets[1], size, clahe, batch)
-        class_weight = _balanced_class_weight(targets[0].ravel())
+        augment, views = settings["augment"], task.views
+        train_data = training_dataset(train["path"], targets[0], size, clahe, batch, seed, augment, views)
+        val_seed = settings["seed"] if views > 1 else None  # two views must differ in validation too
+        val_data = training_dataset(val["path"], targets[1], size, clahe, batch, val_seed, augment, views)
+        class_weight = None if task.loss is not None else _balanced_class_weight(targets[0].ravel())
         data = (train_data, val_data, class_weight)
         _fit_phases(model, task, state, data, out_dir, settings["patience"], verbose, chosen.learning_rate)
     model_path = _export_best(task, out_dir, settings["options"])
@@ -374,7 +379,9 @@ def _set_trainable(model: keras.Model, trainable: str) -> None:
 
 
 def _compile(model: keras.Model, task: Task, learning_rate: float) -> None:
-    if task.kind == "pretrain":
+    if task.loss is not None:
+        loss, metrics = task.loss, list(task.metrics)
+    elif task.kind == "pretrain":
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
     else:

@@ -235,34 +235,42 @@ def training_dataset(
     batch_size: int,
     seed: int | None = None,
     augment: bool = False,
+    views: int = 1,
 ):
     """(image, target) batches for Keras training, decoded images cached in memory; with `seed`, shuffled every
-    epoch (repeatably) and, with `augment`, jittered per batch by `radiograph_augmentation`."""
+    epoch (repeatably) and, with `augment`, jittered per batch by `radiograph_augmentation`. With `views=2` each
+    image appears twice in a row (batches of 2 x `batch_size` views, augmented strongly), for contrastive losses."""
     import tensorflow as tf
 
     data = image_dataset(list(map(str, paths)), size, clahe, batch_size, targets).unbatch()
     data = data.apply(tf.data.experimental.assert_cardinality(len(paths))).cache()  # known length: progress bars
     if seed is not None:
         data = data.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-    data = data.batch(batch_size)
+    if views > 1:
+        data = data.flat_map(lambda x, y: tf.data.Dataset.from_tensors((x, y)).repeat(views))
+        data = data.apply(tf.data.experimental.assert_cardinality(len(paths) * views))
+    data = data.batch(batch_size * views)
     if seed is not None and augment:
-        augmenter = radiograph_augmentation(seed)
+        augmenter = radiograph_augmentation(seed, strong=views > 1)
         data = data.map(lambda x, y: (tf.clip_by_value(augmenter(x, training=True), 0.0, 255.0), y))
     return data.prefetch(tf.data.AUTOTUNE)
 
 
-def radiograph_augmentation(seed: int = 0):
-    """Mild geometric and photometric jitter suited to radiographs, on [0, 255] grayscale batches (a Keras model)."""
+def radiograph_augmentation(seed: int = 0, strong: bool = False):
+    """Mild geometric and photometric jitter suited to radiographs, on [0, 255] grayscale batches (a Keras model);
+    `strong`: larger crops, rotations and contrast changes (two views of an image must differ for a label-free
+    objective)."""
     import keras
 
     layers = keras.layers
+    scale = 2.5 if strong else 1.0
     return keras.Sequential(
         [
             layers.RandomFlip("horizontal", seed=seed),
-            layers.RandomRotation(0.03, fill_mode="constant", seed=seed + 1),  # about +-10 degrees
-            layers.RandomZoom((-0.15, 0.05), fill_mode="constant", seed=seed + 2),  # mostly zoom in: random crops
-            layers.RandomBrightness(0.1, value_range=(0, 255), seed=seed + 3),
-            layers.RandomContrast(0.15, value_range=(0, 255), seed=seed + 4),
+            layers.RandomRotation(0.03 * scale, fill_mode="constant", seed=seed + 1),  # about +-10 degrees (mild)
+            layers.RandomZoom((-0.15 * scale, 0.05), fill_mode="constant", seed=seed + 2),  # mostly zoom in: crops
+            layers.RandomBrightness(0.1 * scale, value_range=(0, 255), seed=seed + 3),
+            layers.RandomContrast(0.15 * scale, value_range=(0, 255), seed=seed + 4),
         ],
         name="radiograph_augmentation",
     )
