@@ -49,7 +49,7 @@ def model_card(summary: Mapping[str, Any], name: str, command: str) -> str:
 
 Input: one grayscale channel in [0, 255], {settings["image_size"]}x{settings["image_size"]} (aspect kept, black
 padding: `tlfusion.data.images.load_image`). Layers `features` (pooled penultimate features) and `head`
-({len(summary["classes"])} logits, classes below). Load with `tlfusion.backbones.load_model_file` or pass the
+({_head_description(summary)}). Load with `tlfusion.backbones.load_model_file` or pass the
 file as `weights=` to `build_backbone` / `training.finetune` (the head is replaced).
 
 ## Data ({summary["seen_images"]["count"]} images; sha256 of each in `{SEEN_IMAGES}`)
@@ -62,7 +62,7 @@ file as `weights=` to `build_backbone` / `training.finetune` (the head is replac
 
 ## Training
 
-Start: {_start_description(settings.get("weights"))}. Softmax over the classes above with balanced class weights,
+Start: {_start_description(settings.get("weights"))}. {_objective_description(summary)}
 Adam, batch {settings["batch_size"]}; {_schedule_description(settings)};
 augmentation {"on" if settings["augment"] else "off"} (flip, +-10 deg rotation,
 zoom/crop, brightness, contrast), CLAHE {"on" if settings["clahe"] else "off"}, seed {settings["seed"]}; up to
@@ -83,8 +83,8 @@ Curves: `curves.png`; per-epoch numbers: `history.csv`; everything else: `train.
 
 ## Limits
 
-Small pretraining set (a few thousand images at most, two public sources); validation accuracy is over a
-combined label space with rare classes, so read it as a sanity check, not as a diagnostic figure.
+Small pretraining set (a few thousand images, public sources); the validation figures are a sanity check of the
+pretraining, not diagnostic figures: what counts is the transfer (benchmarks/RESULTS.md).
 {config.get("limits", "").strip()}
 """
 
@@ -94,11 +94,46 @@ def _data_tables(summary: Mapping[str, Any]) -> str:
     sources = summary.get("sources", {})
     source_rows = [f"| {src} | {c.get('train', 0)} | {c.get('val', 0)} |" for src, c in sources.items()]
     data = summary["data"]
-    class_rows = [f"| {c} | {data['train'].get(c, 0)} | {data['val'].get(c, 0)} |" for c in summary["classes"]]
+    labels = sorted({*data["train"], *data["val"]})
+    class_rows = [f"| {c} | {data['train'].get(c, 0)} | {data['val'].get(c, 0)} |" for c in labels]
     header = ["| {} | train | val |", "|---|---|---|"]
     return "\n".join(
         [header[0].format("source"), header[1], *source_rows, "", header[0].format("class"), header[1], *class_rows]
     )
+
+
+def _head_description(summary: Mapping[str, Any]) -> str:
+    """What the `head` layer's outputs are, per objective."""
+    objective = summary["settings"].get("objective", "softmax")
+    if objective == "contrastive":
+        return f"the {len(summary['classes'])}-wide linear projection of the label-free loss"
+    if objective == "multitask":
+        return f"{len(summary['classes'])} outputs, one slice per head below"
+    return f"{len(summary['classes'])} logits, classes below"
+
+
+def _objective_description(summary: Mapping[str, Any]) -> str:
+    """The pretraining loss, in words."""
+    settings = summary["settings"]
+    objective = settings.get("objective", "softmax")
+    if objective == "contrastive":
+        return (
+            f"Label-free: NT-Xent (SimCLR) at temperature {settings['temperature']} over two strongly augmented "
+            "views of each image (no label used),"
+        )
+    if objective == "multitask":
+        heads = "; ".join(f"`{h['name']}` ({_head_kind(h)})" for h in summary["heads"])
+        return (
+            f"One head per target: {heads}. Each head's loss (softmax cross-entropy, or squared error of the "
+            "standardised number) is averaged over the rows that have its label; the heads' losses are summed,"
+        )
+    return "Softmax over the classes above with balanced class weights,"
+
+
+def _head_kind(head: Mapping[str, Any]) -> str:
+    if head["kind"] == "classes":
+        return f"{len(head['classes'])} classes"
+    return f"regression, mean {head['mean']:.1f}, sd {head['std']:.1f}"
 
 
 def _machine_description(env: Mapping[str, Any]) -> str:
