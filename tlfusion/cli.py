@@ -99,11 +99,11 @@ def cmd_stage(stage: str) -> Callable[[argparse.Namespace], int]:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from tlfusion.pretraining_config import load_pretraining_config
 
-    load_pretraining_config(args.config)  # a bad file exits 2 before TensorFlow is imported
+    load_pretraining_config(args.config, args.overrides)  # a bad file or --set exits 2 before TensorFlow is imported
     import_tensorflow_quietly()
     from tlfusion.pretraining import pretrain_and_ship
 
-    pretrain_and_ship(args.config, args.arch, args.out, args.run_dir, args.data_root, args.resume)
+    pretrain_and_ship(args.config, args.arch, args.out, args.run_dir, args.data_root, args.resume, args.overrides)
     return 0
 
 
@@ -216,13 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     _experiment_arguments(data)
     data.set_defaults(handler=cmd_data)
 
-    pretrain = commands.add_parser("pretrain", help="supervised in-domain pretraining of a backbone")
+    pretrain = commands.add_parser("pretrain", help="in-domain pretraining of a backbone (supervised or label-free)")
     pretrain.add_argument("config", help="pretraining YAML (e.g. experiments/pretrain_xray.yaml)")
     pretrain.add_argument("--arch", required=True, help="backbone name, e.g. mobilenetv2")
     pretrain.add_argument("--out", required=True, help="folder for the shipped model.keras, MODEL_CARD.md, curves")
     pretrain.add_argument("--run-dir", help="working folder with checkpoints (default: runs/pretrain_<out name>)")
     pretrain.add_argument("--data-root", help="folder the YAML's relative data paths resolve against")
     pretrain.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    _set_argument(pretrain)
     pretrain.set_defaults(handler=cmd_pretrain)
 
     for stage, text in (

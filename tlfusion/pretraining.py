@@ -116,10 +116,11 @@ def pretrain_from_config(
     data_root: str | Path | None = None,
     resume: bool = False,
     verbose: int = 1,
+    overrides: Sequence[str] = (),
 ) -> training.TrainResult:
-    """Build the combined table a pretraining YAML describes and run `pretrain` on it into `run_dir`; `train.json`
-    gains the per-source counts and the validated configuration."""
-    config = load_pretraining_config(config_path)
+    """Build the combined table a pretraining YAML describes (`overrides` applied) and run `pretrain` on it into
+    `run_dir`; `train.json` gains the per-source counts and the validated configuration."""
+    config = load_pretraining_config(config_path, overrides)
     table = pretraining_table(config.sources, data_root or config.data_root, config.split, config.drop_splits)
     settings = config.settings()
     result = pretrain(table, backbone, run_dir, resume=resume, verbose=verbose, sources=config.sources, **settings)
@@ -131,10 +132,18 @@ def pretrain_from_config(
 
 
 def pretrain_and_ship(
-    config: str, arch: str, out: str, run_dir: str | None = None, data_root: str | None = None, resume: bool = False
+    config: str,
+    arch: str,
+    out: str,
+    run_dir: str | None = None,
+    data_root: str | None = None,
+    resume: bool = False,
+    overrides: Sequence[str] = (),
 ) -> Path:
-    """Pretrain `arch` as `config` describes (checkpoints in `run_dir`), then ship model + card into `out`."""
+    """Pretrain `arch` as `config` describes (`overrides` applied; checkpoints in `run_dir`), then ship model +
+    card into `out`."""
     run_dir = Path(run_dir or Path("runs") / f"pretrain_{Path(out).name}")
-    command = " ".join(["tlfusion pretrain", config, "--arch", arch, "--out", out])
-    pretrain_from_config(config, arch, run_dir, data_root, resume)
+    settings = [argument for text in overrides for argument in ("--set", text)]
+    command = " ".join(["tlfusion pretrain", config, "--arch", arch, *settings, "--out", out])
+    pretrain_from_config(config, arch, run_dir, data_root, resume, overrides=overrides)
     return ship_pretrained(run_dir, out, command)

@@ -3,12 +3,13 @@ and the held-out policy; validated like an experiment (`config`), unknown keys a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from tlfusion.config import Strict, read_mapping, validate
+from tlfusion.config import Strict, apply_override, read_mapping, validate
 
 
 class PretrainTarget(Strict):
@@ -107,11 +108,14 @@ class PretrainingConfig(PretrainSettings):
         return self.model_dump(include=set(PretrainSettings.model_fields))
 
 
-def load_pretraining_config(path: str | Path) -> PretrainingConfig:
-    """Read and validate a pretraining YAML; `data_root` and a weights file become absolute paths (relative ones
-    resolve against the YAML's folder)."""
+def load_pretraining_config(path: str | Path, overrides: Sequence[str] = ()) -> PretrainingConfig:
+    """Read, override (`--set epochs=4`) and validate a pretraining YAML; `data_root` and a weights file become
+    absolute paths (relative ones resolve against the YAML's folder)."""
     path = Path(path)
-    config = validate(PretrainingConfig, read_mapping(path, "pretraining"), path)
+    raw = read_mapping(path, "pretraining")
+    for text in overrides:
+        apply_override(raw, text)
+    config = validate(PretrainingConfig, raw, path)
     home = path.parent.resolve()
     config.data_root = str((home / config.data_root).resolve())
     if config.weights not in (None, "imagenet"):
