@@ -6,13 +6,15 @@
 For every (experiment, init, seed) it runs `tlfusion run experiments/NAME.yaml --out
 runs/benchmarks/accuracy/NAME__INIT[__seedN] --set explain.enabled=false [--set seed=N] ...` (explanations do not
 change the scores; a finished run is re-used, as the pipeline skips stages whose config, data and code are
-unchanged). The inits (`INITS`): `imagenet`, the experiment as shipped (ImageNet start, fine-tuned); `imagenet_frozen`,
-the same backbones not fine-tuned; `scratch`, random init, fine-tuned; `in_domain_xray128`, the backbones shipped
+unchanged). The inits (`INITS`): `imagenet`, the experiment's backbones from ImageNet, fine-tuned; `imagenet_frozen`,
+the same backbones not fine-tuned; `imagenet_msk` / `imagenet_msk_frozen`, the same from the shipped ImageNet ->
+musculoskeletal backbones (`saved_models/*_imagenet_msk`, experiments/pretrain_msk.yaml); `scratch`, random init, fine-tuned; `in_domain_xray128`, the backbones shipped
 before ImageNet weights were available (EfficientNetB0 + MobileNetV2 pretrained from scratch on ~1,600
 radiographs), fine-tuned. It then reads each run's metrics.json: the image-level test rows (kappa, F1, accuracy,
 AUROC with patient-bootstrap 95% CIs), the model selected on the training split, fusion minus the single backbone
 chosen on CV and minus the best single backbone on test, per classifier (with paired 95% CIs), and, per model, the
-init comparisons in `COMPARISONS` (e.g. imagenet minus scratch). Runnable experiments on ../shared/data:
+init comparisons in `COMPARISONS` (e.g. imagenet minus scratch), and for the pairs in `PAIRED` the CV-selected model
+of one init minus the other's on the same test images with a paired patient-bootstrap CI. Runnable experiments on ../shared/data:
 fracatlas_hand, fracatlas_leg, kermany_pneumonia; `--quick` takes fracatlas_hand only. `--no-run` tabulates the
 runs already finished. `--seeds` repeats each (experiment, init) with a new split, initialisation and CV folds.
 `--reuse-finetuned` lets init `imagenet` extract from the backbones another finished run of the same experiment
@@ -43,8 +45,19 @@ OLD_IN_DOMAIN = {  # the backbones shipped before ImageNet weights were availabl
     "efficientnetb0": REPO / "saved_models" / "efficientnetb0_xray128" / "model.keras",
     "mobilenetv2": REPO / "saved_models" / "mobilenetv2_xray128" / "model.keras",
 }
-INITS = ("imagenet", "imagenet_frozen", "scratch", "in_domain_xray128")
-COMPARISONS = (("imagenet", "scratch"), ("imagenet", "imagenet_frozen"), ("imagenet", "in_domain_xray128"))
+IMAGENET_MSK = {  # ImageNet -> musculoskeletal radiographs, multi-task (experiments/pretrain_msk.yaml)
+    arch: REPO / "saved_models" / f"{arch}_imagenet_msk" / "model.keras" for arch in ("mobilenet", "mobilenetv2")
+}
+INITS = ("imagenet", "imagenet_frozen", "imagenet_msk", "imagenet_msk_frozen", "scratch", "in_domain_xray128")
+COMPARISONS = (
+    ("imagenet", "scratch"),
+    ("imagenet", "imagenet_frozen"),
+    ("imagenet", "in_domain_xray128"),
+    ("imagenet_msk", "imagenet"),
+    ("imagenet_msk_frozen", "imagenet_frozen"),
+)
+PAIRED = (("imagenet_msk", "imagenet"), ("imagenet_msk_frozen", "imagenet_frozen"))
+"""Init pairs whose CV-selected models are compared on the same test images with a paired patient bootstrap."""
 METRICS = ("kappa", "f1", "accuracy", "auroc")
 RUN_GIT = "benchmark_git.json"
 NOTES = [
@@ -60,6 +73,8 @@ NOTES = [
     "with --reuse-finetuned on the backbones fine-tuned at 8d2528c (same recipe, checked); without flip those same",
     "backbones gave kappa 0.495 / 0.594 / 0.509 and AUROC 0.858 / 0.900 / 0.804 at seeds 0-2 (mean 0.533 / 0.854).",
     "imagenet_frozen uses the experiment as shipped (flip included) with fine-tuning off.",
+    "imagenet_msk: ImageNet -> musculoskeletal multi-task pretraining (knee KL, bone age, FracAtlas leg/hip/shoulder/",
+    "mixed fracture and region; never FracAtlas hand, never a test part), then the experiment's fine-tuning.",
 ]
 PACKAGES = ("tensorflow-cpu", "tensorflow", "keras", "scikit-learn", "xgboost", "numpy")
 
@@ -73,8 +88,12 @@ def overrides(name: str, init: str, seed: int = 0, reuse: str | None = None) -> 
     folder template such as `runs/hand/s{seed}`) the fine-tuned backbones of that finished run (`reused_backbones`)."""
     sets = ["explain.enabled=false"] + ([f"seed={seed}"] if seed else [])
     backbones = yaml.safe_load(experiment_file(name).read_text())["backbones"]
-    if init == "imagenet_frozen":
+    if init.endswith("_frozen"):
         sets.append("finetune.enabled=false")
+    if init.startswith("imagenet_msk"):
+        sets += [f"backbones.{index}.weights={IMAGENET_MSK[entry['name']]}" for index, entry in enumerate(backbones)]
+    elif init.startswith("imagenet"):
+        sets += [f"backbones.{index}.weights=imagenet" for index in range(len(backbones))]
     elif init == "scratch":
         sets += [f"backbones.{index}.weights=null" for index in range(len(backbones))]
     elif init == "in_domain_xray128":
@@ -193,6 +212,41 @@ def paired_intervals(metrics: dict, folder: Path) -> dict[str, dict]:
         thresholds = json.loads(paths.selection.read_text())["thresholds"]
         rows = fusion_vs_single(predictions, thresholds)
     return {row["single"]: {m: row[m]["ci"] for m in ("kappa", "auroc")} for row in rows if row["level"] == "image"}
+
+
+def selected_paired(results: list[dict], first: str, second: str) -> list[dict]:
+    """Per experiment and seed with both runs on disk: init `first`'s CV-selected model minus `second`'s on the same
+    test images, kappa and AUROC with paired patient-bootstrap 95% CIs."""
+
+    from tlfusion.metrics import paired_bootstrap_delta
+
+    found = {(r["experiment"], r["seed"], r["init"]): r for r in results}
+    rows = []
+    for name, seed in dict.fromkeys((r["experiment"], r["seed"]) for r in results):
+        pair = [found.get((name, seed, init)) for init in (first, second)]
+        folders = [run_dir(name, init, seed) for init in (first, second)]
+        if not all(pair) or not all(RunPaths(folder).predictions.is_file() for folder in folders):
+            continue
+        tests = [_selected_test(folder, result["selected"]) for folder, result in zip(folders, pair, strict=True)]
+        (a, threshold_a), (b, threshold_b) = tests
+        merged = a.merge(b, on=["path", "y_true", "patient"], suffixes=("_a", "_b"))
+        delta = paired_bootstrap_delta(
+            merged["y_true"], merged["prob_a"], merged["prob_b"], merged["patient"], (threshold_a, threshold_b)
+        )
+        row = {"comparison": f"{first} - {second}", "experiment": name, "seed": seed, "n": len(merged)}
+        rows.append(row | {"models": [r["selected"] for r in pair]} | {m: delta[m] for m in ("kappa", "auroc")})
+    return rows
+
+
+def _selected_test(folder: Path, selected: str):
+    """The selected model's test rows (path, y_true, patient, prob) of a run, and its threshold."""
+    import pandas as pd
+
+    paths = RunPaths(folder)
+    predictions = pd.read_csv(paths.predictions, dtype={"patient": str, "study": str})
+    rows = predictions[(predictions["split"] == "test") & (predictions["model"] == selected)]
+    threshold = json.loads(paths.selection.read_text())["thresholds"][selected]
+    return rows[["path", "y_true", "patient", "prob"]], threshold
 
 
 def split_model(model: str) -> tuple[str, str]:
@@ -346,6 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
         "fusion_minus_cv_chosen_single_mean": mean_deltas(
             fusion_gains, ("experiment", "seed", "init"), "classifiers", "_vs_cv_chosen"
         ),
+        "init_selected_paired": [row for pair in PAIRED for row in selected_paired(results, *pair)],
         "init_comparisons": init_gains,
         "init_comparisons_mean": mean_deltas(init_gains, ("comparison", "experiment", "seed"), "models"),
         "init_comparisons_mean_over_seeds": mean_deltas(init_gains, ("comparison", "experiment"), "models"),

@@ -358,3 +358,45 @@ def test_refactor_equivalence_table_names_the_differing_files():
         "| demo | no | selected fusion/vote | selected fusion/lr | 0.05 | 0 | 1 of 2: metrics.json | /a: 1 vs 2 |"
         in (text)
     )
+
+
+def test_the_in_domain_inits_point_every_backbone_at_the_shipped_files():
+    from benchmarks.accuracy import IMAGENET_MSK
+
+    frozen = overrides("fracatlas_hand", "imagenet_msk_frozen")[1::2]
+    assert "finetune.enabled=false" in frozen
+    assert f"backbones.0.weights={IMAGENET_MSK['mobilenet']}" in frozen
+    assert f"backbones.1.weights={IMAGENET_MSK['mobilenetv2']}" in frozen
+    imagenet = overrides("fracatlas_hand", "imagenet")[1::2]
+    assert "backbones.1.weights=imagenet" in imagenet and "finetune.enabled=false" not in imagenet
+
+
+PAIRED_INITS = ("imagenet_msk", "imagenet")
+
+
+def _selected_run(folder: Path, probabilities: list[float], labels: list[int]) -> None:
+    import pandas as pd
+
+    (folder / "fit").mkdir(parents=True)
+    rows = {"path": [f"img{i}.png" for i in range(len(labels))], "y_true": labels, "prob": probabilities}
+    rows |= {"patient": [f"p{i}" for i in range(len(labels))], "split": "test", "model": "fusion/lr"}
+    pd.DataFrame(rows).to_csv(folder / "fit" / "predictions.csv", index=False)
+    (folder / "fit" / "selection.json").write_text(json.dumps({"thresholds": {"fusion/lr": 0.5}}))
+
+
+def test_selected_models_of_two_inits_are_compared_on_the_same_images(tmp_path: Path, monkeypatch):
+    from benchmarks import accuracy
+
+    monkeypatch.setattr(accuracy, "RUNS", tmp_path)
+    labels = [0, 1] * 20
+    better = [0.2 if y == 0 else 0.8 for y in labels]
+    worse = [0.6 if i % 4 == 0 else (0.3 if y == 0 else 0.7) for i, y in enumerate(labels)]
+    _selected_run(accuracy.run_dir("hand", "imagenet_msk"), better, labels)
+    _selected_run(accuracy.run_dir("hand", "imagenet"), worse, labels)
+    results = [{"experiment": "hand", "seed": 0, "init": init, "selected": "fusion/lr"} for init in PAIRED_INITS]
+    (row,) = accuracy.selected_paired(results, *PAIRED_INITS)
+    assert row["n"] == 40 and row["comparison"] == "imagenet_msk - imagenet"
+    assert row["kappa"]["delta"] == pytest.approx(1.0 - 0.5)  # 10 of the 20 negatives called positive
+    assert row["kappa"]["ci"][0] > 0 and row["auroc"]["delta"] == pytest.approx(0.0, abs=0.3)
+    assert accuracy.selected_paired(results[:1], *PAIRED_INITS) == []
+
