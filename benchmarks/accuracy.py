@@ -6,23 +6,23 @@
 For every (experiment, init, seed) it runs `tlfusion run experiments/NAME.yaml --out
 runs/benchmarks/accuracy/NAME__INIT[__seedN] --set explain.enabled=false [--set seed=N] ...` (explanations do not
 change the scores; a finished run is re-used, as the pipeline skips stages whose config, data and code are
-unchanged). The inits (`INITS`): `imagenet`, the experiment's backbones from ImageNet, fine-tuned; `imagenet_frozen`,
-the same backbones not fine-tuned; `imagenet_msk` / `imagenet_msk_frozen`, the same from the shipped ImageNet ->
-musculoskeletal backbones (`saved_models/*_imagenet_msk`, experiments/pretrain_msk.yaml); `scratch`, random init, fine-tuned; `in_domain_xray128`, the backbones shipped
-before ImageNet weights were available (EfficientNetB0 + MobileNetV2 pretrained from scratch on ~1,600
-radiographs), fine-tuned. It then reads each run's metrics.json: the image-level test rows (kappa, F1, accuracy,
-AUROC with patient-bootstrap 95% CIs), the model selected on the training split, fusion minus the single backbone
-chosen on CV and minus the best single backbone on test, per classifier (with paired 95% CIs), and, per model, the
-init comparisons in `COMPARISONS` (e.g. imagenet minus scratch), and for the pairs in `PAIRED` the CV-selected model
-of one init minus the other's on the same test images with a paired patient-bootstrap CI. Runnable experiments on ../shared/data:
-fracatlas_hand, fracatlas_leg, kermany_pneumonia; `--quick` takes fracatlas_hand only. `--no-run` tabulates the
-runs already finished. `--seeds` repeats each (experiment, init) with a new split, initialisation and CV folds.
-`--reuse-finetuned` lets init `imagenet` extract from the backbones another finished run of the same experiment
-and seed fine-tuned, after checking their train.json recipe is the experiment's, so a change to extraction or
-classification is measured without fine-tuning again; the row records that run's folder and commit
-(`finetuned_in`). Writes benchmarks/results/accuracy.json, keeping the runs of its earlier version that this
-invocation did not measure (listed in `carried_over`), so runs can be added one at a time; each run records the
-commit it ran at.
+unchanged). The inits (`INITS`): `imagenet`, the experiment's backbones from ImageNet, fine-tuned;
+`imagenet_frozen`, the same backbones not fine-tuned; `imagenet_msk` / `imagenet_msk_frozen`, the same from the
+shipped ImageNet -> musculoskeletal backbones (`saved_models/*_imagenet_msk`, experiments/pretrain_msk.yaml);
+`scratch`, random init, fine-tuned; `in_domain_xray128`, the backbones shipped before ImageNet weights were
+available (EfficientNetB0 + MobileNetV2 pretrained from scratch on ~1,600 radiographs), fine-tuned. It then reads
+each run's metrics.json: the image-level test rows (kappa, F1, accuracy, AUROC with patient-bootstrap 95% CIs), the
+model selected on the training split, fusion minus the single backbone chosen on CV and minus the best single
+backbone on test, per classifier (with paired 95% CIs), and, per model, the init comparisons in `COMPARISONS` (e.g.
+imagenet minus scratch), and for the pairs in `PAIRED` the CV-selected model of one init minus the other's on the
+same test images with a paired patient-bootstrap CI. Runnable experiments on ../shared/data: fracatlas_hand,
+fracatlas_leg, kermany_pneumonia; `--quick` takes fracatlas_hand only. `--no-run` tabulates the runs already
+finished. `--seeds` repeats each (experiment, init) with a new split, initialisation and CV folds.
+`--reuse-finetuned` lets init `imagenet` extract from the backbones another finished run of the same experiment and
+seed fine-tuned, after checking their train.json recipe is the experiment's, so a change to extraction or
+classification is measured without fine-tuning again; the row records that run's folder and commit (`finetuned_in`).
+Writes benchmarks/results/accuracy.json, keeping the runs of its earlier version that this invocation did not
+measure (listed in `carried_over`), so runs can be added one at a time; each run records the commit it ran at.
 """
 
 from __future__ import annotations
