@@ -175,3 +175,11 @@ def test_multitask_without_sources_is_a_callers_mistake(table, tmp_path):
 def test_test_values_need_a_split_column():
     with pytest.raises(ValueError, match="split_column"):
         PretrainSource(name="k", csv="k.csv", split=PretrainSplit(test_values=["val"]))
+
+
+def test_the_eta_line_counts_the_epochs_left():
+    from tlfusion.training import run_eta
+
+    state = {"epoch": 3, "best_epoch": 2, "wall_seconds": 180.0, "stopped": False}
+    assert run_eta(state, 12) == "epoch 3/12, best 2, 3.0 min so far, about 9.0 min left"
+    assert run_eta(state | {"stopped": True}, 12).endswith("about 0.0 min left (stopped early)")

@@ -14,6 +14,7 @@ early stopping and resume.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ SETTINGS = (
     "distribute",
 )
 """The arguments of `finetune` and `pretraining.pretrain` that `train.json` records (with `weights`, `options`)."""
+log = logging.getLogger("tlfusion")
 _FINETUNE = FinetuneSpec()  # the defaults of `finetune`: those of an experiment's `finetune` and `image` sections
 _IMAGE = ImageSpec()
 
@@ -360,6 +362,17 @@ class _EpochRecorder(keras.callbacks.Callback):
         state["wall_seconds"] = self.wall_before + time.perf_counter() - self.started
         write_atomic(self.out_dir / CHECKPOINT, self.model.save)
         write_json(self.out_dir / STATE, state)
+        log.info("%s: %s", self.task.kind, run_eta(state, self.task.phases[-1].end_epoch))
+
+
+def run_eta(state: dict, total_epochs: int) -> str:
+    """"epoch 3/12, best 2, 4.1 min so far, about 12.3 min left" (the mean epoch time so far, times the rest)."""
+    done, wall = state["epoch"], state["wall_seconds"]
+    left = 0 if state["stopped"] else total_epochs - done
+    return (
+        f"epoch {done}/{total_epochs}, best {state['best_epoch']}, {wall / 60:.1f} min so far, "
+        f"about {wall / max(done, 1) * left / 60:.1f} min left{' (stopped early)' if state['stopped'] else ''}"
+    )
 
 
 def _improved(value: float, best: float | None, mode: str) -> bool:
