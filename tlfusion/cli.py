@@ -117,11 +117,13 @@ def _load_bundle(path: str):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from tlfusion.commands import readable_images
+
+    paths, skipped = readable_images(args.images, skip_bad=args.skip_bad)  # bad input exits before TensorFlow loads
     import_tensorflow_quietly()
-    from tlfusion.commands import predict_images, prediction_summary, readable_images
+    from tlfusion.commands import predict_images, prediction_summary
     from tlfusion.fileio import write_atomic
 
-    paths, skipped = readable_images(args.images, skip_bad=args.skip_bad)
     for path, reason in skipped:
         print(f"tlfusion: skipped {path}: {reason}", file=sys.stderr)
     bundle = _load_bundle(args.bundle)

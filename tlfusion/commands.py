@@ -40,13 +40,16 @@ def experiment_rows(data: str, data_root: str | None, split: str) -> tuple[Exper
 
 def readable_images(inputs: list[str], skip_bad: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
     """The image files named or found in the folders named, and (path, reason) of those skipped as unreadable."""
-    from tlfusion.data.images import scan_images
+    from tlfusion.data.images import IMAGE_KINDS, scan_images
     from tlfusion.data.sources import image_files
 
     paths: list[str] = []
     for item in map(Path, inputs):
         if item.is_dir():  # entries that are not regular files are listed for scan_images to refuse by name
-            paths += [str(p) for p in image_files(item, follow_symlinks=True)]
+            found = [str(p) for p in image_files(item, follow_symlinks=True)]
+            if not found:
+                raise InputError(f"{item}: no images in this folder ({IMAGE_KINDS} files)")
+            paths += found
         elif item.exists() or item.is_symlink():
             paths.append(str(item))
         else:
