@@ -160,6 +160,11 @@ class ClassifySpec(Strict):
 class EvaluateSpec(Strict):
     study_aggregation: Literal["mean", "max"] | None = None
     bootstrap: int = Field(1000, ge=0)
+    calibration: Literal["sigmoid", "isotonic"] | None = None
+    """Recalibrate each model's probabilities (`tlfusion.calibration`), fitted on its out-of-fold probabilities:
+    the report shows Brier and ECE before and after; the bundle carries the selected model's (part of fit's key)."""
+    subgroups: list[str] = Field(default_factory=list)
+    """Data-table columns (view, hardware, source, region, ...): the selected model's metrics per value of each."""
 
 
 class ExplainSpec(Strict):
