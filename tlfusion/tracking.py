@@ -3,11 +3,13 @@ runs `tlfusion runs` prints, from run folders or from an MLflow store.
 
 MLflow is optional (`pip install "tlfusion[tracking]"`). The store is `MLFLOW_TRACKING_URI` when set, else a local
 `mlruns/` folder in the working directory (MLflow 3 keeps folder stores in maintenance mode and refuses them unless
-`MLFLOW_ALLOW_FILE_STORE` is true: tlfusion sets it for a folder store unless it is set already). A run logs: params, the resolved experiment config flattened to dotted
-keys (lists as JSON); metrics, every numeric value of metrics.json's result, calibration and subgroup rows (keys
-like `test.image.fusion/lr.kappa`), `selected.<metric>` for the selected model's headline row, and
-`timing.<stage>` seconds; artifacts, the report (report.html, report.md, plots/) under `report`, the review
-gallery under `gallery` and the bundle under `bundle`, with metrics.json and timings.json.
+`MLFLOW_ALLOW_FILE_STORE` is true: tlfusion sets it for a folder store unless it is set already).
+
+A run logs: params, the resolved experiment config flattened to dotted keys (lists as JSON); metrics, every numeric
+value of metrics.json's result, calibration and subgroup rows (keys like `test.image.fusion/lr.kappa`),
+`selected.<metric>` for the selected model's headline row, and `timing.<stage>` seconds; artifacts, the report
+(report.html, report.md, plots/) under `report`, the review gallery under `gallery` and the bundle under `bundle`,
+with metrics.json and timings.json.
 """
 
 from __future__ import annotations
