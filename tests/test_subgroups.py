@@ -139,3 +139,22 @@ def test_an_unknown_subgroup_column_exits_2_before_any_backbone_runs(tmp_path, c
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "evaluate.subgroups: column(s) ['sex'] not in the data table" in error[0]
     assert not (tmp_path / "run" / "backbones").exists()
+
+
+def test_fewshot_episodes_are_also_drawn_within_each_source(tmp_path):
+    sets = [write_csv_dataset(tmp_path / name, count) for name, count in (("big", 12), ("tiny", 4))]
+    raw = {
+        "name": "fewshot_sources",
+        "task": "fewshot",
+        "data": [{"format": "csv", "root": str(root), "csv": "labels.csv"} for root in sets],
+        "split": {"test_fraction": None, "val_fraction": 0},
+        "image": {"size": 32},
+        "backbones": [TINY_BACKBONE],
+        "fewshot": {"ways": 2, "shots": 2, "queries": 2, "episodes": 10, "shots_curve": [1]},
+        "evaluate": {"subgroups": ["source"]},
+    }
+    (tmp_path / "fewshot.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["run", str(tmp_path / "fewshot.yaml"), "--out", str(tmp_path / "run")]) == 0
+    sources_ = json.loads((tmp_path / "run" / "fewshot.json").read_text())["subgroups"]["source"]
+    assert sources_["big"]["images"] == 12 and 0 <= sources_["big"]["auroc"]["mean"] <= 1
+    assert sources_["tiny"]["images"] == 4 and "skipped" in sources_["tiny"]  # 2 per class: no 2-shot 2-query episode

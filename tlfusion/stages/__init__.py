@@ -112,7 +112,7 @@ REGISTRY: dict[str, Stage] = {
         Stage(
             "fewshot",
             run_fewshot_stage,
-            ("fewshot",),
+            ("fewshot", "evaluate.subgroups"),
             (_TASKS, "tlfusion.fewshot", "tlfusion.features"),
             reads=("table", "features"),
             writes=("fewshot", "fewshot_curve", "fewshot_plot"),
