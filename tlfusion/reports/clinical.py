@@ -53,7 +53,8 @@ def _calibration_blocks(metrics: Mapping) -> list[_Block]:
     intro = (
         f"Brier score (mean squared error of the probability) and expected calibration error (ECE: {record['binning']};"
         " the count-weighted mean gap between the observed fraction of positives and the mean probability), image "
-        "level, lower is better; brackets: patient-bootstrap intervals."
+        "level, lower is better; brackets: patient-bootstrap intervals (ECE is biased upward on few images, so its "
+        "interval can lie above its value)."
     )
     if method:
         intro += (
