@@ -79,6 +79,8 @@ def test_csv_extra_and_one_hot_columns_reach_the_table(tmp_path):
     assert table["hardware"].tolist()[:6] == ["1", "0", "0", "0", "0", "1"] and set(table["source"]) == {"csv"}
     with pytest.raises(InputError, match="missing column"):
         sources.read_sources([spec.model_copy(update={"extra_columns": ["sex"]})])
+    with pytest.raises(InputError, match=r"\['path'\] would replace the table's own columns"):
+        sources.read_sources([spec.model_copy(update={"extra_columns": ["path"]})])
 
 
 def calibrated_experiment(folder: Path, root: Path, **evaluate) -> Path:

@@ -242,6 +242,9 @@ def read_csv(
     columns = [path_column, label_column, patient_column, study_column, split_column, region_column]
     flags = [flag for names in (one_hot or {}).values() for flag in names]
     _require_columns(table, [*columns, *(filters or {}), *extra_columns, *flags], csv_path)
+    clash = sorted((set(extra_columns) | set(one_hot or {})) & {*COLUMNS, "source"})
+    if clash:
+        raise InputError(f"{csv_path}: extra_columns / one_hot_columns {clash} would replace the table's own columns")
     table = _apply_filters(table, filters)
     if label_map is not None:
         table = table[table[label_column].isin(label_map)]
