@@ -62,3 +62,31 @@ def mura_tree(tmp_path: Path) -> Path:
     for split, lines in rows.items():
         (root / f"{split}_labeled_studies.csv").write_text("\n".join(lines) + "\n")
     return root
+
+
+def write_dicom(
+    path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", syntax: str | None = None, **header
+) -> Path:
+    """A DX DICOM file of `pixels` (uint8: 8-bit, uint16: 12 bits stored in 16) written with pydicom, uncompressed or
+    compressed by pydicom in transfer syntax `syntax`; `header` sets further keywords (PatientID=..., ...)."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1.1", generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    dataset.SOPClassUID, dataset.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    dataset.Modality, dataset.PhotometricInterpretation = "DX", photometric
+    dataset.Rows, dataset.Columns = pixels.shape
+    bits = 8 if pixels.dtype == np.uint8 else 16
+    dataset.SamplesPerPixel, dataset.BitsAllocated, dataset.PixelRepresentation = 1, bits, 0
+    dataset.BitsStored, dataset.HighBit = (8, 7) if bits == 8 else (12, 11)
+    dataset.PixelData = pixels.tobytes()
+    for keyword, value in header.items():
+        setattr(dataset, keyword, value)
+    if syntax is not None:
+        dataset.compress(syntax)
+    dataset.save_as(path, enforce_file_format=True)
+    return path

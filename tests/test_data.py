@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SHARED_DATA, write_png, xray_like
+from conftest import SHARED_DATA, write_dicom, write_png, xray_like
 
 from tlfusion.data import images, sources, splits
 from tlfusion.data.pretraining import pretraining_table
@@ -50,30 +50,10 @@ def test_jpeg_and_palette_png(tmp_path):
     assert np.array_equal(images.read_gray(palette), grey.astype(np.float32))  # palette indices mapped to grey
 
 
-def _write_dicom(path: Path, pixels: np.ndarray, photometric: str, slope: float = 1.0) -> Path:
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    dataset.SOPClassUID, dataset.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    dataset.Modality, dataset.PhotometricInterpretation = "DX", photometric
-    dataset.Rows, dataset.Columns = pixels.shape
-    dataset.SamplesPerPixel, dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 1, 16, 12, 11
-    dataset.PixelRepresentation = 0
-    dataset.RescaleSlope, dataset.RescaleIntercept = slope, 0
-    dataset.PixelData = pixels.astype(np.uint16).tobytes()
-    dataset.save_as(path, enforce_file_format=True)
-    return path
-
-
 def test_dicom_monochrome1_is_inverted(tmp_path):
     ramp = np.tile(np.arange(0, 4000, 125, dtype=np.uint16), (16, 1))  # dark left, bright right in raw values
-    normal = images.read_gray(_write_dicom(tmp_path / "m2.dcm", ramp, "MONOCHROME2", slope=2.0))
-    inverted = images.read_gray(_write_dicom(tmp_path / "m1.dcm", ramp, "MONOCHROME1"))
+    normal = images.read_gray(write_dicom(tmp_path / "m2.dcm", ramp, RescaleSlope=2.0, RescaleIntercept=0))
+    inverted = images.read_gray(write_dicom(tmp_path / "m1.dcm", ramp, "MONOCHROME1"))
     assert normal[0, 0] < normal[0, -1] and inverted[0, 0] > inverted[0, -1]
     assert normal.max() == pytest.approx(255, abs=1e-3) and inverted.min() == pytest.approx(0, abs=1e-3)
 

@@ -267,8 +267,8 @@ def test_decompression_bomb_exits_2_in_one_line_or_is_skipped_with_the_reason(
 @pytest.mark.parametrize(
     ("content", "reason"),
     [
-        (b"GIF89a" + bytes(64), "not a PNG, JPEG, BMP or TIFF file"),
-        (b"\x89PNG\r\n\x1a\n\0\0", "not a PNG, JPEG, BMP or TIFF file, or its header is cut short"),
+        (b"GIF89a" + bytes(64), "not a PNG, JPEG, BMP, TIFF or DICOM file"),
+        (b"\x89PNG\r\n\x1a\n\0\0", "not a PNG, JPEG, BMP, TIFF or DICOM file, or its header is cut short"),
         (png_declaring(64, 64)[:60], "truncated or unsupported"),
     ],
     ids=["gif", "cut-header", "cut-data"],

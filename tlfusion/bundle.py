@@ -12,6 +12,8 @@
       xgboost/<i>.ubj           its booster in XGBoost's own format (when fitted)
       ood.npz                   optional: the out-of-distribution calibration on the training split's features
                                 (`tlfusion.ood`; plain arrays, read without pickles); older bundles have none
+      calibration.npz           optional: the recalibration of the classifier's probabilities (`evaluate.calibration`;
+                                `tlfusion.calibration`, plain arrays); `threshold` is then on the recalibrated scale
       bundle.json               class names, threshold, image size, clahe, flip, backbone order, meta
       manifest.json             versions and the sha256 of every other file
       signature.json            optional: HMAC-SHA256 of manifest.json under the user's key (`tlfusion.signing`)
@@ -41,6 +43,7 @@ from sklearn.pipeline import Pipeline
 
 from tlfusion import __version__
 from tlfusion.backbones import FEATURES_LAYER, image_size_of, load_model_file
+from tlfusion.calibration import Calibrator, load_calibrator
 from tlfusion.classifiers import CLASSIFIER_STEP, FUSION_STEP, fusion_pipeline
 from tlfusion.data.images import decoded_batches, file_sha256
 from tlfusion.errors import InputError
@@ -69,6 +72,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INFO = "bundle.json"
 OOD = "ood.npz"
+CALIBRATION = "calibration.npz"
 PREDICT_BATCH = 64
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _INFO_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -92,7 +96,8 @@ class Bundle:
 
     `onnx_graphs` maps backbone names to their feature sub-model as ONNX (see `onnx_graphs.onnx_graph`); those
     backbones run with ONNX Runtime, the others with Keras. `ood` scores how unlike the training images an image's
-    features are (None in bundles saved without it). `trust` is set by `load_bundle`: "signed ..." or
+    features are (None in bundles saved without it). `calibration` recalibrates the estimator's probabilities (None:
+    used as they are). `trust` is set by `load_bundle`: "signed ..." or
     "integrity only ..." (see `tlfusion.signing`).
     """
 
@@ -106,6 +111,7 @@ class Bundle:
     meta: dict = field(default_factory=dict)
     onnx_graphs: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
     ood: FeatureDistance | None = field(default=None, repr=False, compare=False)
+    calibration: Calibrator | None = field(default=None, repr=False, compare=False)
     trust: str = field(default="", compare=False)
     _runners: dict[str, BatchRunner] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -152,13 +158,18 @@ class Bundle:
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
         """Probabilities [n, 2] of (negative, positive) class, `class_names` order, for images [n, s, s, 1]."""
-        return self.estimator.predict_proba(self.features(images))
+        return self.probabilities(self.features(images))
+
+    def probabilities(self, X: np.ndarray) -> np.ndarray:
+        """The estimator's probabilities [n, 2] for features X (`features`), recalibrated when the bundle is."""
+        prob = self.estimator.predict_proba(X)
+        return prob if self.calibration is None else self.calibration.apply(prob)
 
     def assess(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """`predict_proba` and each image's out-of-distribution score (`ood.FeatureDistance.score`: above 1, further
         from the training images than 99 % of them), or None when the bundle has no calibration."""
         X = self.features(images)
-        return self.estimator.predict_proba(X), None if self.ood is None else self.ood.score(X)
+        return self.probabilities(X), None if self.ood is None else self.ood.score(X)
 
     def predict_paths(self, paths: Sequence[str | Path], batch_size: int = 32) -> np.ndarray:
         """Probabilities [n, 2] for image files (decoded as the bundle's backbones expect)."""
@@ -236,6 +247,8 @@ def _write_contents(bundle: Bundle, folder: Path) -> None:
         save_xgboost(model, folder / "xgboost", i)
     if bundle.ood is not None:
         bundle.ood.save(folder / OOD)
+    if bundle.calibration is not None:
+        bundle.calibration.save(folder / CALIBRATION)
     info = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -309,6 +322,7 @@ def load_bundle(folder: str | Path) -> Bundle:
         meta=info["meta"],
         onnx_graphs={name: listed(f"backbones/{name}.onnx").read_bytes() for name in names if listed.has_onnx(name)},
         ood=load_feature_distance(listed(OOD)) if OOD in listed.files else None,
+        calibration=load_calibrator(listed(CALIBRATION)) if CALIBRATION in listed.files else None,
         trust=trust,
     )
 

@@ -54,12 +54,32 @@ def _run_folder(args: argparse.Namespace, name: str) -> Path:
 
 
 def cmd_run(args: argparse.Namespace, until: str | None = None) -> int:
+    track = getattr(args, "track", None)
+    if track:
+        from tlfusion.tracking import require_mlflow
+
+        require_mlflow()  # before hours of training, not after
     experiment = _load(args)
     from tlfusion.pipeline import Pipeline
 
     run_dir = _run_folder(args, experiment.name)
     args.run_log = setup_logging(run_dir)
     Pipeline(experiment, run_dir, skip_bad=args.skip_bad, force=args.force).run(until=until)
+    if track:
+        from tlfusion.tracking import track_run, tracking_uri
+
+        run_id = track_run(run_dir, experiment.model_dump(), experiment.name)
+        logging.getLogger("tlfusion").info("tracked as MLflow run %s in %s", run_id, tracking_uri())
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from tlfusion.tracking import folder_runs, mlflow_runs, runs_table
+
+    rows = mlflow_runs(args.experiment) if args.mlflow else folder_runs(args.folders or ["runs"])
+    if args.experiment and not args.mlflow:
+        rows = [row for row in rows if row["experiment"] == args.experiment]
+    print(runs_table(rows) if rows else "no runs found")
     return 0
 
 
@@ -117,11 +137,13 @@ def _load_bundle(path: str):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from tlfusion.commands import readable_images
+
+    paths, skipped = readable_images(args.images, skip_bad=args.skip_bad)  # bad input exits before TensorFlow loads
     import_tensorflow_quietly()
-    from tlfusion.commands import predict_images, prediction_summary, readable_images
+    from tlfusion.commands import predict_images, prediction_summary
     from tlfusion.fileio import write_atomic
 
-    paths, skipped = readable_images(args.images, skip_bad=args.skip_bad)
     for path, reason in skipped:
         print(f"tlfusion: skipped {path}: {reason}", file=sys.stderr)
     bundle = _load_bundle(args.bundle)
@@ -210,7 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run an experiment's stages (skipping those unchanged)")
     _experiment_arguments(run)
+    run.add_argument(
+        "--track", choices=["mlflow"], help="log the run to MLflow (MLFLOW_TRACKING_URI, default ./mlruns)"
+    )
     run.set_defaults(handler=cmd_run)
+
+    runs = commands.add_parser("runs", help="list and compare runs: run folders, or an MLflow store")
+    runs.add_argument("folders", nargs="*", help="run folders, or folders holding them (default: runs)")
+    runs.add_argument("--mlflow", action="store_true", help="list the MLflow store's runs instead")
+    runs.add_argument("--experiment", help="only this experiment's runs")
+    runs.set_defaults(handler=cmd_runs)
 
     data = commands.add_parser("data", help="read an experiment's data and print a summary")
     _experiment_arguments(data)

@@ -14,7 +14,7 @@ import pandas as pd
 from tlfusion.config import Experiment, load_experiment
 from tlfusion.data.table import class_names, split_table, with_binary_target
 from tlfusion.errors import InputError
-from tlfusion.evaluation import evaluate_predictions, pick_cases
+from tlfusion.evaluation import clinical_checks, evaluate_predictions, pick_cases
 from tlfusion.metrics_schema import write_metrics
 from tlfusion.runfiles import prediction_rows
 
@@ -40,13 +40,16 @@ def experiment_rows(data: str, data_root: str | None, split: str) -> tuple[Exper
 
 def readable_images(inputs: list[str], skip_bad: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
     """The image files named or found in the folders named, and (path, reason) of those skipped as unreadable."""
-    from tlfusion.data.images import scan_images
+    from tlfusion.data.images import IMAGE_KINDS, scan_images
     from tlfusion.data.sources import image_files
 
     paths: list[str] = []
     for item in map(Path, inputs):
         if item.is_dir():  # entries that are not regular files are listed for scan_images to refuse by name
-            paths += [str(p) for p in image_files(item, follow_symlinks=True)]
+            found = [str(p) for p in image_files(item, follow_symlinks=True)]
+            if not found:
+                raise InputError(f"{item}: no images in this folder ({IMAGE_KINDS} files)")
+            paths += found
         elif item.exists() or item.is_symlink():
             paths.append(str(item))
         else:
@@ -132,6 +135,9 @@ def evaluate_bundle(bundle: Bundle, data: str, out: str | Path, data_root: str |
             predictions, {name: bundle.threshold}, spec.study_aggregation, spec.bootstrap, experiment.seed
         ),
     }
+    stage = "before" if bundle.calibration is None else "after"  # the bundle's probabilities, as it gives them
+    spec = spec.model_copy(update={"calibration": None})  # no out-of-fold rows here to recalibrate on
+    metrics |= clinical_checks(predictions, table, spec, name, bundle.threshold, experiment.seed, split, stage)
     write_metrics(Path(out) / "metrics.json", metrics)
     write_reports(Path(out), metrics, predictions)
     return metrics
@@ -165,7 +171,7 @@ def explain_bundle(
     else:
         batches = decoded_batches(table["path"].tolist(), bundle.image_size, bundle.clahe)
         reference = np.concatenate([bundle.features(batch) for batch in batches])
-        prob = bundle.estimator.predict_proba(reference)[:, 1]
+        prob = bundle.probabilities(reference)[:, 1]
         cases = experiment.explain.cases if cases is None else cases
         chosen = pick_cases(table.assign(prob=prob, y_true=table["y"]), bundle.threshold, cases)
     explain_cases(

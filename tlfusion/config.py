@@ -53,6 +53,11 @@ class DataSpec(Strict):
     filters: dict[str, str | list[str]] = Field(default_factory=dict)
     label_map: dict[str, str] | None = None
     findings: list[str] | None = None
+    extra_columns: list[str] = Field(default_factory=list)
+    """CSV format: columns kept in the data table as they are (e.g. `hardware`, `sex`), for `evaluate.subgroups`."""
+    one_hot_columns: dict[str, list[str]] = Field(default_factory=dict)
+    """CSV format: a new column from 0/1 flag columns, e.g. `{view: [frontal, lateral, oblique]}`: each row names
+    its flagged columns, joined by "+" ("frontal+lateral"; "" when none is)."""
     follow_symlinks: bool = False
     """Read files whose links lead out of `root` (by default no file outside the data root is read)."""
     patient_pattern: str | None = None
@@ -76,6 +81,8 @@ class DataSpec(Strict):
             raise ValueError(f"format {self.format!r} needs 'csv' (the labels file, relative to 'root')")
         if self.patient_pattern is not None and self.format != "folder":
             raise ValueError(f"patient_pattern is for format 'folder'; format {self.format!r} has patient columns")
+        if (self.extra_columns or self.one_hot_columns) and self.format != "csv":
+            raise ValueError(f"extra_columns and one_hot_columns are for format 'csv', not {self.format!r}")
         return self
 
 
@@ -153,6 +160,11 @@ class ClassifySpec(Strict):
 class EvaluateSpec(Strict):
     study_aggregation: Literal["mean", "max"] | None = None
     bootstrap: int = Field(1000, ge=0)
+    calibration: Literal["sigmoid", "isotonic"] | None = None
+    """Recalibrate each model's probabilities (`tlfusion.calibration`), fitted on its out-of-fold probabilities:
+    the report shows Brier and ECE before and after; the bundle carries the selected model's (part of fit's key)."""
+    subgroups: list[str] = Field(default_factory=list)
+    """Data-table columns (view, hardware, source, region, ...): the selected model's metrics per value of each."""
 
 
 class ExplainSpec(Strict):

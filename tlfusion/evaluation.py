@@ -15,7 +15,7 @@ from tlfusion.errors import InputError
 from tlfusion.model_name import ModelName
 
 if TYPE_CHECKING:
-    from tlfusion.config import Experiment
+    from tlfusion.config import EvaluateSpec, Experiment
 
 
 def evaluate_predictions(
@@ -169,3 +169,26 @@ def semantic_metrics(
 
 def _mean_auroc(Y: np.ndarray, scores: np.ndarray, findings: list[str]) -> float | None:
     return metrics.multilabel_auroc(Y, scores, findings)["mean"]
+
+
+def clinical_checks(
+    predictions: pd.DataFrame,
+    table: pd.DataFrame,
+    spec: EvaluateSpec,
+    selected: str,
+    threshold: float,
+    seed: int,
+    split: str = "test",
+    stage: str = "before",
+) -> dict:
+    """metrics.json's `calibration` (every model on `split`, as predicted: `stage`, and recalibrated with
+    `spec.calibration`) and `subgroups` (model `selected` at `threshold` per value of each `spec.subgroups` column)."""
+    from tlfusion.calibration import calibration_record
+    from tlfusion.subgroups import subgroup_results, with_columns
+
+    checks = {"calibration": calibration_record(predictions, spec.calibration, split, spec.bootstrap, seed, stage)}
+    if spec.subgroups:
+        rows = predictions[(predictions["model"] == selected) & (predictions["split"] == split)]
+        rows = with_columns(rows, table, spec.subgroups)
+        checks["subgroups"] = subgroup_results(rows, spec.subgroups, threshold, spec.bootstrap, seed)
+    return checks

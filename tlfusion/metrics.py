@@ -7,7 +7,7 @@ metric is undefined (e.g. AUROC with one class), so they drop straight into ``me
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -259,15 +259,36 @@ def _group_resamples(n: int, groups, n_boot: int, seed: int) -> tuple[np.ndarray
     return draws, item_group
 
 
-def _chunked_metric_table(y: np.ndarray, p: np.ndarray, predicted: np.ndarray, resamples: tuple) -> dict:
-    """`_metric_table` for every resample of `_group_resamples`, a memory-bounded chunk at a time."""
+def bootstrap_statistics(
+    n: int,
+    groups,
+    statistics: Callable[[np.ndarray], dict[str, np.ndarray]],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, list[float] | None]:
+    """Percentile intervals of what ``statistics(weights)`` returns (name -> one value per row of ``weights``,
+    resamples x items, each item's count in each resample) on ``bootstrap_ci``'s resamples of ``groups``: the one
+    patient bootstrap, for statistics other than ``METRICS`` (e.g. ``tlfusion.calibration``'s)."""
+    table = _chunked(_group_resamples(n, groups, n_boot, seed), n, statistics)
+    return {name: _percentiles(values, level) for name, values in table.items()}
+
+
+def _chunked(resamples: tuple, n: int, statistics: Callable[[np.ndarray], dict[str, np.ndarray]]) -> dict:
+    """`statistics` of every resample of `_group_resamples`, a memory-bounded chunk of resamples at a time."""
     draws, item_group = resamples
-    chunk = max(1, _BOOTSTRAP_CHUNK_CELLS // len(y))
+    chunk = max(1, _BOOTSTRAP_CHUNK_CELLS // n)
     tables = [
-        _metric_table(y, p, predicted, draws[start : start + chunk][:, item_group].astype(float))
-        for start in range(0, len(draws), chunk)
+        statistics(draws[start : start + chunk][:, item_group].astype(float)) for start in range(0, len(draws), chunk)
     ]
-    return {metric: np.concatenate([table[metric] for table in tables]) for metric in METRICS}
+    return {name: np.concatenate([table[name] for table in tables]) for name in tables[0]}
+
+
+def _chunked_metric_table(y: np.ndarray, p: np.ndarray, predicted: np.ndarray, resamples: tuple) -> dict:
+    """`_metric_table` for every resample of `_group_resamples`."""
+    table = _chunked(resamples, len(y), lambda weights: _metric_table(y, p, predicted, weights))
+    return {metric: table[metric] for metric in METRICS}
 
 
 def _percentiles(values: np.ndarray, level: float) -> list[float] | None:

@@ -66,6 +66,47 @@ class SelectionRecord(_Schema):
     cv_scores: dict[str, float | None]
 
 
+class SubgroupResult(BinaryResult):
+    """The selected model on one subgroup (rows whose data-table `column` is `value`) of the evaluated split, at its
+    threshold, with Brier and ECE; `warning` when the subgroup is too small (`tlfusion.subgroups`)."""
+
+    column: str
+    value: str
+    positives: int
+    brier: float
+    ece: float
+    warning: str | None = None
+
+
+class ReliabilityBin(_Schema):
+    low: float
+    high: float
+    n: int
+    mean_prob: float
+    observed: float
+
+
+class CalibrationRow(_Schema):
+    """One model's calibration on one split: as predicted ("before") or recalibrated ("after")."""
+
+    model: str
+    split: str
+    stage: Literal["before", "after"]
+    n: int
+    brier: float
+    ece: float
+    ci: dict[str, Interval]
+    bins: list[ReliabilityBin]
+    threshold: float | None = None
+    """The recalibrated model's threshold, chosen on its recalibrated out-of-fold probabilities."""
+
+
+class CalibrationRecord(_Schema):
+    method: Literal["sigmoid", "isotonic"] | None
+    binning: str
+    rows: list[CalibrationRow]
+
+
 class BinaryMetrics(_Schema):
     experiment: str
     task: Literal["binary"]
@@ -78,6 +119,8 @@ class BinaryMetrics(_Schema):
     data: dict | None = None
     """`data.sources.summarise` of the run's table."""
     test_images_seen_in_pretraining: dict[str, int] = Field(default_factory=dict)
+    calibration: CalibrationRecord | None = None
+    subgroups: list[SubgroupResult] = Field(default_factory=list)
 
 
 class FindingResult(_Schema):

@@ -98,11 +98,19 @@ class Pipeline(RunContext):
         """The cache key of `stage`: its config sections, upstream key, data (for `data`), code and signing key."""
         config = self.experiment.model_dump()
         spec = REGISTRY[stage]
-        sections = {name: config[name] for name in spec.sections}
+        sections = {name: _section(config, name) for name in spec.sections}
         fingerprint = self.data_fingerprint() if stage == "data" and self.has_table else ""
         parts = (stage, upstream, sections, fingerprint, code_key(spec.modules))
         signing = key_id() if stage == "fit" else ""  # a new key re-runs fit, which signs the bundle with it
         return digest(*parts, signing) if signing else digest(*parts)
+
+
+def _section(config: dict, name: str):
+    """The config value a stage's section name stands for: a section (`evaluate`) or a key in one
+    (`evaluate.calibration`)."""
+    for key in name.split("."):
+        config = config[key]
+    return config
 
 
 def _read_state(path: Path) -> dict[str, str]:

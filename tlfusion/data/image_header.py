@@ -7,6 +7,9 @@ image) is refused before the decoder allocates its pixels.
 from __future__ import annotations
 
 import struct
+from pathlib import Path
+
+from tlfusion.errors import InputError
 
 FORMATS = "PNG, JPEG, BMP or TIFF"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -15,6 +18,16 @@ _JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # markers without a length: TEM, 
 _TIFF_ORDER = {b"II": "<", b"MM": ">"}
 _TIFF_WIDTH, _TIFF_HEIGHT = 256, 257
 _TIFF_INTEGERS = {3: "H", 4: "I", 16: "Q"}  # SHORT, LONG, LONG8
+MAX_PIXELS = 100_000_000
+"""Largest image read (width x height, per frame): a radiograph has under 50 million pixels. Checked against the
+file's header before decoding, so a decompression bomb costs no memory."""
+
+
+def check_size(path: Path, width: int, height: int) -> None:
+    """InputError unless the declared `width` x `height` is within `MAX_PIXELS` (checked before decoding)."""
+    if width * height > MAX_PIXELS:
+        limit = f"over {MAX_PIXELS // 1_000_000} million pixels"
+        raise InputError(f"{path}: image too large ({width}x{height} declared, {limit}); not decoded")
 
 
 def declared_size(data: bytes) -> tuple[int, int] | None:

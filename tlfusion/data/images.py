@@ -1,4 +1,4 @@
-"""Decoding radiographs (PNG/JPEG 8/16-bit, RGBA, palette, DICOM) into model-ready grayscale arrays.
+"""Decoding radiographs (PNG/JPEG 8/16-bit, RGBA, palette, BMP, TIFF, DICOM: `dicom`) into model-ready grayscale arrays.
 
 Every image leaves here as float32 in [0, 255] with one channel; the backbone's own input layer widens it to
 three channels and applies the architecture's normalisation, so one decoded image serves every backbone.
@@ -7,7 +7,6 @@ three channels and applies the architecture's normalisation, so one decoded imag
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import stat
 from collections import deque
@@ -18,14 +17,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from tlfusion.data.image_header import FORMATS, declared_size
+from tlfusion.data.dicom import dicom_pixels, is_dicom
+from tlfusion.data.image_header import FORMATS, check_size, declared_size
 from tlfusion.errors import InputError
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"} | DICOM_SUFFIXES
-MAX_PIXELS = 100_000_000
-"""Largest image read (width x height, per frame): a radiograph has under 50 million pixels. Checked against the
-file's header before decoding, so a decompression bomb costs no memory."""
+IMAGE_KINDS = "PNG, JPEG, BMP, TIFF or DICOM"
+"""What `read_gray` decodes: PNG, JPEG, BMP and TIFF by their content, DICOM by its preamble or suffix."""
 _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
 
 
@@ -84,42 +83,21 @@ def _to_gray(pixels: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY)
 
 
-def _read_dicom(path: Path, data: bytes) -> np.ndarray:
-    """Pixel data with rescale slope/intercept and VOI LUT applied; MONOCHROME1 inverted."""
-    import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-    dataset = pydicom.dcmread(io.BytesIO(data))
-    _check_size(path, int(dataset.Columns), int(dataset.Rows) * int(getattr(dataset, "NumberOfFrames", 1) or 1))
-    pixels = apply_voi_lut(apply_modality_lut(dataset.pixel_array, dataset), dataset).astype(np.float32)
-    if pixels.ndim == 3 and getattr(dataset, "SamplesPerPixel", 1) == 1:
-        pixels = pixels[0]
-    pixels = _to_unit_range(pixels)
-    if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
-        pixels = 255.0 - pixels
-    return pixels
-
-
 def _decode(path: Path, data: bytes) -> np.ndarray:
-    """The file's 2-D float32 image in [0, 255]: DICOM by its suffix, anything else by its content (PNG, JPEG, BMP
-    or TIFF), whose declared size is checked before decoding."""
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return _read_dicom(path, data)
+    """The file's 2-D float32 image in [0, 255]: DICOM by its preamble (or its suffix), anything else by its content
+    (PNG, JPEG, BMP or TIFF), whose declared size is checked before decoding."""
+    if is_dicom(data) or path.suffix.lower() in DICOM_SUFFIXES:
+        pixels, inverted = dicom_pixels(path, data)
+        pixels = _to_unit_range(pixels)
+        return 255.0 - pixels if inverted else pixels
     size = declared_size(data)
     if size is None:
-        raise InputError(f"{path}: cannot decode image (not a {FORMATS} file, or its header is cut short)")
-    _check_size(path, *size)
+        raise InputError(f"{path}: cannot decode image (not a {IMAGE_KINDS} file, or its header is cut short)")
+    check_size(path, *size)
     pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if pixels is None or pixels.size == 0:
         raise InputError(f"{path}: cannot decode image (truncated or unsupported {FORMATS} file)")
     return _to_unit_range(_to_gray(pixels))
-
-
-def _check_size(path: Path, width: int, height: int) -> None:
-    """InputError unless the declared `width` x `height` is within `MAX_PIXELS` (checked before decoding)."""
-    if width * height > MAX_PIXELS:
-        limit = f"over {MAX_PIXELS // 1_000_000} million pixels"
-        raise InputError(f"{path}: image too large ({width}x{height} declared, {limit}); not decoded")
 
 
 def read_gray(path: str | Path) -> np.ndarray:

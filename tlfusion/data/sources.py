@@ -2,7 +2,8 @@
 
 Every reader returns a `pandas.DataFrame` with the columns of `COLUMNS`: `path` (absolute), `label` (class name as
 a string; for multi-label sources `labels`, a tuple of findings, with `df.attrs["findings"]` the label space),
-`patient`, `study`, `split` ("" when the source defines none) and `region` ("" when unknown).
+`patient`, `study`, `split` ("" when the source defines none) and `region` ("" when unknown); a CSV source's
+`extra_columns` and `one_hot_columns`, and `view` where DICOM headers name one, follow. `read_sources` adds `source`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tlfusion.data.dicom import is_dicom_file, with_dicom_header
 from tlfusion.data.images import IMAGE_SUFFIXES, read_regular
 from tlfusion.errors import InputError
 
@@ -56,21 +58,22 @@ def resolve_inside(root: Path, relative: str, what: str, follow_symlinks: bool =
 
 def _check_link(path: Path, root: Path, what: str, follow_symlinks: bool) -> None:
     """Refuse a path inside `root` whose links lead out of it, unless `follow_symlinks` (`data.follow_symlinks`)."""
-    target = os.path.realpath(path)
-    if not follow_symlinks and not Path(target).is_relative_to(os.path.realpath(root)):
+    if not _inside(path, root, follow_symlinks):
         raise InputError(
-            f"{what}: {path} links outside the data root {root} (to {target}); "
+            f"{what}: {path} links outside the data root {root} (to {os.path.realpath(path)}); "
             "set data.follow_symlinks: true to read it"
         )
 
 
 def image_files(folder: Path, root: Path | None = None, follow_symlinks: bool = False) -> list[Path]:
-    """Every entry under `folder` whose name has an image suffix, sorted, with its path inside the data set.
+    """Every entry under `folder` whose name has an image suffix, and every regular file that starts like a DICOM
+    file whatever its name (`dicom.is_dicom_file`), sorted, with its path inside the data set.
 
-    Entries that are not regular files (folders named `*.png`, FIFOs, devices, dangling links) are listed too, so
-    that decoding refuses them by name. Unless `follow_symlinks`, a link out of `root` (default: `folder`) is an
-    error and linked folders are not entered (one inside the root holds files listed under their own path); with
-    it, linked folders are entered once each.
+    Entries with an image suffix that are not regular files (folders named `*.png`, FIFOs, devices, dangling links)
+    are listed too, so that decoding refuses them by name. Unless `follow_symlinks`, a link out of `root` (default:
+    `folder`) is an error for a name with an image suffix (and, for any other name, not read to look for DICOM), and
+    linked folders are not entered (one inside the root holds files listed under their own path); with it, linked
+    folders are entered once each.
     """
     root = Path(root or folder)
     _check_link(folder, root, "data.root", follow_symlinks)
@@ -85,7 +88,14 @@ def image_files(folder: Path, root: Path | None = None, follow_symlinks: bool = 
             if path.suffix.lower() in IMAGE_SUFFIXES:
                 _check_link(path, root, "data.root", follow_symlinks)
                 found.append(path)
+            elif _inside(path, root, follow_symlinks) and is_dicom_file(path):
+                found.append(path)
     return sorted(found)
+
+
+def _inside(path: Path, root: Path, follow_symlinks: bool) -> bool:
+    """Whether `path` may be read: it leads to a file inside `root`, or links are followed."""
+    return follow_symlinks or Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
 
 
 def _require_dir(root: str | Path, what: str) -> Path:
@@ -215,18 +225,26 @@ def read_csv(
     filters: Mapping[str, str | Sequence[str]] | None = None,
     label_map: Mapping[str, str] | None = None,
     follow_symlinks: bool = False,
+    extra_columns: Sequence[str] = (),
+    one_hot: Mapping[str, Sequence[str]] | None = None,
 ) -> pd.DataFrame:
     """A CSV with one row per image. Paths resolve against `root` (default: the CSV's folder) and may not leave it
     (through links neither, unless `follow_symlinks`).
 
     `filters` keeps rows whose column equals a value (or is in a list); `label_map` renames labels and drops rows
-    whose label it does not list. Without a patient column each image is its own patient.
+    whose label it does not list. Without a patient column each image is its own patient. `extra_columns` are
+    kept as they are (for `evaluate.subgroups`); each `one_hot` entry (`{view: [frontal, lateral]}`) becomes a
+    column naming its flagged columns (`one_hot_names`).
     """
     csv_path = Path(csv)
     root = Path(root) if root is not None else csv_path.parent
     table = _read_table(csv_path)
     columns = [path_column, label_column, patient_column, study_column, split_column, region_column]
-    _require_columns(table, [*columns, *(filters or {})], csv_path)
+    flags = [flag for names in (one_hot or {}).values() for flag in names]
+    _require_columns(table, [*columns, *(filters or {}), *extra_columns, *flags], csv_path)
+    clash = sorted((set(extra_columns) | set(one_hot or {})) & {*COLUMNS, "source"})
+    if clash:
+        raise InputError(f"{csv_path}: extra_columns / one_hot_columns {clash} would replace the table's own columns")
     table = _apply_filters(table, filters)
     if label_map is not None:
         table = table[table[label_column].isin(label_map)]
@@ -241,7 +259,16 @@ def read_csv(
     for column, source in (("split", split_column), ("region", region_column)):
         rows[column] = table[source].to_numpy() if source else ""
     _require_files(rows["path"], csv_path)
-    return _finish(rows[COLUMNS], str(csv_path))
+    rows = rows[COLUMNS].assign(**{column: table[column].to_numpy() for column in extra_columns})
+    for column, names in (one_hot or {}).items():
+        rows[column] = one_hot_names(table, names)
+    return _finish(rows, str(csv_path))
+
+
+def one_hot_names(table: pd.DataFrame, names: Sequence[str]) -> list[str]:
+    """Per row, the `names` of the columns holding a true flag ("1", "true", "yes"), joined by "+" ("" for none)."""
+    flagged = table[list(names)].apply(lambda column: column.str.strip().str.lower().isin(("1", "true", "yes")))
+    return ["+".join(name for name, on in zip(names, row, strict=True) if on) for row in flagged.to_numpy()]
 
 
 def _apply_filters(table: pd.DataFrame, filters: Mapping[str, str | Sequence[str]] | None) -> pd.DataFrame:
@@ -335,29 +362,37 @@ CSV_COLUMNS = ("path_column", "label_column", "patient_column", "study_column", 
 
 
 def read_source(spec: Any) -> pd.DataFrame:
-    """Read one `config.DataSpec` (format + root + reader options) with the matching reader."""
+    """Read one `config.DataSpec` (format + root + reader options) with the matching reader; a folder or CSV
+    source's DICOM files add their header's fields (`dicom.with_dicom_header`), patient and study ids where the
+    source gives none."""
     root, follow = Path(spec.root), spec.follow_symlinks
     if spec.format == "mura":
         return read_mura(root, regions=spec.regions, follow_symlinks=follow)
     if spec.format == "folder":
-        return read_folder(root, follow_symlinks=follow, patient_pattern=spec.patient_pattern)
+        table = read_folder(root, follow_symlinks=follow, patient_pattern=spec.patient_pattern)
+        return with_dicom_header(table, patients=spec.patient_pattern is None, studies=True)
     csv = resolve_inside(root, spec.csv, "data.csv", follow)
     if spec.format == "chestxray14":
         findings = spec.findings or CHESTXRAY14_FINDINGS
         return read_chestxray14(csv, root, findings=findings, follow_symlinks=follow)
     columns = {key: getattr(spec, key) for key in CSV_COLUMNS}
-    return read_csv(csv, root, filters=spec.filters, label_map=spec.label_map, follow_symlinks=follow, **columns)
+    options = {"extra_columns": spec.extra_columns, "one_hot": spec.one_hot_columns, "follow_symlinks": follow}
+    table = read_csv(csv, root, filters=spec.filters, label_map=spec.label_map, **options, **columns)
+    return with_dicom_header(table, patients=spec.patient_column is None, studies=spec.study_column is None)
 
 
 def read_sources(specs: Sequence[Any]) -> pd.DataFrame:
-    """Concatenate several sources; patient and study ids are prefixed by source when more than one is read."""
-    tables = [read_source(spec) for spec in specs]
+    """Concatenate several sources, each row's `source` the name of its source's root folder; patient and study
+    ids are prefixed by source when more than one is read. A column only some sources have is "" in the others."""
+    tables = [read_source(spec).assign(source=Path(spec.root).name) for spec in specs]
     if len(tables) == 1:
         return tables[0]
     for number, table in enumerate(tables):
         for column in ("patient", "study"):
             table[column] = f"s{number}:" + table[column].astype(str)
     combined = pd.concat(tables, ignore_index=True)
+    extra = [column for column in combined.columns if column not in ("labels",)]
+    combined[extra] = combined[extra].fillna("")
     combined.attrs = tables[0].attrs
     return combined
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from tlfusion.errors import InputError
 from tlfusion.fileio import write_bytes
 from tlfusion.model_name import ModelName
+from tlfusion.reports.clinical import RELIABILITY, reliability_figure
 from tlfusion.reports.content import _sections
 from tlfusion.reports.plots import (
     _compared_models,
@@ -158,6 +159,9 @@ def _write_plots(run_dir: Path, metrics: Mapping, predictions: pd.DataFrame | No
             f"{headline.label[0].upper()}{headline.label[1:]} of every model, grouped by "
             "classifier, single backbones beside fusion (error bars: bootstrap CI; outlined: selected).",
         )
+    reliability = reliability_figure(metrics)
+    if reliability:
+        save(reliability[0], Path(RELIABILITY).stem, reliability[1])
     findings = _rows_by_finding(metrics)
     if findings:
         series = {

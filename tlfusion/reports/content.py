@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from tlfusion.metrics import METRICS
 from tlfusion.model_name import FUSION, ModelName
+from tlfusion.reports.clinical import RELIABILITY, clinical_sections
 from tlfusion.reports.plots import _Plot
 from tlfusion.reports.reading import (
     GZSL_KEYS,
@@ -57,6 +58,8 @@ def _sections(
             (f"Metrics on the {split} split, {level} level", [_metrics_table(metrics, _rows(metrics, split, level))])
             for level in _levels(metrics, split)
         ]
+    sections += clinical_sections(metrics, plots)
+    plots = [plot for plot in plots if plot.file != RELIABILITY]  # shown in the calibration section
     sections += [
         ("Single backbones vs fusion", _fusion_blocks(metrics)),
         ("Cross-validation on the training split", _cv_blocks(metrics)),

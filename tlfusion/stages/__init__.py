@@ -24,7 +24,7 @@ class Stage:
     name: str
     run: Callable[[RunContext], None]
     sections: tuple[str, ...]
-    """Experiment config sections in its cache key."""
+    """Experiment config sections in its cache key (or one key of a section: `evaluate.calibration`)."""
     modules: tuple[str, ...]
     """tlfusion modules whose code is in its cache key (with what they import at module level: `stage_code`)."""
     reads: tuple[str, ...]
@@ -78,8 +78,8 @@ REGISTRY: dict[str, Stage] = {
         Stage(
             "fit",
             run_fit,
-            ("classifiers",),
-            (_BINARY, "tlfusion.classifiers", "tlfusion.features", "tlfusion.bundle"),
+            ("classifiers", "evaluate.calibration"),
+            (_BINARY, "tlfusion.classifiers", "tlfusion.features", "tlfusion.bundle", "tlfusion.calibration"),
             reads=("table", "features", "model", "cache"),
             writes=("selection", "predictions", "bundle"),
             check=RunContext.fit_outputs,
@@ -88,7 +88,7 @@ REGISTRY: dict[str, Stage] = {
             "evaluate",
             run_evaluate,
             ("evaluate",),
-            (_BINARY, "tlfusion.metrics", "tlfusion.reports", "tlfusion.data.sources"),
+            (_BINARY, "tlfusion.metrics", "tlfusion.reports", "tlfusion.data.sources", "tlfusion.subgroups"),
             reads=("table", "selection", "predictions"),
             writes=("metrics",),
             check=_check_metrics,
@@ -112,7 +112,7 @@ REGISTRY: dict[str, Stage] = {
         Stage(
             "fewshot",
             run_fewshot_stage,
-            ("fewshot",),
+            ("fewshot", "evaluate.subgroups"),
             (_TASKS, "tlfusion.fewshot", "tlfusion.features"),
             reads=("table", "features"),
             writes=("fewshot", "fewshot_curve", "fewshot_plot"),

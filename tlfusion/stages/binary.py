@@ -9,7 +9,7 @@ import pandas as pd
 
 from tlfusion.console import activity, progress
 from tlfusion.data.table import class_names
-from tlfusion.evaluation import evaluate_predictions, fusion_vs_single, pick_cases
+from tlfusion.evaluation import clinical_checks, evaluate_predictions, fusion_vs_single, pick_cases
 from tlfusion.fileio import write_atomic, write_json
 from tlfusion.metrics_schema import write_metrics
 from tlfusion.model_name import ModelName
@@ -89,6 +89,7 @@ def save_run_bundle(run: RunContext, selected: str, keys: list[str], estimator, 
     ood = fit_feature_distance(X[is_fit], run.table["patient"].astype(str).to_numpy()[is_fit])
     if ood is None:
         log.info("bundle: too few training images for an out-of-distribution check; predict will not flag images")
+    calibrator, threshold = _bundle_calibration(run, selected, threshold)
     bundle = Bundle(
         models={key: load_model_file(run.paths.model(key)) for key in keys},
         estimator=estimator,
@@ -105,8 +106,22 @@ def save_run_bundle(run: RunContext, selected: str, keys: list[str], estimator, 
         },
         onnx_graphs=_converted_onnx_graphs(run, keys),
         ood=ood,
+        calibration=calibrator,
     )
     save_bundle(bundle, run.paths.bundle)
+
+
+def _bundle_calibration(run: RunContext, selected: str, threshold: float):
+    """(the selected model's calibrator, its threshold) with `evaluate.calibration`, fitted on its out-of-fold
+    predictions (`calibration.calibrated_model`); (None, `threshold`) without."""
+    method = run.experiment.evaluate.calibration
+    if method is None:
+        return None, threshold
+    from tlfusion.calibration import calibrated_model
+
+    calibrator, calibrated = calibrated_model(run.fit_outputs()[1], selected, method)
+    log.info("bundle: %s recalibration of %s, threshold %.4g (was %.4g)", method, selected, calibrated, threshold)
+    return calibrator, calibrated
 
 
 def _converted_onnx_graphs(run: RunContext, keys: list[str]) -> dict[str, bytes]:
@@ -147,6 +162,8 @@ def run_evaluate(run: RunContext) -> None:
         "test_images_seen_in_pretraining": seen,
     }
     warn_if_test_seen(seen)
+    selected = selection["selected"]
+    metrics |= clinical_checks(predictions, table, spec, selected, thresholds[selected], seed)
     write_metrics(run.paths.metrics, metrics)
     for line in summary_lines(metrics):
         log.info(line)

@@ -21,9 +21,11 @@ def run_data(run: RunContext) -> None:
     """data/table.csv: the experiment's readable images, their binary target, split and (joined) patient."""
     from tlfusion.data.sources import read_sources, summarise
     from tlfusion.data.splits import content_groups
+    from tlfusion.subgroups import check_columns
 
     experiment = run.experiment
     table = _scanned(run, read_sources(experiment.data))
+    check_columns(table, experiment.evaluate.subgroups)  # before any backbone is trained for nothing
     if experiment.task == "binary":
         table = with_binary_target(table, experiment.positive_class)
     table = split_table(table, experiment.split, experiment.seed)

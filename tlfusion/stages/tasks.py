@@ -32,6 +32,8 @@ def run_fewshot_stage(run: RunContext) -> None:
         keep &= (table["split"] == "test").to_numpy()
     X, y, groups = X[keep], y[keep], groups[keep]
     result = run_fewshot(X, y, groups, spec.ways, spec.shots, spec.queries, spec.episodes, spec.classifier, seed=seed)
+    if run.experiment.evaluate.subgroups:
+        result["subgroups"] = _fewshot_subgroups(run, X, y, groups, table[keep])
     write_json(run.paths.fewshot, result)
     curve = shots_curve(
         X,
@@ -48,6 +50,33 @@ def run_fewshot_stage(run: RunContext) -> None:
     plot_shots_curve(curve, run.paths.fewshot_plot)
     auroc = result["auroc"]
     log.info("few-shot %d-way %d-shot AUROC %.3f %s", spec.ways, spec.shots, auroc["mean"], auroc["ci95"])
+
+
+def _fewshot_subgroups(run: RunContext, X: np.ndarray, y: np.ndarray, groups: np.ndarray, rows) -> dict:
+    """Per column of `evaluate.subgroups` and value: episodes drawn within the subgroup alone (its AUROC and
+    accuracy with intervals), or why none could be drawn (too few patients of a class)."""
+    from tlfusion.errors import InputError
+    from tlfusion.fewshot import run_fewshot
+
+    spec, seed = run.experiment.fewshot, run.experiment.seed
+    found: dict[str, dict] = {}
+    for column in run.experiment.evaluate.subgroups:
+        values = rows[column].fillna("").astype(str).replace("", "(none)").to_numpy()
+        for value in sorted(set(values)):
+            inside = values == value
+            record: dict = {"images": int(inside.sum()), "patients": len(set(groups[inside]))}
+            try:
+                episodes = (spec.ways, spec.shots, spec.queries, spec.episodes, spec.classifier)
+                result = run_fewshot(X[inside], y[inside], groups[inside], *episodes, seed=seed)
+                record |= {key: result[key] for key in ("auroc", "accuracy")}
+                log.info(
+                    "few-shot %s = %s: AUROC %.3f %s", column, value, result["auroc"]["mean"], result["auroc"]["ci95"]
+                )
+            except InputError as error:
+                record["skipped"] = str(error)
+                log.warning("few-shot %s = %s: not evaluated (%s)", column, value, error)
+            found.setdefault(column, {})[value] = record
+    return found
 
 
 def run_semantic(run: RunContext) -> None:
