@@ -64,13 +64,14 @@ def knee_validation_table() -> pd.DataFrame:
 
 
 def candidate_models(family: str) -> dict[str, object]:
-    """Architecture -> a model (ImageNet) or a shipped `model.keras` of the family; missing files left out."""
-    if family == "imagenet":
-        from tlfusion.backbones import build_backbone
+    """Architecture -> a model at 224 px, from ImageNet or a shipped `model.keras` of the family (pretrained at any
+    size, its weights moved into a 224-px model as fine-tuning does); missing files left out."""
+    from tlfusion.backbones import build_backbone
 
+    if family == "imagenet":
         return {arch: build_backbone(arch, SIZE, "imagenet") for arch in ARCHITECTURES}
     files = {arch: REPO / "saved_models" / f"{arch}_{family}" / "model.keras" for arch in ARCHITECTURES}
-    return {arch: path for arch, path in files.items() if path.is_file()}
+    return {arch: build_backbone(arch, SIZE, path) for arch, path in files.items() if path.is_file()}
 
 
 def feature_sets(models: dict[str, object], paths: list[str]) -> dict[str, np.ndarray]:
@@ -135,7 +136,7 @@ def screen(family: str, tables: dict[str, pd.DataFrame]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--candidates", nargs="+", default=["imagenet", "msk_multitask", "msk_contrastive"])
+    parser.add_argument("--candidates", nargs="+", default=["imagenet", "imagenet_msk", "msk_contrastive"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     args = parser.parse_args(argv)
     machine = machine_info("scikit-learn", "tensorflow-cpu", "keras")
