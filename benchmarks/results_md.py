@@ -430,6 +430,8 @@ def summarise_accuracy(payload: dict) -> list[Table]:
     init = [[g[key] for key in init_keys] for g in init_gains]
     init_header = ["comparison", "experiment", "seed", "model", "Δ kappa", "Δ AUROC"]
     tables.append(("one init minus another, same model (test)", init_header, init, init_gains))
+    paired = payload.get("init_selected_paired", [])
+    tables.append((*selected_paired_table(paired), paired))
     per_seed, over_seeds = payload["init_comparisons_mean"], payload["init_comparisons_mean_over_seeds"]
     per_seed_title = "one init minus another, averaged over models"
     tables.append((*mean_delta_table(per_seed_title, per_seed, ["comparison", "experiment", "seed"]), per_seed))
@@ -455,6 +457,18 @@ def accuracy_cell(payload: dict) -> Callable[[dict], str]:
         return measured_at(record for run, record in gits if all(run[key] == row[key] for key in keys))
 
     return cell
+
+
+def selected_paired_table(rows: list[dict]) -> Table:
+    """One row per (comparison, experiment, seed): the two inits' CV-selected models and the difference of their
+    test kappa and AUROC on the same images with its paired patient-bootstrap CI."""
+    header = ["comparison", "experiment", "seed", "n", "models", "Δ kappa [paired CI]", "Δ AUROC [paired CI]"]
+    body = [
+        [r["comparison"], r["experiment"], r["seed"], r["n"], " vs ".join(r["models"])]
+        + [with_ci(r[metric]["delta"], r[metric]["ci"]) for metric in ("kappa", "auroc")]
+        for r in rows
+    ]
+    return "CV-selected model of one init minus the other's, same test images (paired patient bootstrap)", header, body
 
 
 def row_git(row: dict, payload: dict, carried_over: bool) -> dict | None:
@@ -515,6 +529,20 @@ def summarise_init_screen(payload: dict) -> list[Table]:
     return [("train -> val, per start and feature set", header, rows)]
 
 
+def summarise_pretrain_screen(payload: dict) -> list[Table]:
+    """One row per (start, task, feature set): the validation-only scores of a frozen-feature probe."""
+    rows = [
+        [start, task, features, *(scores.get(key) for key in ("n_train", "n_val", "n", "auroc", "kappa", "qwk"))]
+        + [scores.get("accuracy")]
+        for start, result in payload["candidates"].items()
+        for task, sets in result.items()
+        if isinstance(sets, dict)
+        for features, scores in sets.items()
+    ]
+    header = ["start", "task", "features", "train", "val", "n (CV)", "val AUROC", "val kappa", "CV qwk", "CV accuracy"]
+    return [("frozen features, validation parts only, per start, task and feature set", header, rows)]
+
+
 def summarise_refactor_equivalence(payload: dict) -> list[Table]:
     commits = {side: commit[:7] for side, commit in payload["settings"]["commits"].items()}
     header = ["experiment", "identical", "outcome base", "outcome head", "max Δprob cv", "max Δprob test"]
@@ -536,6 +564,7 @@ def summarise_refactor_equivalence(payload: dict) -> list[Table]:
 SUMMARISERS: dict[str, Callable[[dict], list[Table]]] = {
     "refactor_equivalence": summarise_refactor_equivalence,
     "init_screen": summarise_init_screen,
+    "pretrain_screen": summarise_pretrain_screen,
     "fewshot_speed": summarise_fewshot,
     "finetune_transfer": summarise_finetune,
     "fewshot_accuracy": summarise_fewshot_accuracy,

@@ -31,6 +31,29 @@ def accuracy_run(init: str, fusion: float) -> dict:
     return run | {"models": models}
 
 
+PAIRED_ROW = {
+    "comparison": "in_domain - scratch",
+    "experiment": "hand",
+    "seed": 0,
+    "n": 10,
+    "models": ["fusion/lr", "a/lr"],
+    "kappa": {"delta": 0.25, "ci": [-0.05, 0.5]},
+    "auroc": {"delta": 0.04, "ci": [0.01, 0.08]},
+}
+PRETRAIN_SCREEN = {
+    "benchmark": "pretrain_screen",
+    "machine": MACHINE,
+    "candidates": {
+        "imagenet": {
+            "backbones": ["mobilenet"],
+            "hand_seed0": {"mobilenet": {"n_train": 80, "n_val": 20, "auroc": 0.8, "kappa": 0.4}},
+            "knee": {"mobilenet": {"n": 50, "qwk": 0.6, "accuracy": 0.5}},
+        },
+        "absent_family": {"missing": True},
+    },
+}
+
+
 def write(folder: Path, name: str, payload: dict | str) -> None:
     text = payload if isinstance(payload, str) else json.dumps(payload)
     (folder / f"{name}.json").write_text(text)
@@ -79,9 +102,11 @@ def results(tmp_path: Path) -> Path:
             "init_comparisons": (inits := init_gain(runs, "in_domain", "scratch")),
             "init_comparisons_mean": mean_deltas(inits, ("comparison", "experiment", "seed"), "models"),
             "init_comparisons_mean_over_seeds": mean_deltas(inits, ("comparison", "experiment"), "models"),
+            "init_selected_paired": [PAIRED_ROW],
             "missing": ["leg__scratch"],
         },
     )
+    write(folder, "pretrain_screen", PRETRAIN_SCREEN)
     write(folder, "broken", "{not json")
     return folder
 
@@ -117,6 +142,14 @@ def test_accuracy_summary_tables(results: Path):
     assert "| in_domain - scratch | hand | 3 | 0.1 | 1 | 0 | 0 |" in text  # over seeds
     assert "| hand | in_domain | 1 | 0.5 | 0.72 |" in text  # the selected model, mean over seeds
     assert "leg__scratch" in text
+    assert "| in_domain - scratch | hand | 0 | 10 | fusion/lr vs a/lr | 0.25 [-0.05, 0.5] | 0.04 [0.01, 0.08] |" in text
+
+
+def test_pretrain_screen_summary_table(results: Path):
+    text = results_md.section("pretrain_screen", json.loads((results / "pretrain_screen.json").read_text()))
+    assert "| imagenet | hand_seed0 | mobilenet | 80 | 20 | – | 0.8 | 0.4 | – | – |" in text
+    assert "| imagenet | knee | mobilenet | – | – | 50 | – | – | 0.6 | 0.5 |" in text
+    assert "absent_family" not in text.split("**frozen features")[1]
 
 
 def test_empty_results_folder(tmp_path: Path):
@@ -399,4 +432,3 @@ def test_selected_models_of_two_inits_are_compared_on_the_same_images(tmp_path: 
     assert row["kappa"]["delta"] == pytest.approx(1.0 - 0.5)  # 10 of the 20 negatives called positive
     assert row["kappa"]["ci"][0] > 0 and row["auroc"]["delta"] == pytest.approx(0.0, abs=0.3)
     assert accuracy.selected_paired(results[:1], *PAIRED_INITS) == []
-
