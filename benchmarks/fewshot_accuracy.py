@@ -18,7 +18,9 @@ Data sets (none of their evaluated images was seen by the in-domain backbones; c
 
 Extractors (pooled penultimate features via ``tlfusion.features.extract_features`` with a cache under
 ``.cache/fewshot_accuracy``): at 224 px, MobileNetV1 and MobileNetV2 with the offline ImageNet weights
-(``imagenet/``, photographs only: they never saw a radiograph) and their fusion; at 128 px, the shipped in-domain
+(``imagenet/``, photographs only: they never saw a radiograph) and their fusion; the same two after ImageNet ->
+musculoskeletal multi-task pretraining (``imagenet_msk/``: saved_models/*_imagenet_msk, pretrained at 160 px on knee,
+paediatric hand and FracAtlas non-hand radiographs, no chest; used at 224 px) and their fusion; at 128 px, the shipped in-domain
 MobileNetV2 and EfficientNetB0, their fusion (per-block L2, as the pipeline's few-shot stage does), the same three
 with random weights ("scratch", seed 0), and
 ``chest/mobilenetv2``, pretrained on chest X-rays only (experiments/pretrain_chest.yaml: the Kermany and NIH
@@ -70,6 +72,8 @@ IMAGENET_SIZE = 224
 ARCHITECTURES = ("mobilenetv2", "efficientnetb0")
 IMAGENET_ARCHITECTURES = ("mobilenet", "mobilenetv2")
 SHIPPED = {arch: ROOT / "saved_models" / f"{arch}_xray128" / "model.keras" for arch in ARCHITECTURES}
+# ImageNet -> musculoskeletal radiographs, multi-task (experiments/pretrain_msk.yaml; no chest, COVID or FracAtlas hand)
+IMAGENET_MSK = {arch: ROOT / "saved_models" / f"{arch}_imagenet_msk" / "model.keras" for arch in IMAGENET_ARCHITECTURES}
 # Pretrained on chest X-rays only (experiments/pretrain_chest.yaml: Kermany train/val + NIH), never on COVID.
 CHEST = ROOT / "saved_models" / "mobilenetv2_chest128" / "model.keras"
 WAYS, SHOTS, SEED = 2, 5, 0
@@ -152,7 +156,7 @@ DATASETS: dict[str, Callable[[], pd.DataFrame]] = {
 def seen_overlap(table: pd.DataFrame) -> dict[str, int]:
     """How many of the table's images each shipped backbone saw in pretraining (must all be 0)."""
     hashes = set(table["sha256"])
-    shipped = {**SHIPPED, "chest/mobilenetv2": CHEST}
+    shipped = {**SHIPPED, "chest/mobilenetv2": CHEST, **{f"imagenet_msk/{a}": p for a, p in IMAGENET_MSK.items()}}
     return {name: len(hashes & read_seen_images(path.parent / SEEN_IMAGES)) for name, path in shipped.items()}
 
 
@@ -169,7 +173,13 @@ def imagenet_model(arch: str) -> Path:
     return saved_model(f"imagenet_{arch}_{IMAGENET_SIZE}", arch, IMAGENET_SIZE, "imagenet")
 
 
-def saved_model(name: str, arch: str, size: int, weights: str | None) -> Path:
+def imagenet_msk_model(arch: str) -> Path:
+    """The shipped ImageNet -> MSK backbone (pretrained at 160 px) moved into a 224-px model, saved once per file."""
+    shipped = IMAGENET_MSK[arch]
+    return saved_model(f"imagenet_msk_{arch}_{IMAGENET_SIZE}_{file_sha256(shipped)[:12]}", arch, IMAGENET_SIZE, shipped)
+
+
+def saved_model(name: str, arch: str, size: int, weights: str | Path | None) -> Path:
     path = CACHE / f"{name}.keras"
     if not path.is_file():
         import keras
@@ -197,6 +207,7 @@ def extractor_features(paths: list[str]) -> dict[str, np.ndarray]:
     out = {}
     starts = (
         ("imagenet", imagenet_model, IMAGENET_ARCHITECTURES, IMAGENET_SIZE),
+        ("imagenet_msk", imagenet_msk_model, IMAGENET_ARCHITECTURES, IMAGENET_SIZE),
         ("in_domain", SHIPPED.__getitem__, ARCHITECTURES, IMAGE_SIZE),
         ("scratch", scratch_model, ARCHITECTURES, IMAGE_SIZE),
     )
@@ -291,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
             "queries": QUERIES,
             "episodes": episodes,
             "seed": SEED,
-            "image_size": {"imagenet": IMAGENET_SIZE, "in_domain, scratch, chest": IMAGE_SIZE},
+            "image_size": {"imagenet, imagenet_msk": IMAGENET_SIZE, "in_domain, scratch, chest": IMAGE_SIZE},
             "ci95": METHOD,
             "episode_ci95": "mean ± 1.96·std/√episodes (this pool's patients only)",
             "fusion": "per-backbone L2 then concatenation (stateless; as the pipeline's few-shot stage)",
