@@ -20,9 +20,9 @@ Extractors (pooled penultimate features via ``tlfusion.features.extract_features
 ``.cache/fewshot_accuracy``): at 224 px, MobileNetV1 and MobileNetV2 with the offline ImageNet weights
 (``imagenet/``, photographs only: they never saw a radiograph) and their fusion; the same two after ImageNet ->
 musculoskeletal multi-task pretraining (``imagenet_msk/``: saved_models/*_imagenet_msk, pretrained at 160 px on knee,
-paediatric hand and FracAtlas non-hand radiographs, no chest; used at 224 px) and their fusion; at 128 px, the shipped in-domain
-MobileNetV2 and EfficientNetB0, their fusion (per-block L2, as the pipeline's few-shot stage does), the same three
-with random weights ("scratch", seed 0), and
+paediatric hand and FracAtlas non-hand radiographs, no chest; used at 224 px) and their fusion; at 128 px, the
+shipped in-domain MobileNetV2 and EfficientNetB0, their fusion (per-block L2, as the pipeline's few-shot stage
+does), the same three with random weights ("scratch", seed 0), and
 ``chest/mobilenetv2``, pretrained on chest X-rays only (experiments/pretrain_chest.yaml: the Kermany and NIH
 training parts; it saw the NIH base set but none of the evaluated images). Each is run with the penultimate
 features alone (``stages=1``) and with multi-scale features (``stages=N``, N the screen's decision, now 3: the
