@@ -75,6 +75,11 @@ NOTES = [
     "imagenet_frozen uses the experiment as shipped (flip included) with fine-tuning off.",
     "imagenet_msk: ImageNet -> musculoskeletal multi-task pretraining (knee KL, bone age, FracAtlas leg/hip/shoulder/",
     "mixed fracture and region; never FracAtlas hand, never a test part), then the experiment's fine-tuning.",
+    "The hand runs of all four inits ran cold at 8e66d7d (pipeline code as at HEAD but for the clinical merge's",
+    "calibration and subgroup reporting); the imagenet_msk runs read saved_models/*_imagenet_msk as shipped at",
+    "64ddbf3 (same sha256, copied into that checkout). Start decision (validation only, fixed before the",
+    "imagenet_msk runs): mean best-epoch val AUROC of the fine-tuned backbones over seeds 0-2: imagenet 0.838,",
+    "imagenet_msk 0.811, so the hand experiment keeps the ImageNet start.",
 ]
 PACKAGES = ("tensorflow-cpu", "tensorflow", "keras", "scikit-learn", "xgboost", "numpy")
 
