@@ -15,6 +15,7 @@ from tlfusion import backbones, pretraining
 from tlfusion.data.images import training_dataset
 from tlfusion.data.pretraining import TARGET_PREFIX, pretraining_table
 from tlfusion.errors import InputError
+from tlfusion.model_cards import model_card
 from tlfusion.pretraining_config import PretrainSource, PretrainSplit, PretrainTarget
 from tlfusion.pretraining_heads import Head, head_layout, head_targets, output_names
 from tlfusion.pretraining_losses import ContrastiveLoss, HeadMetric, MultiTaskLoss
@@ -164,7 +165,10 @@ def test_contrastive_pretraining_projects_to_its_width(table, tmp_path):
     model = keras.saving.load_model(result.model_path)
     assert model.get_layer("head").units == 8
     assert np.isfinite(result.val_metrics["val_loss"])
-    assert json.loads((tmp_path / "train.json").read_text())["settings"]["temperature"] == 0.2
+    summary = json.loads((tmp_path / "train.json").read_text())
+    assert summary["settings"]["temperature"] == 0.2
+    card = model_card(summary, "tiny_contrastive", "tlfusion pretrain x.yaml")
+    assert "| label (not used by the label-free objective) | train | val |" in card and "| class |" not in card
 
 
 def test_multitask_without_sources_is_a_callers_mistake(table, tmp_path):

@@ -97,8 +97,10 @@ def _data_tables(summary: Mapping[str, Any]) -> str:
     labels = sorted({*data["train"], *data["val"]})
     class_rows = [f"| {c} | {data['train'].get(c, 0)} | {data['val'].get(c, 0)} |" for c in labels]
     header = ["| {} | train | val |", "|---|---|---|"]
+    unused = summary["settings"].get("objective") == "contrastive"
+    label = "label (not used by the label-free objective)" if unused else "class"
     return "\n".join(
-        [header[0].format("source"), header[1], *source_rows, "", header[0].format("class"), header[1], *class_rows]
+        [header[0].format("source"), header[1], *source_rows, "", header[0].format(label), header[1], *class_rows]
     )
 
 
