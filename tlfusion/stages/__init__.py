@@ -3,7 +3,7 @@ files (`RunPaths` names) it reads and writes.
 
 Binary task:     data -> finetune -> extract -> fit (+ bundle) -> evaluate -> explain -> report
 Few-shot task:   data -> extract -> fewshot
-Multi-label:     data -> extract -> semantic -> report
+Multi-label:     data -> finetune -> extract -> semantic -> report
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ REGISTRY: dict[str, Stage] = {
             "finetune",
             run_finetune,
             ("image", "backbones", "finetune"),
-            (_PREPARE, "tlfusion.training", "tlfusion.backbones"),
+            (_PREPARE, "tlfusion.training", "tlfusion.multilabel_training", "tlfusion.backbones"),
             reads=("table",),
             writes=("model",),
             check=check_models,
@@ -121,9 +121,9 @@ REGISTRY: dict[str, Stage] = {
             "semantic",
             run_semantic,
             ("semantic",),
-            (_TASKS, "tlfusion.semantic", "tlfusion.label_embeddings", "tlfusion.metrics"),
-            reads=("table", "features"),
-            writes=("metrics",),
+            (_TASKS, "tlfusion.semantic", "tlfusion.semantic_eval", "tlfusion.label_embeddings", "tlfusion.metrics"),
+            reads=("table", "features", "model"),
+            writes=("metrics", "semantic_scores"),
             check=_check_metrics,
         ),
     )
@@ -131,6 +131,6 @@ REGISTRY: dict[str, Stage] = {
 TASKS: dict[str, tuple[str, ...]] = {
     "binary": ("data", "finetune", "extract", "fit", "evaluate", "explain", "report"),
     "fewshot": ("data", "extract", "fewshot"),
-    "multilabel": ("data", "extract", "semantic", "report"),
+    "multilabel": ("data", "finetune", "extract", "semantic", "report"),
 }
 """Task -> its stages, in order."""

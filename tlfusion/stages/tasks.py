@@ -6,9 +6,9 @@ import logging
 
 import numpy as np
 
-from tlfusion.data.sources import CHESTXRAY14_FINDINGS
-from tlfusion.evaluation import semantic_metrics
-from tlfusion.fileio import write_json
+import pandas as pd
+
+from tlfusion.fileio import write_atomic, write_json
 from tlfusion.metrics_schema import write_metrics
 from tlfusion.stages.context import RunContext
 from tlfusion.stages.leakage import check_unseen
@@ -80,18 +80,32 @@ def _fewshot_subgroups(run: RunContext, X: np.ndarray, y: np.ndarray, groups: np
 
 
 def run_semantic(run: RunContext) -> None:
-    """metrics.json: per-finding test AUROC of each semantic loss, and GZSL on the unseen findings."""
+    """metrics.json: per-finding test AUROC of each semantic loss with intervals, each metric loss vs BCE, GZSL on the
+    unseen findings; fit/semantic_scores.csv: every loss's test probabilities."""
+    from tlfusion.data.sources import label_matrix
     from tlfusion.reports import summary_lines
+    from tlfusion.semantic_eval import semantic_metrics
 
-    table = run.table
-    findings = run.experiment.data[0].findings or list(CHESTXRAY14_FINDINGS)
+    table, findings = run.table, run.findings
     X, _ = run.load_features(run.backbone_keys)
-    Y = np.array(
-        [[name in str(labels).split("|") for name in findings] for labels in table["labels"].fillna("")],
-        dtype=np.float32,
-    )
-    metrics = semantic_metrics(run.experiment, X, Y, table, findings)
+    metrics, scores = semantic_metrics(run.experiment, X, label_matrix(table, findings), table, findings)
     metrics["data"] = {"images": len(table), "patients": int(table["patient"].nunique())}
+    metrics["finetune"] = finetune_choices(run)
     write_metrics(run.paths.metrics, metrics)
+    test = table[table["split"] == "test"].reset_index(drop=True)
+    frames = [
+        test[["path", "patient"]].assign(model=loss, **dict(zip(findings, (1 / (1 + np.exp(-s))).T, strict=True)))
+        for loss, s in scores.items()
+    ]
+    write_atomic(run.paths.semantic_scores, lambda temp: pd.concat(frames).to_csv(temp, index=False))
     for line in summary_lines(metrics):
         log.info(line)
+
+
+def finetune_choices(run: RunContext) -> dict[str, dict]:
+    """Backbone -> its fine-tuning loss choice (`loss_choice.json`), for the backbones fine-tuned multi-label."""
+    from tlfusion.multilabel_training import CHOICE
+    from tlfusion.runfiles import read_json_object
+
+    paths = {key: run.paths.model(key).parent / CHOICE for key in run.backbone_keys}
+    return {key: read_json_object(path) for key, path in paths.items() if path.is_file()}
