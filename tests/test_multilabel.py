@@ -142,4 +142,25 @@ def test_a_multilabel_run_fine_tunes_chooses_its_loss_on_validation_and_reports_
     assert len(scores) == 2 * len(test) and set(scores["model"]) == {"bce", "dual_weighted"}
     assert (out / "plots" / "auroc_per_finding.png").is_file()
     report = (out / "report.md").read_text()
-    assert "dual_weighted − bce" in report and "positives" in report
+    assert "dual_weighted − bce" in report and "positives" in report and "explanations/index.html" in report
+    gallery = (out / "explanations" / "index.html").read_text()
+    assert gallery.count("<tr><td>") == 2 and "Grad-CAM per finding" in gallery
+    assert len(list((out / "explanations").glob("*_finding*.png"))) == 2 * 3  # 2 cases x top 3 findings
+
+
+def test_top_findings_rank_by_probability_and_grad_cam_follows_one_output(tmp_path):
+    from tlfusion.backbones import build_backbone
+    from tlfusion.explain.findings import finding_maps, top_findings
+
+    assert top_findings(np.array([[0.1, 0.9, 0.5, 0.9]]), 3).tolist() == [[1, 3, 2]]
+    keras.utils.set_random_seed(0)
+    model = build_backbone("mobilenetv2", 64, num_outputs=3, alpha=0.35)
+    head = model.get_layer("head")
+    kernel, bias = head.get_weights()
+    kernel[:, 2] = -kernel[:, 0]  # finding 2's logit is minus finding 0's: opposite evidence, other regions
+    head.set_weights([kernel, bias])
+    images = np.stack([xray_like(seed, 64, bright_blob=True)[..., None] for seed in range(2)]).astype(np.float32)
+    maps = finding_maps({"a": model, "b": model}, images, [0, 2])
+    assert set(maps) == {0, 2} and maps[0].shape == (2, 64, 64)
+    assert maps[0].max() == 1.0  # each map divided by its peak
+    assert not np.allclose(maps[0], maps[2])  # each finding's own logit, not one map for all

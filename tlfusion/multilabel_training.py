@@ -160,7 +160,9 @@ def finetune_choosing_loss(
         result = finetune_multilabel(table, backbone, out_dir, loss=losses[0], **arguments)
         choice = {"chosen": losses[0], "val_auc": {losses[0]: result.val_metrics.get("val_auc")}}
     else:
-        results = {loss: finetune_multilabel(table, backbone, out_dir / loss, loss=loss, **arguments) for loss in losses}
+        results = {
+            loss: finetune_multilabel(table, backbone, out_dir / loss, loss=loss, **arguments) for loss in losses
+        }
         scores = {loss: result.val_metrics.get("val_auc") for loss, result in results.items()}
         chosen = max(scores, key=lambda loss: -1.0 if scores[loss] is None else scores[loss])
         result = results[chosen]

@@ -76,6 +76,8 @@ def _sections(
 
 def _gallery_block(metrics: Mapping, gallery: str) -> str:
     selected = metrics.get("selected") or MISSING
+    if _is_multilabel(metrics):
+        return f"Grad-CAM per finding for the top findings of {selected} on test cases: [{gallery}]({gallery})."
     return (
         f"Grad-CAM and LIME of {selected} on test cases from every outcome, for review: [{gallery}]({gallery}) "
         "(verdicts go in `review.csv` beside it)."

@@ -3,7 +3,7 @@ files (`RunPaths` names) it reads and writes.
 
 Binary task:     data -> finetune -> extract -> fit (+ bundle) -> evaluate -> explain -> report
 Few-shot task:   data -> extract -> fewshot
-Multi-label:     data -> finetune -> extract -> semantic -> report
+Multi-label:     data -> finetune -> extract -> semantic -> explain_findings -> report
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from tlfusion.stages.binary import run_evaluate, run_explain, run_fit
 from tlfusion.stages.context import RunContext
 from tlfusion.stages.prepare import check_models, run_data, run_extract, run_finetune
 from tlfusion.stages.report import run_report
-from tlfusion.stages.tasks import run_fewshot_stage, run_semantic
+from tlfusion.stages.tasks import run_explain_findings, run_fewshot_stage, run_semantic
 
 
 @dataclass(frozen=True)
@@ -126,11 +126,19 @@ REGISTRY: dict[str, Stage] = {
             writes=("metrics", "semantic_scores"),
             check=_check_metrics,
         ),
+        Stage(
+            "explain_findings",
+            run_explain_findings,
+            ("explain",),
+            (_TASKS, "tlfusion.explain.findings", "tlfusion.backbones"),
+            reads=("table", "model", "metrics", "semantic_scores"),
+            writes=("explanations",),
+        ),
     )
 }
 TASKS: dict[str, tuple[str, ...]] = {
     "binary": ("data", "finetune", "extract", "fit", "evaluate", "explain", "report"),
     "fewshot": ("data", "extract", "fewshot"),
-    "multilabel": ("data", "finetune", "extract", "semantic", "report"),
+    "multilabel": ("data", "finetune", "extract", "semantic", "explain_findings", "report"),
 }
 """Task -> its stages, in order."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-
 import pandas as pd
 
 from tlfusion.fileio import write_atomic, write_json
@@ -109,3 +108,38 @@ def finetune_choices(run: RunContext) -> dict[str, dict]:
 
     paths = {key: run.paths.model(key).parent / CHOICE for key in run.backbone_keys}
     return {key: read_json_object(path) for key, path in paths.items() if path.is_file()}
+
+
+def run_explain_findings(run: RunContext) -> None:
+    """explanations/: Grad-CAM per finding for the top findings of the most confident test cases of the selected
+    semantic model, on the fine-tuned backbones' sigmoid heads (none when the backbones were not fine-tuned)."""
+    from tlfusion.backbones import load_model_file
+    from tlfusion.data.sources import label_matrix
+    from tlfusion.explain.findings import explain_findings
+    from tlfusion.metrics_schema import read_metrics
+
+    spec, findings = run.experiment.explain, run.findings
+    if not spec.enabled or spec.cases == 0 or "gradcam" not in spec.methods:
+        log.info("explanations disabled")
+        return
+    models = {key: load_model_file(run.paths.model(key)) for key in run.backbone_keys}
+    if any(int(model.output.shape[-1]) != len(findings) for model in models.values()):
+        log.info("no Grad-CAM per finding: the backbones were not fine-tuned with one output per finding")
+        return
+    selected = read_metrics(run.paths.metrics)["selected"]
+    scores = pd.read_csv(run.paths.semantic_scores)
+    probabilities = scores.loc[scores["model"] == selected, findings].to_numpy()
+    test = run.table[run.table["split"] == "test"].reset_index(drop=True)
+    chosen = np.argsort(-probabilities.max(axis=1), kind="stable")[: spec.cases]
+    explain_findings(
+        models,
+        test["path"].iloc[chosen].tolist(),
+        probabilities[chosen],
+        label_matrix(test, findings)[chosen],
+        findings,
+        run.paths.explanations,
+        image_size=run.experiment.image.size,
+        clahe=run.experiment.image.clahe,
+        model=selected,
+    )
+    log.info("explained %d test cases, Grad-CAM of their top findings", len(chosen))
