@@ -361,7 +361,21 @@ def summarise_nih_chest(payload: dict) -> list[Table]:
         (f"{payload['data']['images']} images, test split by patient", header, rows),
         (f"per finding, {payload['selected']}", ["finding", "test positives", "AUROC", "95% CI"], findings),
         ("fine-tuning loss (chosen on validation)", ["backbone", "chosen", "val AUROC per loss"], choice),
+        *_start_screen(payload.get("start_screen")),
     ]
+
+
+def _start_screen(screen: dict | None) -> list[Table]:
+    """The nih_chest start screen: val mean AUROC per start and feature set (none when not measured)."""
+    if not screen:
+        return []
+    sets = sorted({name for scores in screen["val_mean_auroc"].values() for name in scores})
+    rows = [[start, *(scores.get(name) for name in sets)] for start, scores in screen["val_mean_auroc"].items()]
+    title = (
+        f"start on validation only (frozen 224-px features, logistic regression per finding; {screen['n_train']} "
+        f"train, {screen['n_val']} val images; best fused: {screen['val_best_fused']})"
+    )
+    return [(title, ["start", *sets], rows)]
 
 
 def summarise_scaling(payload: dict) -> list[Table]:
