@@ -343,6 +343,41 @@ def summarise_semantic(payload: dict) -> list[Table]:
     return tables
 
 
+def summarise_nih_chest(payload: dict) -> list[Table]:
+    header = ["semantic loss", "val mean AUROC", "test mean AUROC", "95% CI", "Δ vs BCE [95% CI, paired]"]
+    header += ["GZSL seen", "unseen", "H", "H 95% CI"]
+    rows = []
+    for loss, test in payload["test_mean_auroc"].items():
+        delta, gzsl = payload["vs_bce"].get(loss, {}), payload["gzsl"].get(loss, {})
+        name = f"{loss} (selected)" if loss == payload["selected"] else loss
+        rows.append(
+            [name, payload["val_mean_auroc"].get(loss), test["auroc"], test["ci"]]
+            + [f"{fmt(delta['delta'])} {fmt(delta['ci'])}" if delta else None]
+            + [gzsl.get("seen"), gzsl.get("unseen"), gzsl.get("h"), (gzsl.get("ci") or {}).get("h")]
+        )
+    findings = [[name, r["positives"], r["auroc"], r["ci"]] for name, r in payload["per_finding_selected"].items()]
+    choice = [[key, c["chosen"], c["val_auc"]] for key, c in payload["finetune_loss_choice"].items()]
+    return [
+        (f"{payload['data']['images']} images, test split by patient", header, rows),
+        (f"per finding, {payload['selected']}", ["finding", "test positives", "AUROC", "95% CI"], findings),
+        ("fine-tuning loss (chosen on validation)", ["backbone", "chosen", "val AUROC per loss"], choice),
+        *_start_screen(payload.get("start_screen")),
+    ]
+
+
+def _start_screen(screen: dict | None) -> list[Table]:
+    """The nih_chest start screen: val mean AUROC per start and feature set (none when not measured)."""
+    if not screen:
+        return []
+    sets = sorted({name for scores in screen["val_mean_auroc"].values() for name in scores})
+    rows = [[start, *(scores.get(name) for name in sets)] for start, scores in screen["val_mean_auroc"].items()]
+    title = (
+        f"start on validation only (frozen 224-px features, logistic regression per finding; {screen['n_train']} "
+        f"train, {screen['n_val']} val images; best fused: {screen['val_best_fused']})"
+    )
+    return [(title, ["start", *sets], rows)]
+
+
 def summarise_scaling(payload: dict) -> list[Table]:
     header = ["images", "seconds", "images/s", "peak RSS MiB", "RSS before extraction MiB", "load avg (1, 5, 15 min)"]
     rows = [
@@ -571,6 +606,7 @@ SUMMARISERS: dict[str, Callable[[dict], list[Table]]] = {
     "fewshot_screen": summarise_fewshot_screen,
     "extract": summarise_extract,
     "semantic_nih1000": summarise_semantic,
+    "nih_chest": summarise_nih_chest,
     "scaling": summarise_scaling,
     "end_to_end": summarise_end_to_end,
     "scale_out": summarise_scale_out,

@@ -432,3 +432,59 @@ def test_selected_models_of_two_inits_are_compared_on_the_same_images(tmp_path: 
     assert row["kappa"]["delta"] == pytest.approx(1.0 - 0.5)  # 10 of the 20 negatives called positive
     assert row["kappa"]["ci"][0] > 0 and row["auroc"]["delta"] == pytest.approx(0.0, abs=0.3)
     assert accuracy.selected_paired(results[:1], *PAIRED_INITS) == []
+
+
+def nih_chest_metrics() -> dict:
+    """A multi-label metrics.json of two losses on two findings, as the semantic stage writes it."""
+    rows = [
+        {"model": loss, "split": "test", "finding": name, "auroc": auroc, "ci": {"auroc": [auroc - 0.1, auroc + 0.1]}}
+        | {"positives": positives}
+        for loss, offset in (("bce", 0.0), ("dual_weighted", 0.02))
+        for name, auroc, positives in (
+            ("Mass", 0.6 + offset, 7),
+            ("Nodule", 0.7 + offset, 9),
+            ("mean", 0.65 + offset, 16),
+        )
+    ]
+    return {
+        "selected": "dual_weighted",
+        "val_mean_auroc": {"bce": 0.61, "dual_weighted": 0.63},
+        "results": rows,
+        "vs_bce": {"dual_weighted": {"delta": 0.02, "ci": [-0.01, 0.05]}},
+        "gzsl": {loss: {"seen": 0.7, "unseen": 0.5, "h": 0.58} for loss in ("bce", "dual_weighted")},
+        "gzsl_ci": {"dual_weighted": {"seen": [0.6, 0.8], "unseen": [0.4, 0.6], "h": [0.5, 0.66]}},
+        "unseen": ["Nodule"],
+        "finetune": {"mobilenet": {"chosen": "balanced", "val_auc": {"bce": 0.58, "balanced": 0.6}}},
+        "data": {"images": 720, "patients": 716},
+    }
+
+
+def test_nih_chest_summary_and_its_results_md_tables():
+    from benchmarks.nih_chest import summary
+
+    payload = summary(nih_chest_metrics()) | {"machine": MACHINE}
+    assert payload["selected_test_mean_auroc"] == 0.67
+    assert payload["selected_test_mean_auroc_ci"] == pytest.approx([0.57, 0.77])
+    assert set(payload["per_finding_selected"]) == {"Mass", "Nodule"}
+    payload["start_screen"] = {
+        "n_train": 400,
+        "n_val": 140,
+        "val_mean_auroc": {"imagenet": {"fusion": 0.62, "mobilenet": 0.6}, "imagenet_msk": {"fusion": 0.57}},
+        "val_best_fused": "imagenet",
+    }
+    text = results_md.section("nih_chest", payload)
+    assert "| dual_weighted (selected) | 0.63 | 0.67 | [0.57, 0.77] | 0.02 [-0.01, 0.05] | 0.7 | 0.5 | 0.58 |" in text
+    assert "| Nodule | 9 | 0.72 | [0.62, 0.82] |" in text
+    assert "| imagenet_msk | 0.57 | – |" in text and "best fused: imagenet" in text
+
+
+def test_nih_chest_start_screen_scores_each_finding_on_validation_only():
+    from benchmarks.nih_chest import val_mean_auroc
+
+    rng = np.random.default_rng(0)
+    Y = rng.integers(0, 2, size=(120, 3)).astype(float)
+    train = np.arange(120) < 80
+    Y[train, 2] = 0  # one class in train: left out, not scored
+    informative = np.hstack([Y[:, :2] + 0.1 * rng.normal(size=(120, 2)), rng.normal(size=(120, 3))])
+    assert val_mean_auroc(informative, Y, train, ["a", "b", "c"]) == 1.0
+    assert val_mean_auroc(rng.normal(size=(120, 5)), Y, train, ["a", "b", "c"]) < 0.8

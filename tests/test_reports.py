@@ -361,8 +361,9 @@ def test_single_model_bundle_evaluation_on_another_split(tmp_path):
 def test_multilabel_reports(tmp_path):
     metrics = multilabel_metrics_json()
     paths = write_reports(tmp_path, metrics, None)
-    assert set(paths) == {"report.md", "report.html", "plots/auroc_by_finding.png", "plots/auroc_by_classifier.png"}
-    for key in ("plots/auroc_by_finding.png", "plots/auroc_by_classifier.png"):
+    plots = {"plots/auroc_by_finding.png", "plots/auroc_by_classifier.png", "plots/auroc_per_finding.png"}
+    assert set(paths) == {"report.md", "report.html", *plots}
+    for key in plots:
         with Image.open(paths[key]) as image:
             image.verify()
         assert paths[key].stat().st_size < 200_000

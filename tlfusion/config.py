@@ -128,6 +128,9 @@ class FinetuneSpec(Strict):
     patience: int = Field(3, ge=1)
     batchnorm: Literal["auto", "train", "freeze"] = "auto"
     distribute: Literal["auto", "default", "mirrored", "multi_worker"] = "auto"
+    losses: list[Literal["bce", "balanced", "asymmetric"]] = Field(default_factory=lambda: ["bce"], min_length=1)
+    """Multi-label experiments: the fine-tuning losses (`tlfusion.multilabel_training.LOSSES`); with several, each
+    is trained and the one with the best validation mean AUROC kept. Binary fine-tuning uses BCE."""
 
 
 class FeaturesSpec(Strict):

@@ -1,4 +1,5 @@
-"""Scoring predictions: binary result rows (image and study level), fusion vs single backbones, multi-label AUROC.
+"""Scoring predictions: binary result rows (image and study level), fusion vs single backbones (multi-label runs:
+`tlfusion.semantic_eval`).
 
 Every confidence interval comes from `tlfusion.metrics`' one patient bootstrap.
 """
@@ -11,11 +12,10 @@ import numpy as np
 import pandas as pd
 
 from tlfusion import metrics
-from tlfusion.errors import InputError
 from tlfusion.model_name import ModelName
 
 if TYPE_CHECKING:
-    from tlfusion.config import EvaluateSpec, Experiment
+    from tlfusion.config import EvaluateSpec
 
 
 def evaluate_predictions(
@@ -105,70 +105,6 @@ def pick_cases(test: pd.DataFrame, threshold: float, count: int) -> pd.DataFrame
         .head(count)
         .drop(columns=["turn", "order"])
     )
-
-
-def semantic_metrics(
-    experiment: Experiment, X: np.ndarray, Y: np.ndarray, table: pd.DataFrame, findings: list[str]
-) -> dict:
-    """Per-finding test AUROC (+ patient-bootstrap CI of the mean) for each loss, and GZSL on the unseen split."""
-    from tlfusion.label_embeddings import load_label_vectors
-    from tlfusion.semantic import SemanticMetricClassifier, evaluate_gzsl, per_finding_auroc
-
-    spec = experiment.semantic
-    vectors = dict(zip(findings, load_label_vectors(spec.label_vectors, findings), strict=True))
-    unknown = sorted(set(spec.unseen) - set(findings))
-    if unknown:
-        raise InputError(f"semantic.unseen: unknown finding(s) {unknown}")
-    seen = [name for name in findings if name not in spec.unseen]
-    fit_rows, val_rows, test_rows = (table["split"].to_numpy() == part for part in ("train", "val", "test"))
-    patients = table["patient"].astype(str).to_numpy()
-    results, gzsl, val_scores = [], {}, {}
-    for loss in spec.losses:
-        model = SemanticMetricClassifier(loss=loss, dim=spec.dim, epochs=spec.epochs, random_state=experiment.seed)
-        model.fit(X[fit_rows], Y[fit_rows], vectors, seen=findings)
-        val_scores[loss] = _mean_auroc(Y[val_rows], model.decision_function(X[val_rows], vectors), findings)
-        scores = model.decision_function(X[test_rows], vectors)
-        auroc = per_finding_auroc(Y[test_rows], scores, findings)
-        n_boot = experiment.evaluate.bootstrap
-        ci = metrics.bootstrap_mean_auroc_ci(
-            Y[test_rows], scores, patients[test_rows], n_boot=n_boot, seed=experiment.seed
-        )
-        results += [{"model": loss, "finding": name, "split": "test", "auroc": value} for name, value in auroc.items()]
-        results.append(
-            {
-                "model": loss,
-                "finding": "mean",
-                "split": "test",
-                "n": int(test_rows.sum()),
-                "auroc": _mean_auroc(Y[test_rows], scores, findings),
-                "ci": {"auroc": ci},
-            }
-        )
-        if spec.unseen:
-            zero_shot = SemanticMetricClassifier(
-                loss=loss, dim=spec.dim, epochs=spec.epochs, random_state=experiment.seed
-            )
-            seen_columns = [findings.index(name) for name in seen]
-            zero_shot.fit(X[fit_rows], Y[fit_rows][:, seen_columns], vectors, seen=seen)
-            gzsl[loss] = evaluate_gzsl(
-                Y[test_rows], zero_shot.decision_function(X[test_rows], vectors), findings, seen, spec.unseen
-            )
-    best = max(val_scores, key=lambda loss: val_scores[loss] or 0)
-    return {
-        "experiment": experiment.name,
-        "task": "multilabel",
-        "selected": best,
-        "val_mean_auroc": val_scores,
-        "findings": findings,
-        "seen": seen,
-        "unseen": list(spec.unseen),
-        "results": results,
-        "gzsl": gzsl,
-    }
-
-
-def _mean_auroc(Y: np.ndarray, scores: np.ndarray, findings: list[str]) -> float | None:
-    return metrics.multilabel_auroc(Y, scores, findings)["mean"]
 
 
 def clinical_checks(

@@ -213,17 +213,73 @@ def bootstrap_mean_auroc_ci(
     ``groups`` as ``bootstrap_ci`` does; ``None`` when ``n_boot`` is 0 or no resample defines any finding."""
     if not n_boot:
         return None
+    return _percentiles(_defined_mean(_finding_auroc_resamples(Y_true, scores, groups, n_boot, seed)), level)
+
+
+def bootstrap_finding_auroc_ci(
+    Y_true, scores, groups, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> list[list[float] | None]:
+    """Percentile interval of each finding's AUROC (one per column), on the resamples of `bootstrap_mean_auroc_ci`
+    (same ``seed``: same draws); ``None`` for a finding undefined in every resample."""
+    resampled = _finding_auroc_resamples(Y_true, scores, groups, n_boot, seed)
+    return [_percentiles(resampled[:, j], level) for j in range(resampled.shape[1])]
+
+
+def paired_bootstrap_mean_auroc_delta(
+    Y_true, scores_a, scores_b, groups, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, float | list[float] | None]:
+    """Mean per-finding AUROC of scores A minus that of scores B on the same images: the observed difference and
+    its percentile interval over shared group resamples (a paired bootstrap, as `paired_bootstrap_delta`)."""
+    a = _finding_auroc_resamples(Y_true, scores_a, groups, n_boot, seed)
+    b = _finding_auroc_resamples(Y_true, scores_b, groups, n_boot, seed)
+    observed = _defined_mean(_observed_aurocs(Y_true, scores_a)) - _defined_mean(_observed_aurocs(Y_true, scores_b))
+    return {"delta": _json_float(observed[0]), "ci": _percentiles(_defined_mean(a) - _defined_mean(b), level)}
+
+
+def bootstrap_gzsl_ci(
+    Y_true,
+    scores,
+    groups,
+    seen: Sequence[int],
+    unseen: Sequence[int],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, list[float] | None]:
+    """Percentile intervals of the GZSL means: mean AUROC over the ``seen`` columns, over the ``unseen`` columns,
+    and their harmonic mean ``h``, each resample's three from the same draw."""
+    resampled = _finding_auroc_resamples(Y_true, scores, groups, n_boot, seed)
+    means = {"seen": _defined_mean(resampled[:, list(seen)]), "unseen": _defined_mean(resampled[:, list(unseen)])}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        means["h"] = 2 * means["seen"] * means["unseen"] / (means["seen"] + means["unseen"])
+    return {key: _percentiles(values, level) for key, values in means.items()}
+
+
+def _finding_auroc_resamples(Y_true, scores, groups, n_boot: int, seed: int) -> np.ndarray:
+    """AUROC of each finding in each group resample, [n_boot, findings] (NaN where undefined)."""
     Y, S = _multilabel_inputs(Y_true, scores)
     draws, item_group = _group_resamples(len(Y), groups, n_boot, seed)
     chunk = max(1, _BOOTSTRAP_CHUNK_CELLS // len(Y))
-    means = []
+    blocks = []
     for start in range(0, len(draws), chunk):
         weights = draws[start : start + chunk][:, item_group].astype(float)
-        per_finding = np.stack([_auroc(Y[:, j], S[:, j], weights) for j in range(Y.shape[1])], axis=1)
-        defined = np.isfinite(per_finding).sum(axis=1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            means.append(np.where(defined > 0, np.nansum(per_finding, axis=1) / defined, np.nan))
-    return _percentiles(np.concatenate(means), level)
+        blocks.append(np.stack([_auroc(Y[:, j], S[:, j], weights) for j in range(Y.shape[1])], axis=1))
+    return np.concatenate(blocks)
+
+
+def _observed_aurocs(Y_true, scores) -> np.ndarray:
+    """AUROC of each finding on the images as they are, one row [1, findings] (NaN where undefined)."""
+    Y, S = _multilabel_inputs(Y_true, scores)
+    ones = np.ones((1, len(Y)))
+    return np.stack([_auroc(Y[:, j], S[:, j], ones) for j in range(Y.shape[1])], axis=1)
+
+
+def _defined_mean(per_finding: np.ndarray) -> np.ndarray:
+    """Row means over the defined (finite) columns; NaN for a row with none."""
+    defined = np.isfinite(per_finding).sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(defined > 0, np.nansum(per_finding, axis=1) / defined, np.nan)
 
 
 def _multilabel_inputs(Y_true, scores) -> tuple[np.ndarray, np.ndarray]:

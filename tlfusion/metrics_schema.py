@@ -131,6 +131,8 @@ class FindingResult(_Schema):
     split: str
     auroc: float | None
     n: int | None = None
+    positives: int | None = None
+    """Test images with the finding (the mean's row: with any finding)."""
     ci: dict[str, Interval] | None = None
 
 
@@ -144,6 +146,12 @@ class MultilabelMetrics(_Schema):
     unseen: list[str]
     results: list[FindingResult]
     gzsl: dict[str, dict[str, float | None]]
+    gzsl_ci: dict[str, dict[str, Interval]] = Field(default_factory=dict)
+    """Loss -> patient-bootstrap intervals of its GZSL seen / unseen / h."""
+    vs_bce: dict[str, Delta] = Field(default_factory=dict)
+    """Loss -> its test mean AUROC minus BCE's, with a paired patient-bootstrap interval."""
+    finetune: dict[str, dict] = Field(default_factory=dict)
+    """Backbone -> the multi-label fine-tuning loss chosen on validation (`loss_choice.json`)."""
     data: dict
 
 

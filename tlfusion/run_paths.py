@@ -29,6 +29,7 @@ class RunPaths:
         # fit
         self.selection = root / "fit" / "selection.json"  # selected model, scoring, CV scores, thresholds
         self.predictions = root / "fit" / "predictions.csv"  # out-of-fold (cv) and test probabilities per model
+        self.semantic_scores = root / "fit" / "semantic_scores.csv"  # multi-label: test probabilities per loss
         self.bundle = root / "bundle"  # the selected model (tlfusion.bundle)
         # evaluate or semantic; explain; report; fewshot
         self.metrics = root / "metrics.json"  # tlfusion.metrics_schema

@@ -366,7 +366,7 @@ class _EpochRecorder(keras.callbacks.Callback):
 
 
 def run_eta(state: dict, total_epochs: int) -> str:
-    """"epoch 3/12, best 2, 4.1 min so far, about 12.3 min left" (the mean epoch time so far, times the rest)."""
+    """Progress line such as "epoch 3/12, best 2, 4.1 min so far, about 12.3 min left" (mean epoch time x the rest)."""
     done, wall = state["epoch"], state["wall_seconds"]
     left = 0 if state["stopped"] else total_epochs - done
     return (

@@ -353,8 +353,11 @@ def _list_text(path: Path) -> str:
 
 
 def label_matrix(table: pd.DataFrame, findings: Sequence[str]) -> np.ndarray:
-    """0/1 matrix [n_images, n_findings] from a multi-label table's `labels` column."""
-    return np.array([[name in labels for name in findings] for labels in table["labels"]], dtype=np.float32)
+    """0/1 matrix [n_images, n_findings] from a multi-label table's `labels` column: lists of findings, or text
+    joined by '|' as `data/table.csv` stores them (empty or missing: no finding)."""
+    rows = [labels.split("|") if isinstance(labels, str) else labels for labels in table["labels"]]
+    rows = [row if isinstance(row, (list, tuple)) else [] for row in rows]
+    return np.array([[name in row for name in findings] for row in rows], dtype=np.float32)
 
 
 CSV_COLUMNS = ("path_column", "label_column", "patient_column", "study_column", "split_column", "region_column")

@@ -23,6 +23,7 @@ from tlfusion.reports.content import _sections
 from tlfusion.reports.plots import (
     _compared_models,
     _confusion_figure,
+    _forest_figure,
     _grouped_bars,
     _Plot,
     _png_bytes,
@@ -173,4 +174,12 @@ def _write_plots(run_dir: Path, metrics: Mapping, predictions: pd.DataFrame | No
             "auroc_by_finding",
             f"AUROC per finding on the {split} split, one bar per model (error bars: bootstrap CI; dotted: chance).",
         )
+        forest = {finding: rows[selected] for finding, rows in findings.items() if selected in rows}
+        if forest:
+            save(
+                _forest_figure(forest, f"{selected}: {split} AUROC per finding"),
+                "auroc_per_finding",
+                f"Forest plot: {selected}'s AUROC per finding on the {split} split with patient-bootstrap 95% "
+                "intervals; n+ = test images with the finding (dotted: chance).",
+            )
     return plots

@@ -51,8 +51,12 @@ def _sections(
             (f"Mean AUROC on the {split} split", [_metrics_table(metrics, _headline(metrics).rows, ("auroc",))]),
             (f"AUROC per finding on the {split} split", _finding_blocks(metrics)),
         ]
+        if metrics.get("vs_bce"):
+            sections.append(("Metric losses vs BCE on the same features", _versus_bce_blocks(metrics)))
         if metrics.get("gzsl"):
-            sections.append(("Generalised zero-shot (seen / unseen findings)", [_gzsl_table(metrics)]))
+            sections.append(("Generalised zero-shot (seen / unseen findings)", _gzsl_blocks(metrics)))
+        if metrics.get("finetune"):
+            sections.append(("Multi-label fine-tuning loss", _finetune_blocks(metrics)))
     else:
         sections += [
             (f"Metrics on the {split} split, {level} level", [_metrics_table(metrics, _rows(metrics, split, level))])
@@ -72,6 +76,8 @@ def _sections(
 
 def _gallery_block(metrics: Mapping, gallery: str) -> str:
     selected = metrics.get("selected") or MISSING
+    if _is_multilabel(metrics):
+        return f"Grad-CAM per finding for the top findings of {selected} on test cases: [{gallery}]({gallery})."
     return (
         f"Grad-CAM and LIME of {selected} on test cases from every outcome, for review: [{gallery}]({gallery}) "
         "(verdicts go in `review.csv` beside it)."
@@ -280,25 +286,61 @@ def _finding_blocks(metrics: Mapping) -> list[_Block]:
     findings = _rows_by_finding(metrics)
     models = _finding_models(metrics)
     table = _Table(
-        ["finding", *(f"{m} (selected)" if m == metrics.get("selected") else m for m in models)],
+        ["finding", "positives", *(f"{m} (selected)" if m == metrics.get("selected") else m for m in models)],
         [
-            [_Cell(finding, finding), *_best_cells([rows.get(m, {}) for m in models], "auroc")]
+            [
+                _Cell(finding, finding),
+                _count_cell(next((row.get("positives") for row in rows.values()), None)),
+                *_best_cells([rows.get(m, {}) for m in models], "auroc"),
+            ]
             for finding, rows in findings.items()
         ],
     )
-    return ["AUROC of each model per finding; the best of each row is in bold.", table]
+    note = (
+        "AUROC of each model per finding with its patient-bootstrap 95% interval; the best of each row is in bold. "
+        "Positives: test images with the finding (mean row: with any finding); few positives, wide intervals."
+    )
+    return [note, table]
 
 
-def _gzsl_table(metrics: Mapping) -> _Table:
-    gzsl = metrics["gzsl"]
+def _versus_bce_blocks(metrics: Mapping) -> list[_Block]:
+    rows = [
+        [_Cell(f"{loss} − bce", loss), _value_cell(delta.get("delta"), _signed(delta.get("delta"), delta.get("ci")))]
+        for loss, delta in metrics["vs_bce"].items()
+    ]
+    note = (
+        "Test mean AUROC of each metric loss minus BCE's, both semantic-prototype models on the same fused features, "
+        "with a paired patient-bootstrap 95% interval (both on the same resamples): an interval that contains 0 is "
+        "no evidence either way."
+    )
+    return [note, _Table(["loss", "Δ mean AUROC [95% CI]"], rows)]
+
+
+def _gzsl_blocks(metrics: Mapping) -> list[_Block]:
+    gzsl, intervals = metrics["gzsl"], metrics.get("gzsl_ci") or {}
     order = _sorted_by(gzsl, "h")
-    return _Table(
+    table = _Table(
         ["model", *GZSL_KEYS.values()],
         [
-            [_model_cell(name, metrics.get("selected"))] + [_metric_cell(gzsl[name], key) for key in GZSL_KEYS]
+            [_model_cell(name, metrics.get("selected"))]
+            + [_metric_cell({**gzsl[name], "ci": intervals.get(name, {})}, key) for key in GZSL_KEYS]
             for name in order
         ],
     )
+    unseen = ", ".join(metrics.get("unseen") or [])
+    return [f"Trained on the seen findings only; unseen: {unseen}. Patient-bootstrap 95% intervals.", table]
+
+
+def _finetune_blocks(metrics: Mapping) -> list[_Block]:
+    choices = metrics["finetune"]
+    losses = list(dict.fromkeys(loss for choice in choices.values() for loss in choice.get("val_auc", {})))
+    rows = [
+        [_Cell(key, key), _Cell(choice.get("chosen", MISSING), choice.get("chosen"), bold=True)]
+        + [_value_cell(choice.get("val_auc", {}).get(loss)) for loss in losses]
+        for key, choice in choices.items()
+    ]
+    note = "Each backbone's sigmoid head was fine-tuned with each loss; the best validation mean AUROC was kept."
+    return [note, _Table(["backbone", "chosen", *(f"val AUROC {loss}" for loss in losses)], rows)]
 
 
 def _timing_blocks(timings: Mapping[str, Any]) -> list[_Block]:

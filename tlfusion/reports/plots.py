@@ -141,3 +141,24 @@ def _grouped_bars(
     for bar in outlined:  # after the legend, whose keys copy the first bar of each series
         bar.set(edgecolor="black", linewidth=2)
     return figure
+
+
+def _forest_figure(rows: Mapping[str, Mapping], title: str):
+    """AUROC per finding (``rows``: finding -> result row, the mean last) as points with their CI bars, each
+    labelled with its positives; a dotted line at chance."""
+    names = list(rows)
+    figure, axes = _new_figure(6.5, 1.2 + 0.32 * len(names))
+    positions = np.arange(len(names))[::-1]
+    for position, name in zip(positions, names, strict=True):
+        row = rows[name]
+        value, ci = row.get("auroc"), _ci(row, "auroc")
+        if _is_interval(ci):
+            axes.plot(ci, [position, position], color="tab:blue", linewidth=1.5)
+        if _is_number(value):
+            marker = "D" if name == "mean" else "o"
+            axes.plot([value], [position], marker, color="black" if name == "mean" else "tab:blue")
+    labels = [f"{name} (n+={rows[name].get('positives', '?')})" for name in names]
+    axes.set_yticks(positions, labels)
+    axes.axvline(0.5, color="grey", linestyle=":", linewidth=1)
+    axes.set(xlim=(0, 1), xlabel="AUROC (95% patient-bootstrap CI)", title=title)
+    return figure

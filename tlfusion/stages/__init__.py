@@ -3,7 +3,7 @@ files (`RunPaths` names) it reads and writes.
 
 Binary task:     data -> finetune -> extract -> fit (+ bundle) -> evaluate -> explain -> report
 Few-shot task:   data -> extract -> fewshot
-Multi-label:     data -> extract -> semantic -> report
+Multi-label:     data -> finetune -> extract -> semantic -> explain_findings -> report
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from tlfusion.stages.binary import run_evaluate, run_explain, run_fit
 from tlfusion.stages.context import RunContext
 from tlfusion.stages.prepare import check_models, run_data, run_extract, run_finetune
 from tlfusion.stages.report import run_report
-from tlfusion.stages.tasks import run_fewshot_stage, run_semantic
+from tlfusion.stages.tasks import run_explain_findings, run_fewshot_stage, run_semantic
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ REGISTRY: dict[str, Stage] = {
             "finetune",
             run_finetune,
             ("image", "backbones", "finetune"),
-            (_PREPARE, "tlfusion.training", "tlfusion.backbones"),
+            (_PREPARE, "tlfusion.training", "tlfusion.multilabel_training", "tlfusion.backbones"),
             reads=("table",),
             writes=("model",),
             check=check_models,
@@ -121,16 +121,24 @@ REGISTRY: dict[str, Stage] = {
             "semantic",
             run_semantic,
             ("semantic",),
-            (_TASKS, "tlfusion.semantic", "tlfusion.label_embeddings", "tlfusion.metrics"),
-            reads=("table", "features"),
-            writes=("metrics",),
+            (_TASKS, "tlfusion.semantic", "tlfusion.semantic_eval", "tlfusion.label_embeddings", "tlfusion.metrics"),
+            reads=("table", "features", "model"),
+            writes=("metrics", "semantic_scores"),
             check=_check_metrics,
+        ),
+        Stage(
+            "explain_findings",
+            run_explain_findings,
+            ("explain",),
+            (_TASKS, "tlfusion.explain.findings", "tlfusion.backbones"),
+            reads=("table", "model", "metrics", "semantic_scores"),
+            writes=("explanations",),
         ),
     )
 }
 TASKS: dict[str, tuple[str, ...]] = {
     "binary": ("data", "finetune", "extract", "fit", "evaluate", "explain", "report"),
     "fewshot": ("data", "extract", "fewshot"),
-    "multilabel": ("data", "extract", "semantic", "report"),
+    "multilabel": ("data", "finetune", "extract", "semantic", "explain_findings", "report"),
 }
 """Task -> its stages, in order."""

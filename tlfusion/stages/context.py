@@ -62,6 +62,13 @@ class RunContext:
         return digest(self.table[columns].astype(str).values.tolist())
 
     @property
+    def findings(self) -> list[str]:
+        """A multi-label experiment's findings: its first source's `findings`, else the 14 of ChestX-ray14."""
+        from tlfusion.data.sources import CHESTXRAY14_FINDINGS
+
+        return list(self.experiment.data[0].findings or CHESTXRAY14_FINDINGS)
+
+    @property
     def backbone_keys(self) -> list[str]:
         return backbone_keys(self.experiment)
 

@@ -70,23 +70,35 @@ def run_finetune(run: RunContext) -> None:
         if not experiment.finetune.enabled:
             write_atomic(run.paths.model(key), plain_backbone(entry, experiment.image.size, experiment.seed).save)
             continue
-        from tlfusion.training import finetune
-
         log.info("fine-tuning %s (%s) on %d images", key, entry.weights or "random init", len(trainval))
-        result = finetune(
-            trainval,
-            entry.name,
-            run.paths.model(key).parent,
-            weights=entry.weights,
-            positive_class=experiment.positive_class,
-            image_size=experiment.image.size,
-            clahe=experiment.image.clahe,
-            seed=experiment.seed,
-            options=entry.options,
-            verbose=0,
-            **experiment.finetune.model_dump(exclude={"enabled"}),  # every other FinetuneSpec key is an argument
-        )
+        result = _finetune_backbone(run, key, entry, trainval)
         _log_training(key, result)
+
+
+def _finetune_backbone(run: RunContext, key: str, entry, trainval: pd.DataFrame):
+    """One backbone fine-tuned into `backbones/<key>/`: binary (one logit) or multi-label (one per finding, the loss
+    chosen on the validation rows when `finetune.losses` names several)."""
+    experiment = run.experiment
+    common = {
+        "weights": entry.weights,
+        "image_size": experiment.image.size,
+        "clahe": experiment.image.clahe,
+        "seed": experiment.seed,
+        "options": entry.options,
+        "verbose": 0,
+        **experiment.finetune.model_dump(exclude={"enabled", "losses"}),  # every other key is an argument
+    }
+    out_dir = run.paths.model(key).parent
+    if experiment.task == "multilabel":
+        from tlfusion.multilabel_training import finetune_choosing_loss
+
+        losses = experiment.finetune.losses
+        result, choice = finetune_choosing_loss(trainval, entry.name, out_dir, losses, findings=run.findings, **common)
+        log.info("fine-tuning loss of %s: %s (validation AUROC %s)", key, choice["chosen"], choice["val_auc"])
+        return result
+    from tlfusion.training import finetune
+
+    return finetune(trainval, entry.name, out_dir, positive_class=experiment.positive_class, **common)
 
 
 def check_models(run: RunContext) -> None:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pandas as pd
 
-from tlfusion.data.sources import CHESTXRAY14_FINDINGS
-from tlfusion.evaluation import semantic_metrics
-from tlfusion.fileio import write_json
+from tlfusion.fileio import write_atomic, write_json
 from tlfusion.metrics_schema import write_metrics
 from tlfusion.stages.context import RunContext
 from tlfusion.stages.leakage import check_unseen
@@ -80,18 +79,67 @@ def _fewshot_subgroups(run: RunContext, X: np.ndarray, y: np.ndarray, groups: np
 
 
 def run_semantic(run: RunContext) -> None:
-    """metrics.json: per-finding test AUROC of each semantic loss, and GZSL on the unseen findings."""
+    """metrics.json: per-finding test AUROC of each semantic loss with intervals, each metric loss vs BCE, GZSL on the
+    unseen findings; fit/semantic_scores.csv: every loss's test probabilities."""
+    from tlfusion.data.sources import label_matrix
     from tlfusion.reports import summary_lines
+    from tlfusion.semantic_eval import semantic_metrics
 
-    table = run.table
-    findings = run.experiment.data[0].findings or list(CHESTXRAY14_FINDINGS)
+    table, findings = run.table, run.findings
     X, _ = run.load_features(run.backbone_keys)
-    Y = np.array(
-        [[name in str(labels).split("|") for name in findings] for labels in table["labels"].fillna("")],
-        dtype=np.float32,
-    )
-    metrics = semantic_metrics(run.experiment, X, Y, table, findings)
+    metrics, scores = semantic_metrics(run.experiment, X, label_matrix(table, findings), table, findings)
     metrics["data"] = {"images": len(table), "patients": int(table["patient"].nunique())}
+    metrics["finetune"] = finetune_choices(run)
     write_metrics(run.paths.metrics, metrics)
+    test = table[table["split"] == "test"].reset_index(drop=True)
+    frames = [
+        test[["path", "patient"]].assign(model=loss, **dict(zip(findings, (1 / (1 + np.exp(-s))).T, strict=True)))
+        for loss, s in scores.items()
+    ]
+    write_atomic(run.paths.semantic_scores, lambda temp: pd.concat(frames).to_csv(temp, index=False))
     for line in summary_lines(metrics):
         log.info(line)
+
+
+def finetune_choices(run: RunContext) -> dict[str, dict]:
+    """Backbone -> its fine-tuning loss choice (`loss_choice.json`), for the backbones fine-tuned multi-label."""
+    from tlfusion.multilabel_training import CHOICE
+    from tlfusion.runfiles import read_json_object
+
+    paths = {key: run.paths.model(key).parent / CHOICE for key in run.backbone_keys}
+    return {key: read_json_object(path) for key, path in paths.items() if path.is_file()}
+
+
+def run_explain_findings(run: RunContext) -> None:
+    """explanations/: Grad-CAM per finding for the top findings of the most confident test cases of the selected
+    semantic model, on the fine-tuned backbones' sigmoid heads (none when the backbones were not fine-tuned)."""
+    from tlfusion.backbones import load_model_file
+    from tlfusion.data.sources import label_matrix
+    from tlfusion.explain.findings import explain_findings
+    from tlfusion.metrics_schema import read_metrics
+
+    spec, findings = run.experiment.explain, run.findings
+    if not spec.enabled or spec.cases == 0 or "gradcam" not in spec.methods:
+        log.info("explanations disabled")
+        return
+    models = {key: load_model_file(run.paths.model(key)) for key in run.backbone_keys}
+    if any(int(model.output.shape[-1]) != len(findings) for model in models.values()):
+        log.info("no Grad-CAM per finding: the backbones were not fine-tuned with one output per finding")
+        return
+    selected = read_metrics(run.paths.metrics)["selected"]
+    scores = pd.read_csv(run.paths.semantic_scores)
+    probabilities = scores.loc[scores["model"] == selected, findings].to_numpy()
+    test = run.table[run.table["split"] == "test"].reset_index(drop=True)
+    chosen = np.argsort(-probabilities.max(axis=1), kind="stable")[: spec.cases]
+    explain_findings(
+        models,
+        test["path"].iloc[chosen].tolist(),
+        probabilities[chosen],
+        label_matrix(test, findings)[chosen],
+        findings,
+        run.paths.explanations,
+        image_size=run.experiment.image.size,
+        clahe=run.experiment.image.clahe,
+        model=selected,
+    )
+    log.info("explained %d test cases, Grad-CAM of their top findings", len(chosen))
