@@ -77,9 +77,17 @@ def _fit_rows(table: pd.DataFrame) -> np.ndarray:
     return table["split"].isin(["train", "val"]).to_numpy()
 
 
-def save_run_bundle(run: RunContext, selected: str, keys: list[str], estimator, threshold: float) -> None:
+def save_run_bundle(
+    run: RunContext,
+    selected: str,
+    keys: list[str],
+    estimator,
+    threshold: float | None,
+    classes: list[str] | None = None,
+) -> None:
     """bundle/: the selected model with its fine-tuned backbones (and the ONNX graphs extract converted), and the
-    out-of-distribution check calibrated on the training split's features (`tlfusion.ood`)."""
+    out-of-distribution check calibrated on the training split's features (`tlfusion.ood`). With `classes` (a
+    multiclass run, `threshold` None) the bundle is K-class."""
     from tlfusion.backbones import load_model_file
     from tlfusion.bundle import Bundle, save_bundle
     from tlfusion.ood import fit_feature_distance
@@ -93,8 +101,9 @@ def save_run_bundle(run: RunContext, selected: str, keys: list[str], estimator, 
     bundle = Bundle(
         models={key: load_model_file(run.paths.model(key)) for key in keys},
         estimator=estimator,
-        threshold=float(threshold),
-        class_names=class_names(run.table["label"], experiment.positive_class),
+        threshold=None if threshold is None else float(threshold),
+        class_names=classes or class_names(run.table["label"], experiment.positive_class),
+        ordinal=experiment.ordinal,
         image_size=experiment.image.size,
         clahe=experiment.image.clahe,
         flip=experiment.features.flip,

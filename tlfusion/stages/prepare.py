@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from tlfusion.console import progress
-from tlfusion.data.table import scan_with_cache, split_table, with_binary_target
+from tlfusion.data.table import class_order, scan_with_cache, split_table, with_binary_target, with_class_codes
 from tlfusion.fileio import write_atomic, write_json
 from tlfusion.runfiles import check_keras_file
 from tlfusion.stages.context import RunContext
@@ -18,7 +18,8 @@ log = logging.getLogger("tlfusion")
 
 
 def run_data(run: RunContext) -> None:
-    """data/table.csv: the experiment's readable images, their binary target, split and (joined) patient."""
+    """data/table.csv: the experiment's readable images, their target (binary or class code), split and (joined)
+    patient."""
     from tlfusion.data.sources import read_sources, summarise
     from tlfusion.data.splits import content_groups
     from tlfusion.subgroups import check_columns
@@ -28,6 +29,8 @@ def run_data(run: RunContext) -> None:
     check_columns(table, experiment.evaluate.subgroups)  # before any backbone is trained for nothing
     if experiment.task == "binary":
         table = with_binary_target(table, experiment.positive_class)
+    elif experiment.task == "multiclass":
+        table = with_class_codes(table, class_order(table["label"], experiment.classes))
     table = split_table(table, experiment.split, experiment.seed)
     # Identical files under two patients are one patient from here on: CV folds, bootstrap and episodes.
     table["patient"] = content_groups(table)
@@ -79,6 +82,7 @@ def run_finetune(run: RunContext) -> None:
             run.paths.model(key).parent,
             weights=entry.weights,
             positive_class=experiment.positive_class,
+            classes=run_classes(run) if experiment.task == "multiclass" else None,
             image_size=experiment.image.size,
             clahe=experiment.image.clahe,
             seed=experiment.seed,
@@ -87,6 +91,11 @@ def run_finetune(run: RunContext) -> None:
             **experiment.finetune.model_dump(exclude={"enabled"}),  # every other FinetuneSpec key is an argument
         )
         _log_training(key, result)
+
+
+def run_classes(run: RunContext) -> list[str]:
+    """A multiclass run's classes in order (`data.table.class_order` of its table and `classes`)."""
+    return class_order(run.table["label"], run.experiment.classes)
 
 
 def check_models(run: RunContext) -> None:
