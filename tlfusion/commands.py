@@ -202,7 +202,6 @@ def explain_bundle(
     """Explanation images + review page in `out` for a bundle's predictions on an experiment's images; `cases` and
     `lime_samples` None take the experiment's `explain.cases` and `explain.lime_samples`. Without `ids`, the split's
     images are the reference rows of a non-linear classifier's surrogate (`tlfusion.explain.decision`)."""
-    from tlfusion.data.images import decoded_batches
     from tlfusion.explain import explain_cases
 
     unknown = sorted(set(methods) - set(EXPLAIN_METHODS))
@@ -217,8 +216,7 @@ def explain_bundle(
     if ids:
         chosen = _named_rows(table, ids, split)
     else:
-        batches = decoded_batches(table["path"].tolist(), bundle.image_size, bundle.clahe)
-        reference = np.concatenate([bundle.features(batch) for batch in batches])
+        reference = _split_features(bundle, table)
         prob = bundle.probabilities(reference)[:, 1]
         cases = experiment.explain.cases if cases is None else cases
         chosen = pick_cases(table.assign(prob=prob, y_true=table["y"]), bundle.threshold, cases)
@@ -248,7 +246,6 @@ def _explain_class_bundle(
     lime_samples: int | None,
 ) -> None:
     """`explain_bundle` for a K-class bundle: cases spread over the confusion cells (`pick_class_cases`)."""
-    from tlfusion.data.images import decoded_batches
     from tlfusion.evaluation import pick_class_cases
     from tlfusion.explain.classes import explain_class_cases
 
@@ -256,8 +253,7 @@ def _explain_class_bundle(
     if ids:
         chosen = _named_rows(table, ids, split)
     else:
-        batches = decoded_batches(table["path"].tolist(), bundle.image_size, bundle.clahe)
-        reference = np.concatenate([bundle.features(batch) for batch in batches])
+        reference = _split_features(bundle, table)
         rows = class_prediction_rows(table, "bundle", split, bundle.probabilities(reference))
         count = experiment.explain.cases if cases is None else cases
         chosen = pick_class_cases(rows, len(bundle.class_names), count).rename(columns={"y_true": "y"})
@@ -272,6 +268,14 @@ def _explain_class_bundle(
         reference=reference,
         reference_label=f"images of the {split} split (scored by the model, labels unused)",
     )
+
+
+def _split_features(bundle: Bundle, table: pd.DataFrame) -> np.ndarray:
+    """The bundle's features of the table's images (the reference rows of a surrogate)."""
+    from tlfusion.data.images import decoded_batches
+
+    batches = decoded_batches(table["path"].tolist(), bundle.image_size, bundle.clahe)
+    return np.concatenate([bundle.features(batch) for batch in batches])
 
 
 def _named_rows(table: pd.DataFrame, ids: list[str], split: str) -> pd.DataFrame:

@@ -59,22 +59,33 @@ def read_selection(paths: RunPaths) -> dict:
 def read_predictions(paths: RunPaths, models: set[str]) -> pd.DataFrame:
     """fit/predictions.csv: one row per model, split and image with a label 0/1 and a probability in [0, 1]."""
     path = paths.predictions
+    frame = _prediction_table(path, PREDICTION_COLUMNS)
+    prob = pd.to_numeric(frame["prob"], errors="coerce")
+    if frame.empty or not prob.between(0, 1).all() or not frame["y_true"].isin([0, 1]).all():
+        raise InputError(f"{path}: needs rows with y_true 0 or 1 and prob in [0, 1]")
+    _check_models(paths, frame, models)
+    return frame
+
+
+def _prediction_table(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    """fit/predictions.csv read (identifiers as text) with every one of `columns`."""
     check_regular(path)
     text_columns = {"model": str, "split": str, "path": str, "patient": str, "study": str}
     try:
         frame = pd.read_csv(path, dtype=text_columns)
     except (OSError, ValueError) as error:
         raise InputError(f"{path}: unreadable CSV ({type(error).__name__})") from None
-    missing = [column for column in PREDICTION_COLUMNS if column not in frame.columns]
+    missing = [column for column in columns if column not in frame.columns]
     if missing:
         raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
-    prob = pd.to_numeric(frame["prob"], errors="coerce")
-    if frame.empty or not prob.between(0, 1).all() or not frame["y_true"].isin([0, 1]).all():
-        raise InputError(f"{path}: needs rows with y_true 0 or 1 and prob in [0, 1]")
+    return frame
+
+
+def _check_models(paths: RunPaths, frame: pd.DataFrame, models: set[str]) -> None:
     unknown = sorted(set(frame["model"]) - models)
     if unknown:
-        raise InputError(f"{path}: model(s) {unknown[:3]} not in {paths.selection.relative_to(paths.root)}")
-    return frame
+        selection = paths.selection.relative_to(paths.root)
+        raise InputError(f"{paths.predictions}: model(s) {unknown[:3]} not in {selection}")
 
 
 def prediction_rows(rows: pd.DataFrame, model: str, split: str, prob: np.ndarray) -> pd.DataFrame:
@@ -118,16 +129,7 @@ def read_class_selection(paths: RunPaths) -> dict:
 def read_class_predictions(paths: RunPaths, models: set[str], n_classes: int) -> pd.DataFrame:
     """A multiclass run's fit/predictions.csv: class codes 0..K-1 and a probability row summing to 1 per image."""
     path = paths.predictions
-    check_regular(path)
-    text_columns = {"model": str, "split": str, "path": str, "patient": str, "study": str}
-    try:
-        frame = pd.read_csv(path, dtype=text_columns)
-    except (OSError, ValueError) as error:
-        raise InputError(f"{path}: unreadable CSV ({type(error).__name__})") from None
-    columns = [*PREDICTION_COLUMNS[:-1], *class_columns(n_classes)]
-    missing = [column for column in columns if column not in frame.columns]
-    if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
+    frame = _prediction_table(path, (*PREDICTION_COLUMNS[:-1], *class_columns(n_classes)))
     prob = frame[class_columns(n_classes)].apply(pd.to_numeric, errors="coerce").to_numpy()
     sums_to_one = np.isfinite(prob).all() and (prob >= 0).all() and np.allclose(prob.sum(axis=1), 1, atol=1e-4)
     if frame.empty or not sums_to_one or not frame["y_true"].isin(range(n_classes)).all():

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import logging
 
-import pandas as pd
-
-from tlfusion.console import activity, progress
+from tlfusion.console import activity
 from tlfusion.evaluation import class_fusion_vs_single, class_results, pick_class_cases
-from tlfusion.fileio import write_atomic, write_json
 from tlfusion.metrics_schema import write_metrics
-from tlfusion.model_name import ModelName
 from tlfusion.runfiles import class_prediction_rows
-from tlfusion.stages.binary import _fit_rows, make_fusion, save_run_bundle
+from tlfusion.stages.binary import (
+    _fit_rows,
+    refitted_candidates,
+    save_run_bundle,
+    selected_test_rows,
+    write_fit_outputs,
+)
 from tlfusion.stages.context import RunContext
 from tlfusion.stages.leakage import seen_in_training, warn_if_test_seen
 from tlfusion.stages.prepare import run_classes
@@ -25,41 +27,21 @@ def run_class_fit(run: RunContext) -> None:
     """fit/selection.json, fit/predictions.csv (one probability column per class) and bundle/: every feature set x
     classifier as a fusion + classifier pipeline, cross-validated (grouped, stratified) on the training split by
     `classifiers.scoring`, refitted on all of it; the best CV score is selected and bundled."""
-    from tlfusion.classifiers import build_model, select_class_model
+    from tlfusion.classifiers import select_class_model
 
-    experiment, table, classes = run.experiment, run.table, run_classes(run)
+    experiment, table, classes, is_fit = run.experiment, run.table, run_classes(run), _fit_rows(run.table)
     spec = experiment.classifiers
-    is_fit = _fit_rows(table)
-    y, groups = table["y"].to_numpy(), table["patient"].astype(str).to_numpy()
+
+    def select(X, y, groups, label, fusion):
+        settings = {"cv": spec.cv, "random_state": experiment.seed, "scoring": spec.scoring}
+        return select_class_model(X, y, groups, spec.models, len(classes), label=label, fusion=fusion, **settings)
+
     rows, cv_scores, fitted = [], {}, {}
-    for set_name, keys in progress(list(run.feature_sets().items()), "selecting models on", lambda item: item[0]):
-        X, block_sizes = run.load_features(keys)
-        fusion = make_fusion(run, block_sizes)
-        selection = select_class_model(
-            X[is_fit],
-            y[is_fit],
-            groups[is_fit],
-            spec.models,
-            len(classes),
-            cv=spec.cv,
-            random_state=experiment.seed,
-            scoring=spec.scoring,
-            label=set_name,
-            fusion=fusion,
-        )
-        for clf_name in spec.models:
-            model_name = str(ModelName(set_name, clf_name))
-            estimator = build_model(clf_name, experiment.seed, selection.params[clf_name], fusion)
-            estimator.fit(X[is_fit], y[is_fit])
-            cv_scores[model_name], fitted[model_name] = selection.scores[clf_name], (keys, estimator)
-            rows.append(class_prediction_rows(table[is_fit], model_name, "cv", selection.oof_prob[clf_name]))
-            rows.append(class_prediction_rows(table[~is_fit], model_name, "test", estimator.predict_proba(X[~is_fit])))
-    selected = max(cv_scores, key=lambda name: (cv_scores[name], ModelName.parse(name).is_fusion))
-    predictions = pd.concat(rows, ignore_index=True)
-    write_atomic(run.paths.predictions, lambda temp: predictions.to_csv(temp, index=False))
-    record = {"selected": selected, "scoring": spec.scoring, "cv": spec.cv, "cv_scores": cv_scores}
-    write_json(run.paths.selection, record | {"classes": classes, "ordinal": experiment.ordinal})
-    log.info("selected %s (CV %s %.3f on the training split)", selected, spec.scoring, cv_scores[selected])
+    for model_name, clf_name, keys, selection, estimator, X in refitted_candidates(run, select):
+        cv_scores[model_name], fitted[model_name] = selection.scores[clf_name], (keys, estimator)
+        rows.append(class_prediction_rows(table[is_fit], model_name, "cv", selection.oof_prob[clf_name]))
+        rows.append(class_prediction_rows(table[~is_fit], model_name, "test", estimator.predict_proba(X[~is_fit])))
+    selected = write_fit_outputs(run, rows, cv_scores, {"classes": classes, "ordinal": experiment.ordinal})
     save_run_bundle(run, selected, *fitted[selected], None, classes)
 
 
@@ -101,11 +83,8 @@ def run_class_explain(run: RunContext) -> None:
     from tlfusion.bundle import load_bundle
     from tlfusion.explain.classes import explain_class_cases
 
-    selection, predictions = run.fit_outputs()
-    selected = selection["selected"]
-    test = predictions[(predictions["model"] == selected) & (predictions["split"] == "test")]
+    selection, test, reference = selected_test_rows(run)
     cases = pick_class_cases(test, len(selection["classes"]), spec.cases)
-    X, _ = run.load_features(run.feature_sets()[ModelName.parse(selected).feature_set])
     with activity(f"explaining {len(cases)} cases ({', '.join(spec.methods)})"):
         explain_class_cases(
             load_bundle(run.paths.bundle),
@@ -115,6 +94,6 @@ def run_class_explain(run: RunContext) -> None:
             methods=tuple(spec.methods),
             lime_samples=spec.lime_samples,
             seed=run.experiment.seed,
-            reference=X[_fit_rows(run.table)],
+            reference=reference,
             reference_label="images of the training split (train + val)",
         )
