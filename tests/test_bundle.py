@@ -59,11 +59,12 @@ def parts():
     return models, fusion, fusion.transform(X), labels, images
 
 
-def make_bundle(parts, classifier, **changes) -> Bundle:
-    models, fusion, Z, labels, _ = parts
+def make_bundle(parts, classifier, labels=None, **changes) -> Bundle:
+    """A bundle of the parts' backbone and fusion with `classifier` fitted on `labels` (default: the parts')."""
+    models, fusion, Z, binary, _ = parts
     settings = {
         "models": models,
-        "estimator": fusion_pipeline(fusion, classifier.fit(Z, labels)),
+        "estimator": fusion_pipeline(fusion, classifier.fit(Z, binary if labels is None else labels)),
         "threshold": 0.4,
         "class_names": ["healthy", "fracture"],
         "image_size": SIZE,
@@ -253,3 +254,48 @@ def test_flip_bundle_predicts_from_the_mean_of_each_image_and_its_mirror(parts, 
     expected = loaded.estimator.predict_proba(mean)
     np.testing.assert_allclose(loaded.predict_proba(images[:6]), expected, rtol=1e-4, atol=1e-5)
     assert not np.allclose(expected, make_bundle(parts, make_lr()).predict_proba(images[:6]), atol=1e-4)
+
+
+def test_a_binary_bundle_json_keeps_the_format_older_versions_read(saved):
+    """K-class support added keys for K-class bundles only: a binary bundle.json has exactly the keys it had."""
+    info = json.loads((saved / "bundle.json").read_text())
+    expected = {"format", "format_version", "backbones", "class_names", "threshold", "image_size", "clahe", "flip"}
+    assert set(info) == expected | {"xgboost_models", "meta"}
+
+
+def test_k_class_bundle_round_trips_with_its_classes_and_no_threshold(parts, tmp_path):
+    models, fusion, Z, _, images = parts
+    grades = np.arange(len(Z)) % 3
+    classifier = make_xgb()
+    settings = {"threshold": None, "class_names": ["0", "1", "2"], "ordinal": True}
+    folder = save_bundle(make_bundle(parts, classifier, grades, **settings), tmp_path / "grades")
+    info = json.loads((folder / "bundle.json").read_text())
+    assert info["task"] == "multiclass" and info["ordinal"] is True and info["threshold"] is None
+    loaded = load_bundle(folder)
+    assert loaded.task == "multiclass" and loaded.class_names == ["0", "1", "2"] and loaded.ordinal
+    np.testing.assert_allclose(
+        loaded.predict_proba(images),
+        fusion_pipeline(fusion, classifier).predict_proba(
+            np.hstack([feature_model(m).predict(images, verbose=0) for m in models.values()])
+        ),
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"threshold": 0.4}, "predicts the most probable class; its threshold must be None"),
+        ({"threshold": None, "class_names": ["0", "1", "1"]}, "K >= 3 distinct names"),
+        ({"threshold": None, "class_names": ["0", "1", "2", "3"]}, "fitted on class codes 0..3"),
+    ],
+)
+def test_inconsistent_k_class_bundles_are_refused(parts, changes, message):
+    grades = np.arange(len(parts[2])) % 3
+    with pytest.raises(InputError, match=message):
+        make_bundle(parts, make_lr(), grades, **{"class_names": ["0", "1", "2"], **changes})
+
+
+def test_a_binary_bundle_without_threshold_is_refused(parts):
+    with pytest.raises(InputError, match="threshold must be in"):
+        make_bundle(parts, make_lr(), threshold=None)

@@ -29,15 +29,19 @@ class BundleModel:
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
         self.classes_ = np.array(bundle.class_names)
-        self.threshold = float(bundle.threshold)
+        self.threshold = None if bundle.threshold is None else float(bundle.threshold)
+        """Binary: the CV-chosen threshold on P(positive). K-class: None (the most probable class is predicted)."""
         self.trust = bundle.trust
 
     def predict_proba(self, images: Image | Sequence[Image]) -> np.ndarray:
-        """Probabilities [n, 2] of (negative, positive) class, in `classes_` order."""
+        """Probabilities [n, K] in `classes_` order ((negative, positive) for a binary bundle)."""
         return np.concatenate([self.bundle.predict_proba(batch) for batch in self._batches(images)])
 
     def predict(self, images: Image | Sequence[Image]) -> np.ndarray:
-        """Class names, positive where its probability reaches the bundle's threshold (chosen on CV)."""
+        """Class names: binary, positive where its probability reaches the bundle's threshold (chosen on CV);
+        K-class, the most probable class."""
+        if self.threshold is None:
+            return self.classes_[self.predict_proba(images).argmax(axis=1)]
         return np.where(self.predict_proba(images)[:, 1] >= self.threshold, self.classes_[1], self.classes_[0])
 
     def ood_score(self, images: Image | Sequence[Image]) -> np.ndarray:

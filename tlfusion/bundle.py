@@ -14,7 +14,9 @@
                                 (`tlfusion.ood`; plain arrays, read without pickles); older bundles have none
       calibration.npz           optional: the recalibration of the classifier's probabilities (`evaluate.calibration`;
                                 `tlfusion.calibration`, plain arrays); `threshold` is then on the recalibrated scale
-      bundle.json               class names, threshold, image size, clahe, flip, backbone order, meta
+      bundle.json               class names, threshold, image size, clahe, flip, backbone order, meta; a K-class
+                                bundle (K >= 3) adds "task": "multiclass" and "ordinal", its threshold is null
+                                (the most probable class is predicted); a binary bundle has neither key
       manifest.json             versions and the sha256 of every other file
       signature.json            optional: HMAC-SHA256 of manifest.json under the user's key (`tlfusion.signing`)
 
@@ -85,7 +87,9 @@ _INFO_TYPES: dict[str, type | tuple[type, ...]] = {
     "meta": dict,
 }
 """bundle.json keys beyond format and format_version, and the JSON types their values must have."""
-_OPTIONAL_INFO_TYPES: dict[str, type] = {"flip": bool}
+_OPTIONAL_INFO_TYPES: dict[str, type] = {"flip": bool, "ordinal": bool}
+MULTICLASS = "multiclass"
+"""bundle.json's `task` for a K-class bundle (binary bundles have no `task`)."""
 """bundle.json keys that bundles written before them lack (read as the Bundle field's default)."""
 
 
@@ -103,7 +107,8 @@ class Bundle:
 
     models: dict[str, keras.Model]
     estimator: Pipeline
-    threshold: float
+    threshold: float | None
+    """Binary: P(positive) at or above it is positive. K-class: None (the most probable class is predicted)."""
     class_names: list[str]
     image_size: int
     clahe: bool = False
@@ -112,6 +117,8 @@ class Bundle:
     onnx_graphs: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
     ood: FeatureDistance | None = field(default=None, repr=False, compare=False)
     calibration: Calibrator | None = field(default=None, repr=False, compare=False)
+    ordinal: bool = False
+    """K-class bundles: the classes are ordered grades."""
     trust: str = field(default="", compare=False)
     _runners: dict[str, BatchRunner] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -124,23 +131,40 @@ class Bundle:
                 raise InputError(f"bundle: backbone {name!r} has no '{FEATURES_LAYER}' layer")
             if image_size_of(model) != self.image_size:
                 raise InputError(f"bundle: backbone {name!r} takes {image_size_of(model)} px, not {self.image_size}")
-        if len(self.class_names) != 2:
-            raise InputError(f"bundle: class_names must be [negative, positive]; got {self.class_names}")
-        if not 0.0 <= float(self.threshold) <= 1.0:
-            raise InputError(f"bundle: threshold must be in [0, 1]; got {self.threshold}")
+        self._check_classes()
         unknown = sorted(set(self.onnx_graphs) - set(self.models))
         if unknown:
             raise InputError(f"bundle: ONNX graphs for unknown backbones {unknown}")
         steps = [name for name, _ in getattr(self.estimator, "steps", [])]
         if not isinstance(self.estimator, Pipeline) or steps != [FUSION_STEP, CLASSIFIER_STEP]:
             raise InputError(f"bundle: the estimator must be a Pipeline of {FUSION_STEP!r} and {CLASSIFIER_STEP!r}")
-        if list(getattr(self.classifier, "classes_", [])) != [0, 1]:
-            raise InputError("bundle: the classifier must be fitted on labels 0 (negative) and 1 (positive)")
         width = getattr(self.fusion, "n_features_in_", None)
         if self.ood is not None and len(self.ood.center) != width:
             raise InputError(
                 f"bundle: out-of-distribution calibration for {len(self.ood.center)} features, not {width}"
             )
+
+    def _check_classes(self) -> None:
+        """Binary: [negative, positive], a threshold in [0, 1] and a classifier of labels 0, 1. K-class: K >= 3
+        distinct names, no threshold, a classifier of codes 0..K-1."""
+        names, K = self.class_names, len(self.class_names)
+        if K == 2:
+            if self.threshold is None or not 0.0 <= float(self.threshold) <= 1.0:
+                raise InputError(f"bundle: threshold must be in [0, 1]; got {self.threshold}")
+        elif K < 2 or len(set(names)) != K:
+            raise InputError(f"bundle: class_names must be [negative, positive] or K >= 3 distinct names; got {names}")
+        elif self.threshold is not None:
+            raise InputError(f"bundle: a {K}-class bundle predicts the most probable class; its threshold must be None")
+        if self.ordinal and K == 2:
+            raise InputError("bundle: ordinal is for bundles of 3 or more classes")
+        if list(getattr(self.classifier, "classes_", [])) != list(range(K)):
+            what = "labels 0 (negative) and 1 (positive)" if K == 2 else f"class codes 0..{K - 1}"
+            raise InputError(f"bundle: the classifier must be fitted on {what}")
+
+    @property
+    def task(self) -> str:
+        """ "binary" or "multiclass"."""
+        return "binary" if len(self.class_names) == 2 else MULTICLASS
 
     @property
     def fusion(self) -> FeatureFusion:
@@ -157,11 +181,11 @@ class Bundle:
         return X
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities [n, 2] of (negative, positive) class, `class_names` order, for images [n, s, s, 1]."""
+        """Probabilities [n, K] in `class_names` order ((negative, positive) when binary) for images [n, s, s, 1]."""
         return self.probabilities(self.features(images))
 
     def probabilities(self, X: np.ndarray) -> np.ndarray:
-        """The estimator's probabilities [n, 2] for features X (`features`), recalibrated when the bundle is."""
+        """The estimator's probabilities [n, K] for features X (`features`), recalibrated when the bundle is."""
         prob = self.estimator.predict_proba(X)
         return prob if self.calibration is None else self.calibration.apply(prob)
 
@@ -172,7 +196,7 @@ class Bundle:
         return self.probabilities(X), None if self.ood is None else self.ood.score(X)
 
     def predict_paths(self, paths: Sequence[str | Path], batch_size: int = 32) -> np.ndarray:
-        """Probabilities [n, 2] for image files (decoded as the bundle's backbones expect)."""
+        """Probabilities [n, K] for image files (decoded as the bundle's backbones expect)."""
         return np.concatenate([self.predict_proba(batch) for batch in self._decoded(paths, batch_size)])
 
     def assess_paths(self, paths: Sequence[str | Path], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
@@ -212,7 +236,7 @@ def check_backbone_name(name: Any, where: str) -> None:
 
 
 def check_class_names(bundle: Bundle, names: Sequence[str]) -> None:
-    """Raise InputError unless `names` ([negative, positive]) are the bundle's class names."""
+    """Raise InputError unless `names` ([negative, positive], or K classes in order) are the bundle's class names."""
     if list(names) != list(bundle.class_names):
         raise InputError(f"data classes {list(names)} differ from the bundle's {bundle.class_names}")
 
@@ -254,13 +278,15 @@ def _write_contents(bundle: Bundle, folder: Path) -> None:
         "format_version": FORMAT_VERSION,
         "backbones": list(bundle.models),
         "class_names": [str(name) for name in bundle.class_names],
-        "threshold": float(bundle.threshold),
+        "threshold": None if bundle.threshold is None else float(bundle.threshold),
         "image_size": int(bundle.image_size),
         "clahe": bool(bundle.clahe),
         "flip": bool(bundle.flip),
         "xgboost_models": len(xgb_models),
         "meta": bundle.meta,
     }
+    if bundle.task == MULTICLASS:  # binary bundles keep the format older tlfusion versions read
+        info |= {"task": MULTICLASS, "ordinal": bool(bundle.ordinal)}
     write_json_file(folder / INFO, info, "bundle meta")
     files = sorted(path for path in folder.rglob("*") if path.is_file())
     manifest = {
@@ -323,6 +349,7 @@ def load_bundle(folder: str | Path) -> Bundle:
         onnx_graphs={name: listed(f"backbones/{name}.onnx").read_bytes() for name in names if listed.has_onnx(name)},
         ood=load_feature_distance(listed(OOD)) if OOD in listed.files else None,
         calibration=load_calibrator(listed(CALIBRATION)) if CALIBRATION in listed.files else None,
+        ordinal=info.get("ordinal", False),
         trust=trust,
     )
 
@@ -362,7 +389,12 @@ def _read_info(path: Path) -> dict:
     missing = [key for key in _INFO_TYPES if key not in info]
     if missing:
         raise InputError(f"{path}: missing key {missing[0]!r}")
-    for key, kind in (_INFO_TYPES | _OPTIONAL_INFO_TYPES).items():
+    if info.get("task", MULTICLASS) != MULTICLASS:
+        raise InputError(f"{path}: unknown task {info['task']!r} (a binary bundle has no 'task')")
+    types = _INFO_TYPES | _OPTIONAL_INFO_TYPES
+    if info.get("task") == MULTICLASS and info["threshold"] is None:
+        types = {key: kind for key, kind in types.items() if key != "threshold"}
+    for key, kind in types.items():
         value = info.get(key)
         if key in info and (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)):
             raise InputError(f"{path}: {key} has the wrong type ({type(value).__name__})")

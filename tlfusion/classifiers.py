@@ -22,7 +22,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 from xgboost import XGBClassifier
 
-from tlfusion import metrics
+from tlfusion import class_metrics, metrics
 from tlfusion.data.splits import grouped_folds
 from tlfusion.errors import InputError
 
@@ -154,7 +154,8 @@ def select_model(
     """
     X, y, groups = _check_training_data(X, y, groups)
     names = list(names)
-    candidates = _candidates(names, scoring, threshold_criterion, param_grid)
+    _check_selection(scoring, threshold_criterion)
+    candidates = _candidates(names, param_grid)
     folds = grouped_folds(y, groups, cv, random_state, what="cv")
     scores, oof_prob, params = {}, {}, {}
     for name in names:
@@ -165,10 +166,7 @@ def select_model(
                 scores[name], oof_prob[name], params[name] = score, oof, candidate
         shown = f"{label}/{name}" if label else name
         logger.debug("select_model: %s %s = %.4f %s", shown, scoring, scores[name], params[name] or "")
-    listed = ", ".join(f"{name} {scores[name]:.4f}" for name in names)
-    logger.info("select_model: %sCV %s %s", f"{label}: " if label else "", scoring, listed)
-    if not any(np.isfinite(score) for score in scores.values()):
-        raise InputError(f"no classifier has a defined {scoring} in any fold; the training set is too small")
+    _log_scores(scores, scoring, label)
     return Selection(
         scores=scores,
         oof_prob=oof_prob,
@@ -177,16 +175,74 @@ def select_model(
     )
 
 
-def _candidates(names: list[str], scoring: str, threshold_criterion: str, param_grid: Mapping | None) -> dict:
-    """Classifier name -> the parameter combinations to cross-validate, the selection settings checked."""
-    if not names:
-        raise InputError("names: give at least one classifier to select from")
+@dataclass
+class ClassSelection:
+    """Outcome of ``select_class_model``; every entry is keyed by classifier name."""
+
+    scores: dict[str, float]
+    """Mean cross-validated score (NaN if undefined in every fold)."""
+    oof_prob: dict[str, np.ndarray]
+    """Out-of-fold class probabilities [n, K], aligned with the training rows."""
+    params: dict[str, dict]
+    """Parameters picked from ``param_grid`` (empty without a grid)."""
+
+
+def select_class_model(
+    X,
+    y,
+    groups,
+    names: Sequence[str],
+    n_classes: int,
+    cv: int = 5,
+    random_state: int = 0,
+    scoring: str = "macro_f1",
+    param_grid: Mapping[str, Mapping[str, Sequence]] | None = None,
+    label: str | None = None,
+    fusion: BaseEstimator | None = None,
+) -> ClassSelection:
+    """``select_model`` for K >= 3 classes (``y``: codes 0..``n_classes``-1): each classifier scored by grouped,
+    stratified cross-validated ``scoring`` (one of ``class_metrics.CLASS_METRICS``) of its most probable class, on
+    TRAINING data only; the caller picks the best."""
+    if scoring not in class_metrics.CLASS_METRICS:
+        raise InputError(f"scoring must be one of {', '.join(class_metrics.CLASS_METRICS)}; got {scoring!r}")
+    X, y, groups = _check_class_training_data(X, y, groups, n_classes)
+    names = list(names)
+    candidates = _candidates(names, param_grid)
+    folds = grouped_folds(y, groups, cv, random_state, what="cv")
+    scores, oof_prob, params = {}, {}, {}
+    for name in names:
+        for candidate in candidates[name]:
+            oof = _oof_class_prob(build_model(name, random_state, candidate, fusion), X, y, folds, n_classes)
+            fold_scores = [class_metrics.class_score(y[test], oof[test], scoring) for _, test in folds]
+            defined = [score for score in fold_scores if score is not None]
+            score = float(np.mean(defined)) if defined else float("nan")
+            if name not in scores or np.isnan(scores[name]) or score > scores[name]:
+                scores[name], oof_prob[name], params[name] = score, oof, candidate
+    _log_scores(scores, scoring, label)
+    return ClassSelection(scores=scores, oof_prob=oof_prob, params=params)
+
+
+def _log_scores(scores: dict[str, float], scoring: str, label: str | None) -> None:
+    """The CV scores on one log line; InputError when none is defined."""
+    listed = ", ".join(f"{name} {score:.4f}" for name, score in scores.items())
+    logger.info("select_model: %sCV %s %s", f"{label}: " if label else "", scoring, listed)
+    if not any(np.isfinite(score) for score in scores.values()):
+        raise InputError(f"no classifier has a defined {scoring} in any fold; the training set is too small")
+
+
+def _check_selection(scoring: str, threshold_criterion: str) -> None:
     if scoring not in SCORINGS:
         raise InputError(f"scoring must be one of {', '.join(SCORINGS)}; got {scoring!r}")
     if threshold_criterion not in metrics.THRESHOLD_CRITERIA:
         raise InputError(
             f"threshold_criterion must be one of {', '.join(metrics.THRESHOLD_CRITERIA)}; got {threshold_criterion!r}"
         )
+
+
+def _candidates(names: list[str], param_grid: Mapping | None) -> dict:
+    """Classifier name -> the parameter combinations to cross-validate, the grid checked."""
+    if not names:
+        raise InputError("names: give at least one classifier to select from")
     param_grid = dict(param_grid or {})
     unused = sorted(set(param_grid) - set(names))
     if unused:
@@ -220,7 +276,7 @@ def _parameter_grid(name: str, grid: Mapping[str, Sequence]) -> list[dict]:
     return candidates
 
 
-def _check_training_data(X, y, groups) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _check_features(X) -> np.ndarray:
     try:
         X = np.asarray(X, dtype=float)
     except (TypeError, ValueError) as exc:
@@ -230,6 +286,23 @@ def _check_training_data(X, y, groups) -> tuple[np.ndarray, np.ndarray, np.ndarr
     bad_rows = ~np.isfinite(X).all(axis=1)
     if bad_rows.any():
         raise InputError(f"features contain NaN or inf in {int(bad_rows.sum())} of {len(X)} rows")
+    return X
+
+
+def _check_class_training_data(X, y, groups, n_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features, codes 0..n_classes-1 (every class present) and group indices, or InputError."""
+    X, y = _check_features(X), np.asarray(y)
+    if y.ndim != 1 or len(y) != len(X) or not np.issubdtype(y.dtype, np.integer):
+        raise InputError(f"y must be {len(X)} integer class codes, got {y.dtype} {y.shape}")
+    missing = sorted(set(range(n_classes)) - set(y.tolist()))
+    if missing or y.min() < 0 or y.max() >= n_classes:
+        raise InputError(f"y must hold every class code 0..{n_classes - 1} and no other (missing {missing})")
+    _, group_of_row = metrics.group_index(np.arange(len(y)) if groups is None else groups, len(y))
+    return X, y, group_of_row
+
+
+def _check_training_data(X, y, groups) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    X = _check_features(X)
     y = metrics.check_labels(y, "y")
     if len(y) != len(X):
         raise InputError(f"y has {len(y)} labels but features have {len(X)} rows")
@@ -244,6 +317,15 @@ def _oof_prob(model: BaseEstimator, X: np.ndarray, y: np.ndarray, folds: list) -
     oof = np.empty(len(y))
     for train, test in folds:
         oof[test] = clone(model).fit(X[train], y[train]).predict_proba(X[test])[:, 1]
+    return oof
+
+
+def _oof_class_prob(model: BaseEstimator, X: np.ndarray, y: np.ndarray, folds: list, n_classes: int) -> np.ndarray:
+    """Out-of-fold class probabilities [n, K] (a class absent from a fold's training rows gets probability 0)."""
+    oof = np.zeros((len(y), n_classes))
+    for train, test in folds:
+        fitted = clone(model).fit(X[train], y[train])
+        oof[np.ix_(test, fitted.classes_)] = fitted.predict_proba(X[test])
     return oof
 
 

@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 
 from tlfusion.config import Experiment, load_experiment
-from tlfusion.data.table import class_names, split_table, with_binary_target
+from tlfusion.data.table import class_names, split_table, with_binary_target, with_class_codes
 from tlfusion.errors import InputError
-from tlfusion.evaluation import clinical_checks, evaluate_predictions, pick_cases
+from tlfusion.evaluation import class_results, clinical_checks, evaluate_predictions, pick_cases
 from tlfusion.metrics_schema import write_metrics
-from tlfusion.runfiles import prediction_rows
+from tlfusion.runfiles import class_prediction_rows, prediction_rows
 
 if TYPE_CHECKING:
     from tlfusion.bundle import Bundle
@@ -62,18 +62,35 @@ def predict_images(
     bundle: Bundle, paths: list[str], scheduler: str | None = None, folder: str | Path | None = None
 ) -> pd.DataFrame:
     """One row per readable image file: path, probability of the positive class, the decision threshold used and
-    the predicted class, then, when the bundle has an out-of-distribution calibration (`tlfusion.ood`), the image's
+    the predicted class (a K-class bundle: `prob_<class>` for every class and the most probable class as
+    `predicted`), then, when the bundle has an out-of-distribution calibration (`tlfusion.ood`), the image's
     `ood_score` and `out_of_distribution` (score above 1). With `scheduler`, the probabilities are computed by that
     Dask cluster's workers from the bundle at `folder` (`tlfusion.cluster_predict`), without the out-of-distribution
     check."""
     if scheduler:
         from tlfusion.cluster_predict import predict_on_cluster
 
-        prob, scores = predict_on_cluster(scheduler, folder, paths)[:, 1], None
+        prob, scores = predict_on_cluster(scheduler, folder, paths), None
     else:
         prob, scores = bundle.assess_paths(paths)
-        prob = prob[:, 1]
-    frame = pd.DataFrame(
+    frame = _class_frame(bundle, paths, prob) if bundle.task == "multiclass" else _binary_frame(bundle, paths, prob)
+    if scores is not None:
+        frame["ood_score"] = scores
+        frame["out_of_distribution"] = scores > 1
+    return frame
+
+
+def _class_frame(bundle: Bundle, paths: list[str], prob: np.ndarray) -> pd.DataFrame:
+    """path, prob_<class> per class (bundle order), predicted (the most probable class)."""
+    columns = {f"prob_{name}": prob[:, k] for k, name in enumerate(bundle.class_names)}
+    predicted = np.asarray(bundle.class_names)[prob.argmax(axis=1)]
+    return pd.DataFrame({"path": paths, **columns, "predicted": predicted})
+
+
+def _binary_frame(bundle: Bundle, paths: list[str], prob: np.ndarray) -> pd.DataFrame:
+    """path, prob_<positive>, threshold, predicted."""
+    prob = prob[:, 1]
+    return pd.DataFrame(
         {
             "path": paths,
             f"prob_{bundle.class_names[1]}": prob,
@@ -81,21 +98,19 @@ def predict_images(
             "predicted": np.where(prob >= bundle.threshold, bundle.class_names[1], bundle.class_names[0]),
         }
     )
-    if scores is not None:
-        frame["ood_score"] = scores
-        frame["out_of_distribution"] = scores > 1
-    return frame
 
 
 def prediction_summary(bundle: Bundle, frame: pd.DataFrame, out: str | None, scheduler: str | None) -> list[str]:
     """What `tlfusion predict` says about `predict_images`' `frame` written to `out` (None: standard output)."""
-    positive = bundle.class_names[1]
     counts = frame["predicted"].value_counts()
-    per_class = ", ".join(f"{int(counts.get(name, 0))} {name}" for name in reversed(bundle.class_names))
     where = f"written to {out}" if out else "on standard output"
-    lines = [
-        f"{len(frame)} images scored: {per_class} (prob_{positive} >= threshold {bundle.threshold:.4g}); CSV {where}"
-    ]
+    if bundle.task == "multiclass":
+        per_class = ", ".join(f"{int(counts.get(name, 0))} {name}" for name in bundle.class_names)
+        rule = "the most probable class"
+    else:
+        per_class = ", ".join(f"{int(counts.get(name, 0))} {name}" for name in reversed(bundle.class_names))
+        rule = f"prob_{bundle.class_names[1]} >= threshold {bundle.threshold:.4g}"
+    lines = [f"{len(frame)} images scored: {per_class} ({rule}); CSV {where}"]
     if "out_of_distribution" in frame.columns:
         flagged = int(frame["out_of_distribution"].sum())
         if flagged:
@@ -120,6 +135,8 @@ def evaluate_bundle(bundle: Bundle, data: str, out: str | Path, data_root: str |
     from tlfusion.reports import write_reports
 
     experiment, table = experiment_rows(data, data_root, split)
+    if bundle.task == "multiclass":
+        return _evaluate_class_bundle(bundle, experiment, _class_rows(bundle, table), out, split)
     check_class_names(bundle, class_names(table["label"], bundle.class_names[1]))
     table = with_binary_target(table, bundle.class_names[1])
     prob = bundle.predict_paths(table["path"].tolist())[:, 1]
@@ -143,6 +160,34 @@ def evaluate_bundle(bundle: Bundle, data: str, out: str | Path, data_root: str |
     return metrics
 
 
+def _class_rows(bundle: Bundle, table: pd.DataFrame) -> pd.DataFrame:
+    """`table` with the K-class bundle's class codes `y`; InputError for a label the bundle does not know."""
+    unknown = sorted(set(table["label"].astype(str)) - set(bundle.class_names))
+    if unknown:
+        raise InputError(f"data labels {unknown} are not among the bundle's classes {bundle.class_names}")
+    return with_class_codes(table, bundle.class_names)
+
+
+def _evaluate_class_bundle(bundle: Bundle, experiment: Experiment, table: pd.DataFrame, out: str | Path, split: str):
+    """`evaluate_bundle` for a K-class bundle: its result row (CIs on the test split) and report."""
+    from tlfusion.reports import write_reports
+
+    name = bundle.meta.get("model", "bundle")
+    prob = bundle.predict_paths(table["path"].tolist())
+    predictions = class_prediction_rows(table, name, split, prob)
+    metrics = {
+        "experiment": experiment.name,
+        "task": "multiclass",
+        "classes": list(bundle.class_names),
+        "ordinal": bundle.ordinal,
+        "selected": name,
+        "results": class_results(predictions, list(bundle.class_names), experiment.evaluate.bootstrap, experiment.seed),
+    }
+    write_metrics(Path(out) / "metrics.json", metrics)
+    write_reports(Path(out), metrics, predictions)
+    return metrics
+
+
 def explain_bundle(
     bundle: Bundle,
     data: str,
@@ -157,20 +202,21 @@ def explain_bundle(
     """Explanation images + review page in `out` for a bundle's predictions on an experiment's images; `cases` and
     `lime_samples` None take the experiment's `explain.cases` and `explain.lime_samples`. Without `ids`, the split's
     images are the reference rows of a non-linear classifier's surrogate (`tlfusion.explain.decision`)."""
-    from tlfusion.data.images import decoded_batches
     from tlfusion.explain import explain_cases
 
     unknown = sorted(set(methods) - set(EXPLAIN_METHODS))
     if unknown or not methods:
         raise InputError(f"--method: unknown method(s) {unknown or methods}; use gradcam, lime or both")
     experiment, table = experiment_rows(data, data_root, split)
+    if bundle.task == "multiclass":
+        settings = (methods, cases, ids, lime_samples)
+        return _explain_class_bundle(bundle, experiment, _class_rows(bundle, table), out, split, *settings)
     table = with_binary_target(table, bundle.class_names[1])
     reference = None
     if ids:
         chosen = _named_rows(table, ids, split)
     else:
-        batches = decoded_batches(table["path"].tolist(), bundle.image_size, bundle.clahe)
-        reference = np.concatenate([bundle.features(batch) for batch in batches])
+        reference = _split_features(bundle, table)
         prob = bundle.probabilities(reference)[:, 1]
         cases = experiment.explain.cases if cases is None else cases
         chosen = pick_cases(table.assign(prob=prob, y_true=table["y"]), bundle.threshold, cases)
@@ -186,6 +232,50 @@ def explain_bundle(
         reference=reference,
         reference_label=f"images of the {split} split (scored by the model, labels unused)",
     )
+
+
+def _explain_class_bundle(
+    bundle: Bundle,
+    experiment: Experiment,
+    table: pd.DataFrame,
+    out: str | Path,
+    split: str,
+    methods: list[str],
+    cases: int | None,
+    ids: list[str] | None,
+    lime_samples: int | None,
+) -> None:
+    """`explain_bundle` for a K-class bundle: cases spread over the confusion cells (`pick_class_cases`)."""
+    from tlfusion.evaluation import pick_class_cases
+    from tlfusion.explain.classes import explain_class_cases
+
+    reference = None
+    if ids:
+        chosen = _named_rows(table, ids, split)
+    else:
+        reference = _split_features(bundle, table)
+        rows = class_prediction_rows(table, "bundle", split, bundle.probabilities(reference))
+        count = experiment.explain.cases if cases is None else cases
+        chosen = pick_class_cases(rows, len(bundle.class_names), count).rename(columns={"y_true": "y"})
+    explain_class_cases(
+        bundle,
+        chosen["path"].tolist(),
+        chosen["y"].tolist(),
+        Path(out),
+        methods=tuple(methods),
+        lime_samples=experiment.explain.lime_samples if lime_samples is None else lime_samples,
+        seed=experiment.seed,
+        reference=reference,
+        reference_label=f"images of the {split} split (scored by the model, labels unused)",
+    )
+
+
+def _split_features(bundle: Bundle, table: pd.DataFrame) -> np.ndarray:
+    """The bundle's features of the table's images (the reference rows of a surrogate)."""
+    from tlfusion.data.images import decoded_batches
+
+    batches = decoded_batches(table["path"].tolist(), bundle.image_size, bundle.clahe)
+    return np.concatenate([bundle.features(batch) for batch in batches])
 
 
 def _named_rows(table: pd.DataFrame, ids: list[str], split: str) -> pd.DataFrame:

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tlfusion import names as registry_names
+from tlfusion.class_metrics import CLASS_METRICS
 from tlfusion.errors import InputError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -131,6 +132,9 @@ class FinetuneSpec(Strict):
     losses: list[Literal["bce", "balanced", "asymmetric"]] = Field(default_factory=lambda: ["bce"], min_length=1)
     """Multi-label experiments: the fine-tuning losses (`tlfusion.multilabel_training.LOSSES`); with several, each
     is trained and the one with the best validation mean AUROC kept. Binary fine-tuning uses BCE."""
+    head: Literal["softmax", "ordinal"] = "softmax"
+    """Multi-class tasks: the head fine-tuning trains, a K-way softmax or (ordinal tasks) K-1 cumulative logits
+    (P(grade > k), `training.finetune`). Binary tasks train one logit whatever this says, so it must stay softmax."""
 
 
 class FeaturesSpec(Strict):
@@ -151,7 +155,11 @@ class FeaturesSpec(Strict):
 class ClassifySpec(Strict):
     models: list[str] = Field(default_factory=lambda: ["lr", "svm", "rf", "knn", "xgb", "vote"])
     cv: int = Field(5, ge=2)
-    scoring: Literal["kappa", "auroc", "f1", "accuracy"] = "kappa"
+    scoring: Literal[
+        "kappa", "auroc", "f1", "accuracy", "balanced_accuracy", "macro_f1", "quadratic_kappa", "macro_auroc"
+    ] = "kappa"
+    """Binary: kappa, auroc, f1 or accuracy. Multi-class: accuracy, balanced_accuracy, macro_f1, kappa,
+    quadratic_kappa or macro_auroc (default quadratic_kappa when ordinal, else macro_f1)."""
     single_backbones: bool = True
 
     @field_validator("models")
@@ -209,10 +217,15 @@ class Experiment(Strict):
     """One experiment YAML."""
 
     name: str
-    task: Literal["binary", "fewshot", "multilabel"] = "binary"
+    task: Literal["binary", "multiclass", "fewshot", "multilabel"] = "binary"
     seed: int = 0
     data: list[DataSpec]
     positive_class: str | None = None
+    classes: list[str] | None = None
+    """Multi-class tasks: the class order (lowest grade first when ordinal); default the sorted label names
+    (numerically when every name is a number)."""
+    ordinal: bool = False
+    """Multi-class tasks: the classes are ordered grades (selection by quadratic kappa, ordinal head allowed)."""
     split: SplitSpec = Field(default_factory=SplitSpec)
     image: ImageSpec = Field(default_factory=ImageSpec)
     backbones: list[BackboneEntry] = Field(min_length=1)
@@ -231,10 +244,40 @@ class Experiment(Strict):
             values = {**values, "data": [values["data"]]}
         return values
 
+    @model_validator(mode="before")
+    @classmethod
+    def _multiclass_scoring(cls, values: Any) -> Any:
+        """A multi-class experiment without `classifiers.scoring` selects by quadratic kappa (ordinal) or macro-F1."""
+        if not isinstance(values, dict) or values.get("task") != "multiclass":
+            return values
+        classifiers = values.get("classifiers") or {}
+        if isinstance(classifiers, dict) and "scoring" not in classifiers:
+            scoring = "quadratic_kappa" if values.get("ordinal") is True else "macro_f1"
+            values = {**values, "classifiers": {**classifiers, "scoring": scoring}}
+        return values
+
     @model_validator(mode="after")
     def _binary_needs_positive(self) -> Experiment:
         if self.task == "binary" and not self.positive_class:
             raise ValueError("a binary experiment needs 'positive_class' (the label that counts as positive)")
+        return self
+
+    @model_validator(mode="after")
+    def _task_keys(self) -> Experiment:
+        """Each task's own keys: classes / ordinal / finetune.head and the scorings that fit it."""
+        if self.task == "multiclass":
+            _check_multiclass(self)
+        else:
+            for key, value in (("classes", self.classes), ("ordinal", self.ordinal)):
+                if value:
+                    raise ValueError(f"{key}: is for task 'multiclass', not {self.task!r}")
+            if self.finetune.head != "softmax":
+                raise ValueError(f"finetune.head: 'ordinal' is for ordinal multiclass tasks, not {self.task!r}")
+        if self.task == "binary" and self.classifiers.scoring not in BINARY_SCORINGS:
+            raise ValueError(
+                f"classifiers.scoring: {self.classifiers.scoring!r} is for multiclass tasks; "
+                f"a binary experiment takes one of {list(BINARY_SCORINGS)}"
+            )
         return self
 
     @model_validator(mode="after")
@@ -245,6 +288,36 @@ class Experiment(Strict):
                 f"a {self.task} experiment's bundle and classifiers use the penultimate features"
             )
         return self
+
+
+BINARY_SCORINGS = ("kappa", "auroc", "f1", "accuracy")
+MULTICLASS_SCORINGS = CLASS_METRICS
+
+
+def _check_multiclass(experiment: Experiment) -> None:
+    """ValueError naming the key when a multiclass experiment sets what only binary tasks take."""
+    if experiment.positive_class is not None:
+        raise ValueError("positive_class: a multiclass experiment has no positive class (drop it; see 'classes')")
+    if experiment.classes is not None:
+        if len(experiment.classes) < 3:
+            raise ValueError(f"classes: a multiclass experiment needs at least 3, got {experiment.classes}")
+        if len(set(experiment.classes)) != len(experiment.classes):
+            raise ValueError(f"classes: each class once, got {experiment.classes}")
+    if experiment.classifiers.scoring not in MULTICLASS_SCORINGS:
+        raise ValueError(
+            f"classifiers.scoring: {experiment.classifiers.scoring!r} is for binary tasks; "
+            f"a multiclass experiment takes one of {list(MULTICLASS_SCORINGS)}"
+        )
+    if experiment.finetune.head == "ordinal" and not experiment.ordinal:
+        raise ValueError("finetune.head: 'ordinal' needs 'ordinal: true' (ordered classes)")
+    unsupported = {
+        "evaluate.study_aggregation": experiment.evaluate.study_aggregation,
+        "evaluate.calibration": experiment.evaluate.calibration,
+        "evaluate.subgroups": experiment.evaluate.subgroups,
+    }
+    for key, value in unsupported.items():
+        if value:
+            raise ValueError(f"{key}: not available for multiclass experiments yet (binary only); remove it")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

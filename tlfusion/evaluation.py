@@ -128,3 +128,64 @@ def clinical_checks(
         rows = with_columns(rows, table, spec.subgroups)
         checks["subgroups"] = subgroup_results(rows, spec.subgroups, threshold, spec.bootstrap, seed)
     return checks
+
+
+def class_results(predictions: pd.DataFrame, classes: list[str], n_boot: int, seed: int) -> list[dict]:
+    """metrics.json result rows of a multiclass run: every model on CV (out-of-fold) and test, image level, with
+    patient-bootstrap intervals (headline and per class) on the test split."""
+    from tlfusion.class_metrics import class_bootstrap_ci, class_metrics
+
+    results = []
+    for (model, split), rows in predictions.groupby(["model", "split"], sort=False):
+        y, P, groups = _class_arrays(rows, len(classes))
+        row = {"model": model, "level": "image", "split": split, **class_metrics(y, P, classes), "ci": {}}
+        if n_boot and split == "test":
+            row["ci"], per_class = class_bootstrap_ci(y, P, groups, n_boot=n_boot, seed=seed)
+            for entry, intervals in zip(row["per_class"], per_class, strict=True):
+                entry["ci"] = intervals
+        results.append(row)
+    return results
+
+
+def class_fusion_vs_single(predictions: pd.DataFrame, n_classes: int, n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """Fusion minus each single backbone with the same classifier on the test split: every `CLASS_METRICS`
+    difference with its paired patient-bootstrap interval."""
+    from tlfusion.class_metrics import paired_class_delta
+
+    if not n_boot:
+        return []
+    test = predictions[predictions["split"] == "test"].sort_values("path", kind="stable")
+    arrays = {model: _class_arrays(rows, n_classes) for model, rows in test.groupby("model", sort=False)}
+    comparisons = []
+    for fused, (y, P_fused, groups) in arrays.items():
+        if not ModelName.parse(fused).is_fusion:
+            continue
+        classifier = ModelName.parse(fused).classifier
+        for single, (_, P_single, _) in arrays.items():
+            if single == fused or ModelName.parse(single).classifier != classifier:
+                continue
+            delta = paired_class_delta(y, P_fused, P_single, groups, n_boot=n_boot, seed=seed)
+            comparisons.append({"level": "image", "classifier": classifier, "fusion": fused, "single": single} | delta)
+    return comparisons
+
+
+def _class_arrays(rows: pd.DataFrame, n_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(class codes, probabilities [n, K], patients) of multiclass prediction rows."""
+    from tlfusion.runfiles import class_columns
+
+    prob = rows[class_columns(n_classes)].to_numpy(np.float64)
+    return rows["y_true"].to_numpy(np.int64), prob, rows["patient"].astype(str).to_numpy()
+
+
+def pick_class_cases(test: pd.DataFrame, n_classes: int, count: int) -> pd.DataFrame:
+    """`count` test cases of a multiclass model worth review, spread over the confusion cells present (errors
+    first, then correct ones; each cell's most confident case first, cells taken in turn); columns `predicted`
+    (code) and `cell` ("true -> predicted" codes) added."""
+    _, P, _ = _class_arrays(test, n_classes)
+    predicted = P.argmax(axis=1)
+    test = test.assign(predicted=predicted, confidence=P.max(axis=1), correct=predicted == test["y_true"].to_numpy())
+    test = test.assign(cell=test["y_true"].astype(str) + " -> " + test["predicted"].astype(str))
+    ranked = test.sort_values("confidence", ascending=False, kind="stable")
+    ranked = ranked.assign(turn=ranked.groupby("cell").cumcount())
+    ordered = ranked.sort_values(["turn", "correct", "y_true"], kind="stable")
+    return ordered.head(count).drop(columns=["turn", "confidence", "correct"])

@@ -200,7 +200,7 @@ def multilabel_auroc(Y_true, scores, names: Sequence[str]) -> dict[str, float | 
     if len(set(names)) != len(names) or "mean" in names:
         raise InputError("names must be unique and must not include 'mean'")
     ones = np.ones((1, Y.shape[0]))
-    result = {name: _json_float(_auroc(Y[:, j], S[:, j], ones)[0]) for j, name in enumerate(names)}
+    result = {name: _json_float(weighted_auroc(Y[:, j], S[:, j], ones)[0]) for j, name in enumerate(names)}
     defined = [value for value in result.values() if value is not None]
     result["mean"] = float(np.mean(defined)) if defined else None
     return result
@@ -264,7 +264,7 @@ def _finding_auroc_resamples(Y_true, scores, groups, n_boot: int, seed: int) -> 
     blocks = []
     for start in range(0, len(draws), chunk):
         weights = draws[start : start + chunk][:, item_group].astype(float)
-        blocks.append(np.stack([_auroc(Y[:, j], S[:, j], weights) for j in range(Y.shape[1])], axis=1))
+        blocks.append(np.stack([weighted_auroc(Y[:, j], S[:, j], weights) for j in range(Y.shape[1])], axis=1))
     return np.concatenate(blocks)
 
 
@@ -272,7 +272,7 @@ def _observed_aurocs(Y_true, scores) -> np.ndarray:
     """AUROC of each finding on the images as they are, one row [1, findings] (NaN where undefined)."""
     Y, S = _multilabel_inputs(Y_true, scores)
     ones = np.ones((1, len(Y)))
-    return np.stack([_auroc(Y[:, j], S[:, j], ones) for j in range(Y.shape[1])], axis=1)
+    return np.stack([weighted_auroc(Y[:, j], S[:, j], ones) for j in range(Y.shape[1])], axis=1)
 
 
 def _defined_mean(per_finding: np.ndarray) -> np.ndarray:
@@ -364,7 +364,7 @@ def _metric_table(y: np.ndarray, p: np.ndarray, predicted: np.ndarray, weights: 
         "fn": weights @ ((y == 1) & ~predicted),
         "tp": weights @ ((y == 1) & predicted),
     }
-    return {**counts, **_rates(**counts), "auroc": _auroc(y, p, weights)}
+    return {**counts, **_rates(**counts), "auroc": weighted_auroc(y, p, weights)}
 
 
 def _rates(tn, fp, fn, tp) -> dict[str, np.ndarray]:
@@ -380,7 +380,7 @@ def _rates(tn, fp, fn, tp) -> dict[str, np.ndarray]:
         }
 
 
-def _auroc(y: np.ndarray, p: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def weighted_auroc(y: np.ndarray, p: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Weighted Mann-Whitney AUROC (ties count one half) for each row of ``weights``; NaN with one class."""
     order = np.argsort(p, kind="stable")
     sorted_p, sorted_y, sorted_w = p[order], y[order], weights[:, order]

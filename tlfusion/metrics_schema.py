@@ -1,6 +1,7 @@
 """The `metrics.json` schema and its one writer and reader.
 
-Binary runs (and `tlfusion evaluate`) and multi-label runs write different documents, told apart by `task`.
+Binary runs (and `tlfusion evaluate`), multi-class and multi-label runs write different documents, told apart by
+`task`.
 `write_metrics` validates before writing, so a document that does not match is a bug, raised as ValueError (exit 1);
 `read_metrics` refuses a damaged file on disk with InputError naming it.
 """
@@ -155,11 +156,71 @@ class MultilabelMetrics(_Schema):
     data: dict
 
 
-Metrics = Annotated[BinaryMetrics | MultilabelMetrics, Field(discriminator="task")]
+class PerClassResult(_Schema):
+    """One class against the rest: its number of images and metrics, and (evaluated split) their intervals."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(alias="class")
+    n: int
+    sensitivity: float | None
+    specificity: float | None
+    f1: float | None
+    auroc: float | None
+    ci: dict[str, Interval] = Field(default_factory=dict)
+
+
+class ClassResult(_Schema):
+    """One K-class model on one split (image level): metrics of its most probable class, the confusion matrix
+    (rows true, columns predicted, in `classes` order), per-class rows and (test split) bootstrap intervals."""
+
+    model: str
+    level: Literal["image"]
+    split: str
+    n: int
+    accuracy: float | None
+    balanced_accuracy: float | None
+    macro_f1: float | None
+    kappa: float | None
+    quadratic_kappa: float | None
+    macro_auroc: float | None
+    confusion: list[list[int]]
+    per_class: list[PerClassResult]
+    ci: dict[str, Interval]
+
+
+class ClassFusionVsSingle(_Schema):
+    """Fusion minus one single backbone with the same classifier, test split, paired bootstrap."""
+
+    level: Literal["image"]
+    classifier: str
+    fusion: str
+    single: str
+    accuracy: Delta
+    balanced_accuracy: Delta
+    macro_f1: Delta
+    kappa: Delta
+    quadratic_kappa: Delta
+    macro_auroc: Delta
+
+
+class MulticlassMetrics(_Schema):
+    experiment: str
+    task: Literal["multiclass"]
+    classes: list[str]
+    ordinal: bool
+    selected: str
+    selection: SelectionRecord | None = None
+    results: list[ClassResult]
+    fusion_vs_single: list[ClassFusionVsSingle] = Field(default_factory=list)
+    data: dict | None = None
+    test_images_seen_in_pretraining: dict[str, int] = Field(default_factory=dict)
+
+
+Metrics = Annotated[BinaryMetrics | MulticlassMetrics | MultilabelMetrics, Field(discriminator="task")]
 _ADAPTER = TypeAdapter(Metrics)
 
 
-def validate_metrics(metrics: dict) -> BinaryMetrics | MultilabelMetrics:
+def validate_metrics(metrics: dict) -> BinaryMetrics | MulticlassMetrics | MultilabelMetrics:
     """The document as its schema type (ValidationError, a ValueError, when it does not match)."""
     return _ADAPTER.validate_python(metrics)
 

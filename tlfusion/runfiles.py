@@ -59,22 +59,33 @@ def read_selection(paths: RunPaths) -> dict:
 def read_predictions(paths: RunPaths, models: set[str]) -> pd.DataFrame:
     """fit/predictions.csv: one row per model, split and image with a label 0/1 and a probability in [0, 1]."""
     path = paths.predictions
+    frame = _prediction_table(path, PREDICTION_COLUMNS)
+    prob = pd.to_numeric(frame["prob"], errors="coerce")
+    if frame.empty or not prob.between(0, 1).all() or not frame["y_true"].isin([0, 1]).all():
+        raise InputError(f"{path}: needs rows with y_true 0 or 1 and prob in [0, 1]")
+    _check_models(paths, frame, models)
+    return frame
+
+
+def _prediction_table(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    """fit/predictions.csv read (identifiers as text) with every one of `columns`."""
     check_regular(path)
     text_columns = {"model": str, "split": str, "path": str, "patient": str, "study": str}
     try:
         frame = pd.read_csv(path, dtype=text_columns)
     except (OSError, ValueError) as error:
         raise InputError(f"{path}: unreadable CSV ({type(error).__name__})") from None
-    missing = [column for column in PREDICTION_COLUMNS if column not in frame.columns]
+    missing = [column for column in columns if column not in frame.columns]
     if missing:
         raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
-    prob = pd.to_numeric(frame["prob"], errors="coerce")
-    if frame.empty or not prob.between(0, 1).all() or not frame["y_true"].isin([0, 1]).all():
-        raise InputError(f"{path}: needs rows with y_true 0 or 1 and prob in [0, 1]")
+    return frame
+
+
+def _check_models(paths: RunPaths, frame: pd.DataFrame, models: set[str]) -> None:
     unknown = sorted(set(frame["model"]) - models)
     if unknown:
-        raise InputError(f"{path}: model(s) {unknown[:3]} not in {paths.selection.relative_to(paths.root)}")
-    return frame
+        selection = paths.selection.relative_to(paths.root)
+        raise InputError(f"{paths.predictions}: model(s) {unknown[:3]} not in {selection}")
 
 
 def prediction_rows(rows: pd.DataFrame, model: str, split: str, prob: np.ndarray) -> pd.DataFrame:
@@ -90,6 +101,50 @@ def prediction_rows(rows: pd.DataFrame, model: str, split: str, prob: np.ndarray
             "prob": prob,
         }
     )
+
+
+CLASS_SELECTION_KEYS = ("selected", "scoring", "cv", "cv_scores", "classes")
+
+
+def class_columns(n_classes: int) -> list[str]:
+    """The probability columns of a multiclass run's fit/predictions.csv: prob_0 ... prob_<K-1> (class codes)."""
+    return [f"prob_{code}" for code in range(n_classes)]
+
+
+def read_class_selection(paths: RunPaths) -> dict:
+    """A multiclass run's fit/selection.json: the selected model among the CV-scored ones, and the classes."""
+    path = paths.selection
+    selection = read_json_object(path)
+    missing = [key for key in CLASS_SELECTION_KEYS if key not in selection]
+    if missing:
+        raise InputError(f"{path}: missing key(s) {', '.join(missing)}")
+    classes = selection["classes"]
+    if not isinstance(classes, list) or len(classes) < 3 or not all(isinstance(name, str) for name in classes):
+        raise InputError(f"{path}: 'classes' must list at least 3 class names")
+    if not isinstance(selection["cv_scores"], dict) or selection["selected"] not in selection["cv_scores"]:
+        raise InputError(f"{path}: 'selected' must name a model in 'cv_scores'")
+    return selection
+
+
+def read_class_predictions(paths: RunPaths, models: set[str], n_classes: int) -> pd.DataFrame:
+    """A multiclass run's fit/predictions.csv: class codes 0..K-1 and a probability row summing to 1 per image."""
+    path = paths.predictions
+    frame = _prediction_table(path, (*PREDICTION_COLUMNS[:-1], *class_columns(n_classes)))
+    prob = frame[class_columns(n_classes)].apply(pd.to_numeric, errors="coerce").to_numpy()
+    sums_to_one = np.isfinite(prob).all() and (prob >= 0).all() and np.allclose(prob.sum(axis=1), 1, atol=1e-4)
+    if frame.empty or not sums_to_one or not frame["y_true"].isin(range(n_classes)).all():
+        raise InputError(f"{path}: needs rows with y_true 0..{n_classes - 1} and probabilities summing to 1")
+    unknown = sorted(set(frame["model"]) - models)
+    if unknown:
+        raise InputError(f"{path}: model(s) {unknown[:3]} not in {paths.selection.relative_to(paths.root)}")
+    return frame
+
+
+def class_prediction_rows(rows: pd.DataFrame, model: str, split: str, prob: np.ndarray) -> pd.DataFrame:
+    """A multiclass run's fit/predictions.csv rows of one model on one split: table `rows`, their class codes `y`
+    and probabilities `prob` [n, K]."""
+    frame = prediction_rows(rows, model, split, np.zeros(len(rows))).drop(columns="prob")
+    return frame.assign(**dict(zip(class_columns(prob.shape[1]), prob.T, strict=True)))
 
 
 def read_features(path: Path, rows: int) -> np.ndarray:

@@ -81,7 +81,8 @@ class Phase:
 
 @dataclass(frozen=True)
 class Task:
-    kind: str  # "pretrain" (softmax over classes), "finetune" (one logit), or a pretraining objective's name
+    kind: str  # "pretrain" / "multiclass" (softmax over classes), "finetune" (one logit), "ordinal" (K-1 cumulative
+    # logits), or a pretraining objective's name
     backbone: str
     image_size: int
     num_outputs: int
@@ -99,7 +100,9 @@ def finetune(
     backbone: str,
     out_dir: str | Path,
     *,
-    positive_class: str,
+    positive_class: str | None = None,
+    classes: Sequence[str] | None = None,
+    head: str = _FINETUNE.head,
     weights: str | Path | None = None,
     image_size: int = _IMAGE.size,
     warmup_epochs: int = _FINETUNE.warmup_epochs,
@@ -127,9 +130,22 @@ def finetune(
     `tf.distribute` strategy (`tlfusion.strategy`: `batch_size` per replica, learning rates x replicas). The epoch
     with the best val AUC becomes `model.keras`; early stopping applies after the warm-up. The defaults are
     `config.FinetuneSpec`'s.
+
+    With `classes` (K >= 3, in order) instead of `positive_class`, the fine-tuning is K-class (`head` "softmax":
+    K logits, class-weighted cross-entropy; "ordinal": K-1 cumulative logits P(class > k), cross-entropy on each)
+    and the epoch with the lowest val loss becomes `model.keras`.
     """
     arguments = dict(locals())  # before any other local: what train.json records
     train, val = train_val_rows(table)
+    schedule = phases(weights, warmup_epochs, epochs, learning_rate, unfrozen_learning_rate, batchnorm)
+    if classes is not None:
+        task, targets, extra = _class_task(
+            train, val, list(classes), head, architecture(backbone), image_size, schedule
+        )
+        settings = training_settings(arguments, classes=list(classes), head=head)
+        return run_task(task, train, val, targets, out_dir, settings, extra, resume, verbose)
+    if positive_class is None:
+        raise ValueError("finetune: give positive_class (binary) or classes (multi-class)")
     labels = set(train["label"].astype(str))
     if str(positive_class) not in labels:
         raise InputError(f"finetune: positive_class {positive_class!r} is not a training label ({sorted(labels)})")
@@ -141,7 +157,7 @@ def finetune(
         backbone=architecture(backbone),
         image_size=image_size,
         num_outputs=1,
-        phases=phases(weights, warmup_epochs, epochs, learning_rate, unfrozen_learning_rate, batchnorm),
+        phases=schedule,
         monitor="val_auc",
         mode="max",
         metric="auc",
@@ -152,6 +168,31 @@ def finetune(
     settings = training_settings(arguments, positive_class=str(positive_class))
     extra = {"classes": [f"not {positive_class}", str(positive_class)]}
     return run_task(task, train, val, targets, out_dir, settings, extra, resume, verbose)
+
+
+def _class_task(
+    train: pd.DataFrame, val: pd.DataFrame, classes: list[str], head: str, backbone: str, size: int, schedule: tuple
+) -> tuple[Task, tuple[np.ndarray, np.ndarray], dict[str, Any]]:
+    """The K-class fine-tuning task, its (train, val) targets and what train.json adds: "softmax" class codes, or
+    "ordinal" cumulative targets [n, K-1] (column k: class > k) under plain binary cross-entropy on each logit."""
+    if head not in ("softmax", "ordinal"):
+        raise ValueError(f"finetune: head must be 'softmax' or 'ordinal', got {head!r}")
+    for name, part in (("training", train), ("validation", val)):
+        unknown = sorted(set(part["label"].astype(str)) - set(classes))
+        if unknown:
+            raise InputError(f"finetune: {name} label(s) {unknown} are not among the classes {classes}")
+    require_classes(sorted(set(train["label"].astype(str))), val, "finetune")
+    index = {name: code for code, name in enumerate(classes)}
+    codes = tuple(part["label"].astype(str).map(index).to_numpy(np.int32) for part in (train, val))
+    common = {"backbone": backbone, "image_size": size, "phases": schedule, "monitor": "val_loss", "mode": "min"}
+    if head == "softmax":
+        task = Task(kind="multiclass", num_outputs=len(classes), metric="accuracy", **common)
+        return task, codes, {"classes": classes, "head": head}
+    loss = keras.losses.BinaryCrossentropy(from_logits=True)
+    task = Task(kind="ordinal", num_outputs=len(classes) - 1, metric="loss", loss=loss, **common)
+    cumulative = tuple((code[:, None] > np.arange(len(classes) - 1)).astype(np.float32) for code in codes)
+    # output k is the logit of P(class > classes[k]), i.e. of "classes[k + 1] or above"
+    return task, cumulative, {"classes": classes, "head": head, "outputs": classes[1:]}
 
 
 def training_settings(arguments: Mapping[str, Any], **changed: Any) -> dict[str, Any]:
@@ -394,7 +435,7 @@ def _set_trainable(model: keras.Model, trainable: str) -> None:
 def _compile(model: keras.Model, task: Task, learning_rate: float) -> None:
     if task.loss is not None:
         loss, metrics = task.loss, list(task.metrics)
-    elif task.kind == "pretrain":
+    elif task.kind in ("pretrain", "multiclass"):
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
     else:

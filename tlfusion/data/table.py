@@ -1,4 +1,5 @@
-"""An experiment's data table made ready for the stages: scanned (with a cache), split and given a binary target."""
+"""An experiment's data table made ready for the stages: scanned (with a cache), split and given a target: binary
+(`y` 1 for the positive class) or multi-class (`y` the class code)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,36 @@ def with_binary_target(table: pd.DataFrame, positive: str) -> pd.DataFrame:
     if len(classes) != 2:
         raise InputError(f"data: a binary experiment needs exactly two labels, found {classes} (use data.label_map)")
     return table.assign(label=table["label"].astype(str), y=(table["label"].astype(str) == positive).astype(int))
+
+
+def class_order(labels: pd.Series, classes: list[str] | None = None) -> list[str]:
+    """A multiclass experiment's classes in order: `classes` when given (every label must be one and every class
+    must have images), else the sorted label names (numerically when every name is a number); at least three."""
+    found = sorted(set(labels.astype(str)))
+    if classes is not None:
+        unknown, empty = sorted(set(found) - set(classes)), [name for name in classes if name not in found]
+        if unknown:
+            raise InputError(f"classes: the data has label(s) {unknown} not listed in classes {classes}")
+        if empty:
+            raise InputError(f"classes: no images of class(es) {empty} in the data (labels: {found})")
+        return list(classes)
+    if len(found) < 3:
+        raise InputError(f"data: a multiclass experiment needs at least 3 labels, found {found} (use task: binary)")
+    return sorted(found, key=float) if all(_is_number(name) for name in found) else found
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def with_class_codes(table: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """Add `y`, each row's index in `classes` (`class_order`)."""
+    labels = table["label"].astype(str)
+    return table.assign(label=labels, y=labels.map({name: code for code, name in enumerate(classes)}).astype(int))
 
 
 def class_names(labels: pd.Series, positive: str) -> list[str]:

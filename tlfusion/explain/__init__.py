@@ -131,6 +131,11 @@ def explain_cases(
     else a surrogate fitted on `reference`, feature rows the bundle's estimator takes, described on the page as
     `reference_label`), then each backbone's own head. LIME explains the whole bundle.
     """
+    if len(bundle.class_names) != 2:
+        raise InputError(
+            f"explain_cases: works on binary bundles; this one has {len(bundle.class_names)} classes "
+            "(use tlfusion.explain.classes.explain_class_cases)"
+        )
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise InputError(f"explain: unknown method(s) {unknown}; known: {list(METHODS)}")

@@ -93,19 +93,22 @@ class DecisionHead:
         return f"Grad-CAM of the selected model {model} ({how})"
 
 
-def linear_head(classifier) -> LinearHead | None:
+def linear_head(classifier, column: int = 1) -> LinearHead | None:
     """The classifier as a linear head on its input, or None when its decision is not linear in it.
 
-    Accepted: a binary model of `LINEAR_CLASSIFIERS`, alone or as the last step of a Pipeline whose other steps
-    are StandardScaler or PCA (folded into the weights).
+    Accepted: a model of `LINEAR_CLASSIFIERS`, alone or as the last step of a Pipeline whose other steps are
+    StandardScaler or PCA (folded into the weights); binary (one weight row, the positive class: `column` 1), or
+    K-class with one row per class (the class logit of `column`).
     """
     steps = [step for _, step in classifier.steps] if isinstance(classifier, Pipeline) else [classifier]
     *transforms, last = steps
-    if not isinstance(last, LINEAR_CLASSIFIERS) or np.shape(last.coef_)[0] != 1:
+    if not isinstance(last, LINEAR_CLASSIFIERS):
         return None
-    if not all(isinstance(step, StandardScaler | PCA) for step in transforms):
+    rows = np.shape(last.coef_)[0]
+    row = 0 if rows == 1 and column == 1 else column if rows > 2 and 0 <= column < rows else None
+    if row is None or not all(isinstance(step, StandardScaler | PCA) for step in transforms):
         return None
-    coef, intercept = np.asarray(last.coef_, np.float64)[0], float(np.ravel(last.intercept_)[0])
+    coef, intercept = np.asarray(last.coef_, np.float64)[row], float(np.ravel(last.intercept_)[row])
     for step in reversed(transforms):
         coef, intercept = _pull_back_affine(step, coef, intercept)
     return LinearHead(coef, intercept)
@@ -121,11 +124,14 @@ def _pull_back_affine(step: StandardScaler | PCA, coef: np.ndarray, intercept: f
     return weights @ step.components_, intercept - float(step.mean_ @ (weights @ step.components_))
 
 
-def decision_head(estimator: Pipeline, reference: np.ndarray | None, threshold: float, seed: int = 0) -> DecisionHead:
+def decision_head(
+    estimator: Pipeline, reference: np.ndarray | None, threshold: float, seed: int = 0, column: int = 1
+) -> DecisionHead:
     """The selected model's own linear head, or a ridge surrogate of its log-odds fitted on `reference` (feature
-    rows the estimator takes; at least `MIN_REFERENCE_ROWS`, else InputError)."""
+    rows the estimator takes; at least `MIN_REFERENCE_ROWS`, else InputError), for probability column `column`
+    (the positive class of a binary model, any class of a K-class one; `threshold` on that column's scale)."""
     fusion, classifier = (step for _, step in estimator.steps)
-    head = linear_head(classifier)
+    head = linear_head(classifier, column)
     if head is not None:
         return DecisionHead(head)
     if reference is None or len(reference) < MIN_REFERENCE_ROWS:
@@ -135,7 +141,7 @@ def decision_head(estimator: Pipeline, reference: np.ndarray | None, threshold: 
             f"(at least {MIN_REFERENCE_ROWS})"
         )
     Z = fusion.transform(reference)
-    target = _log_odds(estimator.predict_proba(reference)[:, 1])
+    target = _log_odds(estimator.predict_proba(reference)[:, column])
     surrogate = make_pipeline(StandardScaler(), RidgeCV(alphas=SURROGATE_ALPHAS))
     folds = KFold(SURROGATE_FOLDS, shuffle=True, random_state=seed)
     out_of_fold = cross_val_predict(clone(surrogate), Z, target, cv=folds)

@@ -102,8 +102,10 @@ def explain_lime(
     top_k: int = 5,
     hide_value: float | None = None,
     batch_size: int = 128,
+    label: int = POSITIVE,
 ) -> LimeMap:
-    """LIME explanation of `bundle.predict_proba` (positive class) for one image [s, s, 1] in [0, 255].
+    """LIME explanation of `bundle.predict_proba` (column `label`: the positive class of a binary bundle, any class
+    of a K-class one) for one image [s, s, 1] in [0, 255].
 
     Switched-off anatomy superpixels are filled with `hide_value`, by default the image's mean intensity: a flat
     fill keeps perturbed images closer to what the model has seen than black does. The background
@@ -120,14 +122,14 @@ def explain_lime(
     explanation = LimeImageExplainer(random_state=seed).explain_instance(
         np.repeat(image, 3, axis=-1),
         _classifier_fn(bundle, image, background),
-        labels=(POSITIVE,),
+        labels=(label,),
         top_labels=None,
         hide_color=float(image.mean()) if hide_value is None else hide_value,
         num_samples=num_samples,
         batch_size=batch_size,
         segmentation_fn=lambda _: segments,
     )
-    explained = explanation.local_exp[POSITIVE]
+    explained = explanation.local_exp[label]
     anatomy = [(segment, weight) for segment, weight in explained if segment not in background_ids]
     segment_weights = sorted(anatomy, key=lambda pair: -abs(pair[1]))
     per_segment = np.zeros(segments.max() + 1, np.float32)

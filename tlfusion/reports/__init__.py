@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from tlfusion.errors import InputError
 from tlfusion.fileio import write_bytes
 from tlfusion.model_name import ModelName
+from tlfusion.reports.classes import class_plots, class_sections, class_summary_lines
 from tlfusion.reports.clinical import RELIABILITY, reliability_figure
 from tlfusion.reports.content import _sections
 from tlfusion.reports.plots import (
@@ -59,6 +60,8 @@ if TYPE_CHECKING:
 def summary_lines(metrics: Mapping) -> list[str]:
     """3-5 lines for the terminal: the selected model, how it was chosen, its headline results with CIs."""
     _check_metrics(metrics)
+    if metrics.get("task") == "multiclass":
+        return class_summary_lines(metrics)
     selected = metrics.get("selected")
     split = _evaluation_split(metrics)
     note = _selection_note(metrics)
@@ -90,14 +93,16 @@ def write_reports(
 ) -> dict[str, Path]:
     """Write ``plots/*.png``, ``report.md`` and ``report.html`` into ``run_dir``, each atomically.
 
-    ``predictions`` (columns model, split, y_true, prob; one row per image, model and split) feeds the ROC
-    curves of binary runs; ``None`` leaves them out. ``timings`` (stage -> seconds) adds a Timings section. A review
-    gallery at ``run_dir/explanations/index.html`` (the explain stage's) is linked from an Explanations section.
+    ``predictions`` (columns model, split, y_true, prob; one row per image, model and split; a multiclass run's
+    has prob_0 ... prob_<K-1>) feeds the ROC curves; ``None`` leaves them out. ``timings`` (stage -> seconds) adds
+    a Timings section. A review gallery at ``run_dir/explanations/index.html`` (the explain stage's) is linked from
+    an Explanations section.
     Returns the written files keyed by their path relative to ``run_dir``: ``"report.md"``, ``"report.html"``,
     ``"plots/confusion.png"``, ...
     """
     _check_metrics(metrics)
-    if predictions is not None:
+    multiclass = metrics.get("task") == "multiclass"
+    if predictions is not None and not multiclass:
         missing = [column for column in PREDICTION_COLUMNS if column not in predictions.columns]
         if missing:
             raise InputError(f"predictions: missing column(s) {', '.join(missing)}")
@@ -106,7 +111,10 @@ def write_reports(
     title = f"tlfusion report: {metrics.get('experiment', run_dir.name)}"
     gallery = RunPaths(run_dir).gallery
     gallery = gallery.relative_to(run_dir).as_posix() if gallery.is_file() else None
-    sections = _sections(metrics, plots, timings or {}, gallery)
+    if multiclass:
+        sections = class_sections(metrics, plots, timings or {}, gallery)
+    else:
+        sections = _sections(metrics, plots, timings or {}, gallery)
     written = {plot.file: run_dir / plot.file for plot in plots}
     written["report.md"] = write_bytes(run_dir / "report.md", _render_markdown(title, sections).encode())
     written["report.html"] = write_bytes(run_dir / "report.html", _render_html(title, sections).encode())
@@ -122,6 +130,9 @@ def _write_plots(run_dir: Path, metrics: Mapping, predictions: pd.DataFrame | No
         write_bytes(run_dir / file, _png_bytes(figure))
         plots.append(_Plot(file, caption))
 
+    if metrics.get("task") == "multiclass":
+        class_plots(metrics, predictions, save)
+        return plots
     headline = _headline(metrics)
     selected = metrics.get("selected")
     split = _evaluation_split(metrics)

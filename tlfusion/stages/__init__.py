@@ -2,6 +2,7 @@
 files (`RunPaths` names) it reads and writes.
 
 Binary task:     data -> finetune -> extract -> fit (+ bundle) -> evaluate -> explain -> report
+Multi-class:     the same stages; fit, evaluate and explain run the K-class functions (`stages.multiclass`)
 Few-shot task:   data -> extract -> fewshot
 Multi-label:     data -> finetune -> extract -> semantic -> explain_findings -> report
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from tlfusion.metrics_schema import read_metrics
 from tlfusion.stages.binary import run_evaluate, run_explain, run_fit
 from tlfusion.stages.context import RunContext
+from tlfusion.stages.multiclass import run_class_evaluate, run_class_explain, run_class_fit
 from tlfusion.stages.prepare import check_models, run_data, run_extract, run_finetune
 from tlfusion.stages.report import run_report
 from tlfusion.stages.tasks import run_explain_findings, run_fewshot_stage, run_semantic
@@ -35,6 +37,16 @@ class Stage:
     """Reads back the outputs later stages use (InputError if damaged): run before skipping the stage."""
 
 
+def _by_task(binary: Callable[[RunContext], None], multiclass: Callable[[RunContext], None]):
+    """A stage function that runs `multiclass` for a multiclass experiment and `binary` otherwise."""
+
+    def run(context: RunContext) -> None:
+        (multiclass if context.experiment.task == "multiclass" else binary)(context)
+
+    run.__doc__ = f"{binary.__doc__}\n\nMulticlass: {multiclass.__doc__}"
+    return run
+
+
 def _check_features(run: RunContext) -> None:
     run.load_features(run.backbone_keys)
 
@@ -45,6 +57,7 @@ def _check_metrics(run: RunContext) -> None:
 
 _PREPARE = "tlfusion.stages.prepare"
 _BINARY = "tlfusion.stages.binary"
+_MULTICLASS = "tlfusion.stages.multiclass"
 _TASKS = "tlfusion.stages.tasks"
 REGISTRY: dict[str, Stage] = {
     stage.name: stage
@@ -52,7 +65,7 @@ REGISTRY: dict[str, Stage] = {
         Stage(
             "data",
             run_data,
-            ("task", "seed", "data", "positive_class", "split"),
+            ("task", "seed", "data", "positive_class", "classes", "split"),
             (_PREPARE, "tlfusion.data.sources", "tlfusion.data.splits", "tlfusion.data.images"),
             reads=("scan_cache",),
             writes=("table", "data_summary", "scan_cache", "skipped"),
@@ -77,27 +90,42 @@ REGISTRY: dict[str, Stage] = {
         ),
         Stage(
             "fit",
-            run_fit,
+            _by_task(run_fit, run_class_fit),
             ("classifiers", "evaluate.calibration"),
-            (_BINARY, "tlfusion.classifiers", "tlfusion.features", "tlfusion.bundle", "tlfusion.calibration"),
+            (
+                _BINARY,
+                _MULTICLASS,
+                "tlfusion.classifiers",
+                "tlfusion.features",
+                "tlfusion.bundle",
+                "tlfusion.calibration",
+            ),
             reads=("table", "features", "model", "cache"),
             writes=("selection", "predictions", "bundle"),
             check=RunContext.fit_outputs,
         ),
         Stage(
             "evaluate",
-            run_evaluate,
-            ("evaluate",),
-            (_BINARY, "tlfusion.metrics", "tlfusion.reports", "tlfusion.data.sources", "tlfusion.subgroups"),
+            _by_task(run_evaluate, run_class_evaluate),
+            ("evaluate", "ordinal"),
+            (
+                _BINARY,
+                _MULTICLASS,
+                "tlfusion.metrics",
+                "tlfusion.class_metrics",
+                "tlfusion.reports",
+                "tlfusion.data.sources",
+                "tlfusion.subgroups",
+            ),
             reads=("table", "selection", "predictions"),
             writes=("metrics",),
             check=_check_metrics,
         ),
         Stage(
             "explain",
-            run_explain,
+            _by_task(run_explain, run_class_explain),
             ("explain",),
-            (_BINARY, "tlfusion.explain", "tlfusion.bundle"),
+            (_BINARY, _MULTICLASS, "tlfusion.explain", "tlfusion.explain.classes", "tlfusion.bundle"),
             reads=("table", "features", "selection", "predictions", "bundle"),
             writes=("explanations",),
         ),
@@ -138,6 +166,7 @@ REGISTRY: dict[str, Stage] = {
 }
 TASKS: dict[str, tuple[str, ...]] = {
     "binary": ("data", "finetune", "extract", "fit", "evaluate", "explain", "report"),
+    "multiclass": ("data", "finetune", "extract", "fit", "evaluate", "explain", "report"),
     "fewshot": ("data", "extract", "fewshot"),
     "multilabel": ("data", "finetune", "extract", "semantic", "explain_findings", "report"),
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -32,44 +33,55 @@ def run_fit(run: RunContext) -> None:
     """fit/selection.json, fit/predictions.csv and bundle/: every feature set x classifier, as a fusion + classifier
     pipeline, cross-validated on the training split (train + val; each fold fits its own fusion transform),
     refitted on all of it; the best CV score is selected and bundled."""
-    from tlfusion.classifiers import build_model, select_model
+    from tlfusion.classifiers import select_model
 
-    experiment, table = run.experiment, run.table
+    experiment, table, is_fit = run.experiment, run.table, _fit_rows(run.table)
     spec = experiment.classifiers
-    is_fit = _fit_rows(table)
-    y = table["y"].to_numpy()
-    groups = table["patient"].astype(str).to_numpy()
+
+    def select(X, y, groups, label, fusion):
+        settings = {"cv": spec.cv, "random_state": experiment.seed, "scoring": spec.scoring}
+        return select_model(X, y, groups, spec.models, label=label, fusion=fusion, **settings)
+
     rows, cv_scores, thresholds, fitted = [], {}, {}, {}
+    for model_name, clf_name, keys, selection, estimator, X in refitted_candidates(run, select):
+        cv_scores[model_name] = selection.scores[clf_name]
+        thresholds[model_name] = selection.thresholds[clf_name]
+        fitted[model_name] = (keys, estimator)
+        rows.append(prediction_rows(table[is_fit], model_name, "cv", selection.oof_prob[clf_name]))
+        rows.append(prediction_rows(table[~is_fit], model_name, "test", estimator.predict_proba(X[~is_fit])[:, 1]))
+    selected = write_fit_outputs(run, rows, cv_scores, {"thresholds": thresholds})
+    save_run_bundle(run, selected, *fitted[selected], thresholds[selected])
+
+
+def refitted_candidates(run: RunContext, select: Callable) -> Iterator[tuple]:
+    """For each feature set: `select(X, y, groups, label, fusion)` on the training split's rows (the CV selection),
+    then each classifier refitted on all of them; yields (model name, classifier name, backbone keys, selection,
+    refitted estimator, the feature set's features of every row)."""
+    from tlfusion.classifiers import build_model
+
+    experiment, table, is_fit = run.experiment, run.table, _fit_rows(run.table)
+    y, groups = table["y"].to_numpy(), table["patient"].astype(str).to_numpy()
     for set_name, keys in progress(list(run.feature_sets().items()), "selecting models on", lambda item: item[0]):
         X, block_sizes = run.load_features(keys)
         fusion = make_fusion(run, block_sizes)
-        selection = select_model(
-            X[is_fit],
-            y[is_fit],
-            groups[is_fit],
-            spec.models,
-            cv=spec.cv,
-            random_state=experiment.seed,
-            scoring=spec.scoring,
-            label=set_name,
-            fusion=fusion,
-        )
-        for clf_name in spec.models:
-            model_name = str(ModelName(set_name, clf_name))
+        selection = select(X[is_fit], y[is_fit], groups[is_fit], set_name, fusion)
+        for clf_name in experiment.classifiers.models:
             estimator = build_model(clf_name, experiment.seed, selection.params[clf_name], fusion)
             estimator.fit(X[is_fit], y[is_fit])
-            cv_scores[model_name] = selection.scores[clf_name]
-            thresholds[model_name] = selection.thresholds[clf_name]
-            fitted[model_name] = (keys, estimator)
-            rows.append(prediction_rows(table[is_fit], model_name, "cv", selection.oof_prob[clf_name]))
-            rows.append(prediction_rows(table[~is_fit], model_name, "test", estimator.predict_proba(X[~is_fit])[:, 1]))
+            yield str(ModelName(set_name, clf_name)), clf_name, keys, selection, estimator, X
+
+
+def write_fit_outputs(run: RunContext, rows: list[pd.DataFrame], cv_scores: dict[str, float], extra: dict) -> str:
+    """fit/predictions.csv and fit/selection.json (`extra` after the CV scores); returns the selected model: the
+    best CV score, fusion first on ties."""
+    spec = run.experiment.classifiers
     selected = max(cv_scores, key=lambda name: (cv_scores[name], ModelName.parse(name).is_fusion))
     predictions = pd.concat(rows, ignore_index=True)
     write_atomic(run.paths.predictions, lambda temp: predictions.to_csv(temp, index=False))
     record = {"selected": selected, "scoring": spec.scoring, "cv": spec.cv}
-    write_json(run.paths.selection, record | {"cv_scores": cv_scores, "thresholds": thresholds})
+    write_json(run.paths.selection, record | {"cv_scores": cv_scores} | extra)
     log.info("selected %s (CV %s %.3f on the training split)", selected, spec.scoring, cv_scores[selected])
-    save_run_bundle(run, selected, *fitted[selected], thresholds[selected])
+    return selected
 
 
 def _fit_rows(table: pd.DataFrame) -> np.ndarray:
@@ -77,9 +89,17 @@ def _fit_rows(table: pd.DataFrame) -> np.ndarray:
     return table["split"].isin(["train", "val"]).to_numpy()
 
 
-def save_run_bundle(run: RunContext, selected: str, keys: list[str], estimator, threshold: float) -> None:
+def save_run_bundle(
+    run: RunContext,
+    selected: str,
+    keys: list[str],
+    estimator,
+    threshold: float | None,
+    classes: list[str] | None = None,
+) -> None:
     """bundle/: the selected model with its fine-tuned backbones (and the ONNX graphs extract converted), and the
-    out-of-distribution check calibrated on the training split's features (`tlfusion.ood`)."""
+    out-of-distribution check calibrated on the training split's features (`tlfusion.ood`). With `classes` (a
+    multiclass run, `threshold` None) the bundle is K-class."""
     from tlfusion.backbones import load_model_file
     from tlfusion.bundle import Bundle, save_bundle
     from tlfusion.ood import fit_feature_distance
@@ -93,8 +113,9 @@ def save_run_bundle(run: RunContext, selected: str, keys: list[str], estimator, 
     bundle = Bundle(
         models={key: load_model_file(run.paths.model(key)) for key in keys},
         estimator=estimator,
-        threshold=float(threshold),
-        class_names=class_names(run.table["label"], experiment.positive_class),
+        threshold=None if threshold is None else float(threshold),
+        class_names=classes or class_names(run.table["label"], experiment.positive_class),
+        ordinal=experiment.ordinal,
         image_size=experiment.image.size,
         clahe=experiment.image.clahe,
         flip=experiment.features.flip,
@@ -179,12 +200,8 @@ def run_explain(run: RunContext) -> None:
     from tlfusion.bundle import load_bundle
     from tlfusion.explain import explain_cases
 
-    selection, predictions = run.fit_outputs()
-    selected = selection["selected"]
-    test = predictions[(predictions["model"] == selected) & (predictions["split"] == "test")]
-    cases = pick_cases(test, selection["thresholds"][selected], spec.cases)
-    X, _ = run.load_features(run.feature_sets()[ModelName.parse(selected).feature_set])
-    is_fit = run.table["split"].isin(["train", "val"]).to_numpy()
+    selection, test, reference = selected_test_rows(run)
+    cases = pick_cases(test, selection["thresholds"][selection["selected"]], spec.cases)
     with activity(f"explaining {len(cases)} cases ({', '.join(spec.methods)})"):
         explain_cases(
             load_bundle(run.paths.bundle),
@@ -195,6 +212,16 @@ def run_explain(run: RunContext) -> None:
             lime_samples=spec.lime_samples,
             seed=run.experiment.seed,
             clahe=run.experiment.image.clahe,
-            reference=X[is_fit],
+            reference=reference,
             reference_label="images of the training split (train + val)",
         )
+
+
+def selected_test_rows(run: RunContext) -> tuple[dict, pd.DataFrame, np.ndarray]:
+    """What explain works from: the fit selection, the selected model's test predictions and its feature set's
+    features of the training split (a surrogate's reference rows)."""
+    selection, predictions = run.fit_outputs()
+    selected = selection["selected"]
+    test = predictions[(predictions["model"] == selected) & (predictions["split"] == "test")]
+    X, _ = run.load_features(run.feature_sets()[ModelName.parse(selected).feature_set])
+    return selection, test, X[_fit_rows(run.table)]

@@ -12,7 +12,13 @@ import pandas as pd
 from tlfusion.config import Experiment
 from tlfusion.model_name import FUSION
 from tlfusion.run_paths import RunPaths
-from tlfusion.runfiles import read_features, read_predictions, read_selection
+from tlfusion.runfiles import (
+    read_class_predictions,
+    read_class_selection,
+    read_features,
+    read_predictions,
+    read_selection,
+)
 
 
 def digest(*parts: Any) -> str:
@@ -86,6 +92,11 @@ class RunContext:
         return sets
 
     def fit_outputs(self) -> tuple[dict, pd.DataFrame]:
-        """The fit stage's selection record and predictions, checked (`tlfusion.runfiles`)."""
+        """The fit stage's selection record and predictions, checked (`tlfusion.runfiles`; a multiclass run's
+        predictions have one probability column per class)."""
+        if self.experiment.task == "multiclass":
+            selection = read_class_selection(self.paths)
+            models = set(selection["cv_scores"])
+            return selection, read_class_predictions(self.paths, models, len(selection["classes"]))
         selection = read_selection(self.paths)
         return selection, read_predictions(self.paths, set(selection["thresholds"]))

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from tlfusion.console import progress
-from tlfusion.data.table import scan_with_cache, split_table, with_binary_target
+from tlfusion.data.table import class_order, scan_with_cache, split_table, with_binary_target, with_class_codes
 from tlfusion.fileio import write_atomic, write_json
 from tlfusion.runfiles import check_keras_file
 from tlfusion.stages.context import RunContext
@@ -18,7 +18,8 @@ log = logging.getLogger("tlfusion")
 
 
 def run_data(run: RunContext) -> None:
-    """data/table.csv: the experiment's readable images, their binary target, split and (joined) patient."""
+    """data/table.csv: the experiment's readable images, their target (binary or class code), split and (joined)
+    patient."""
     from tlfusion.data.sources import read_sources, summarise
     from tlfusion.data.splits import content_groups
     from tlfusion.subgroups import check_columns
@@ -28,6 +29,8 @@ def run_data(run: RunContext) -> None:
     check_columns(table, experiment.evaluate.subgroups)  # before any backbone is trained for nothing
     if experiment.task == "binary":
         table = with_binary_target(table, experiment.positive_class)
+    elif experiment.task == "multiclass":
+        table = with_class_codes(table, class_order(table["label"], experiment.classes))
     table = split_table(table, experiment.split, experiment.seed)
     # Identical files under two patients are one patient from here on: CV folds, bootstrap and episodes.
     table["patient"] = content_groups(table)
@@ -86,7 +89,7 @@ def _finetune_backbone(run: RunContext, key: str, entry, trainval: pd.DataFrame)
         "seed": experiment.seed,
         "options": entry.options,
         "verbose": 0,
-        **experiment.finetune.model_dump(exclude={"enabled", "losses"}),  # every other key is an argument
+        **experiment.finetune.model_dump(exclude={"enabled", "losses", "head"}),  # every other key is an argument
     }
     out_dir = run.paths.model(key).parent
     if experiment.task == "multilabel":
@@ -98,7 +101,14 @@ def _finetune_backbone(run: RunContext, key: str, entry, trainval: pd.DataFrame)
         return result
     from tlfusion.training import finetune
 
-    return finetune(trainval, entry.name, out_dir, positive_class=experiment.positive_class, **common)
+    classes = run_classes(run) if experiment.task == "multiclass" else None
+    head, positive = experiment.finetune.head, experiment.positive_class
+    return finetune(trainval, entry.name, out_dir, positive_class=positive, classes=classes, head=head, **common)
+
+
+def run_classes(run: RunContext) -> list[str]:
+    """A multiclass run's classes in order (`data.table.class_order` of its table and `classes`)."""
+    return class_order(run.table["label"], run.experiment.classes)
 
 
 def check_models(run: RunContext) -> None:
