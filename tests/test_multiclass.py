@@ -241,3 +241,18 @@ def test_a_binary_experiment_refuses_multiclass_keys(graded, tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(binary | {"classifiers": {"scoring": "quadratic_kappa"}}))
     assert main(["run", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "run")]) == 2
     assert "classifiers.scoring: 'quadratic_kappa' is for multiclass tasks" in capsys.readouterr().err
+
+
+def test_class_order_is_numeric_for_numeric_names_and_the_scoring_follows_ordinal(graded):
+    from tlfusion.config import Experiment
+    from tlfusion.data.table import class_order
+
+    assert class_order(pd.Series(["10", "2", "1", "2"])) == ["1", "2", "10"]
+    assert class_order(pd.Series(["virus", "normal", "bacteria"])) == ["bacteria", "normal", "virus"]
+    with pytest.raises(InputError, match="needs at least 3 labels"):
+        class_order(pd.Series(["a", "b"]))
+    plain = experiment(graded, ordinal=False, finetune={"head": "softmax"})
+    assert Experiment.model_validate(plain).classifiers.scoring == "macro_f1"
+    assert Experiment.model_validate(experiment(graded)).classifiers.scoring == "quadratic_kappa"
+    chosen = experiment(graded, classifiers={"scoring": "balanced_accuracy"})
+    assert Experiment.model_validate(chosen).classifiers.scoring == "balanced_accuracy"

@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from tlfusion.class_metrics import CLASS_METRICS
 from tlfusion.errors import InputError
 from tlfusion.metrics import METRICS
 from tlfusion.reports.reading import _evaluation_split, _headline_level, _is_number, format_metric
@@ -78,7 +79,8 @@ def metric_values(metrics: Mapping) -> dict[str, float]:
     values: dict[str, float] = {}
     for row in metrics.get("results", []):
         where = (row["split"], row.get("level") or row.get("finding"), row["model"])
-        values |= {_key(*where, metric): row[metric] for metric in METRICS if _is_number(row.get(metric))}
+        names = dict.fromkeys((*METRICS, *CLASS_METRICS))  # binary, multi-label and K-class rows' metrics
+        values |= {_key(*where, metric): row[metric] for metric in names if _is_number(row.get(metric))}
     for row in (metrics.get("calibration") or {}).get("rows", []):
         where = ("calibration", row["split"], row["stage"], row["model"])
         values |= {_key(*where, name): row[name] for name in ("brier", "ece")}

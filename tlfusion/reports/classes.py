@@ -16,7 +16,6 @@ import pandas as pd
 from tlfusion.class_metrics import CLASS_METRICS, PER_CLASS_METRICS
 from tlfusion.reports.content import (
     _data_blocks,
-    _gallery_block,
     _metric_cell,
     _model_cell,
     _signed,
@@ -65,7 +64,7 @@ def class_sections(
     sections: list[_Section] = [("Data", _data_blocks(metrics) + [_classes_line(metrics)])]
     sections.append(("Selected model", _selected_blocks(metrics, split)))
     if gallery:
-        sections.append(("Explanations", [_gallery_block(metrics, gallery)]))
+        sections.append(("Explanations", [_gallery_line(metrics, gallery)]))
     sections += [
         (f"Metrics on the {split} split", [_metrics_table(metrics, _rows(metrics, split))]),
         ("Single backbones vs fusion", _fusion_blocks(metrics)),
@@ -75,6 +74,13 @@ def class_sections(
     if timings:
         sections.append(("Timings", _timing_blocks(timings)))
     return sections
+
+
+def _gallery_line(metrics: Mapping, gallery: str) -> str:
+    return (
+        f"Grad-CAM and LIME of {metrics.get('selected') or MISSING} for the predicted and the true class of test "
+        f"cases spread over the confusion cells, for review: [{gallery}]({gallery}) (verdicts go in `review.csv`)."
+    )
 
 
 def _classes_line(metrics: Mapping) -> str:
