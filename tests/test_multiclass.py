@@ -16,7 +16,7 @@ from sklearn import metrics as sk
 
 import tlfusion
 from tlfusion.bundle import load_bundle
-from tlfusion.class_metrics import class_bootstrap_ci, class_metrics, paired_class_delta
+from tlfusion.class_metrics import class_bootstrap_ci, class_metrics, cut_auroc_ci, cut_aurocs, paired_class_delta
 from tlfusion.cli import main
 from tlfusion.errors import InputError
 from tlfusion.explain import explain_cases
@@ -100,10 +100,15 @@ def test_run_records_k_class_metrics_that_follow_from_its_predictions(run):
         assert row["macro_auroc"] == pytest.approx(sk.roc_auc_score(y, P, multi_class="ovr"))
         assert row["ci"]["accuracy"][0] <= row["accuracy"] <= row["ci"]["accuracy"][1]
         assert all(entry["ci"] for entry in row["per_class"])
+        for k, entry in enumerate(row["cut_auroc"], start=1):
+            assert entry["cut"] == GRADES[k] and entry["positives"] == int((y >= k).sum())
+            assert entry["auroc"] == pytest.approx(sk.roc_auc_score(y >= k, P[:, k:].sum(axis=1)))
+            assert entry["ci"][0] <= entry["auroc"] <= entry["ci"][1]
+    assert all(len(r["cut_auroc"]) == len(GRADES) - 1 for r in metrics["results"] if r["split"] == "cv")
     train = json.loads((run / "backbones" / "mobilenetv2" / "train.json").read_text())
     assert train["task"] == "ordinal" and train["settings"]["head"] == "ordinal" and train["outputs"] == ["1", "2"]
     report = (run / "report.md").read_text()
-    assert "Confusion matrix" in report and "quadratic kappa" in report
+    assert "Confusion matrix" in report and "quadratic kappa" in report and "Per cut point" in report
     assert (run / "plots" / "confusion.png").is_file() and (run / "plots" / "roc_per_class.png").is_file()
 
 
@@ -215,6 +220,25 @@ def test_k_class_metrics_match_scikit_learn_on_fixed_predictions():
     delta = paired_class_delta(y, P, shuffled, None, n_boot=200)["accuracy"]
     assert delta["delta"] == pytest.approx(row["accuracy"] - sk.accuracy_score(y, shuffled.argmax(axis=1)))
     assert delta["ci"][0] > 0
+
+
+def test_cut_point_aurocs_match_scikit_learn_on_fixed_predictions():
+    """Grade >= c scored by the summed probabilities of c and above, as scikit-learn's binary AUROC; the patient
+    bootstrap interval holds it; a cut with no image above it is undefined."""
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 4, 150)
+    P = rng.dirichlet(np.ones(4), 150)
+    P[np.arange(150), y] += rng.random(150)
+    P /= P.sum(axis=1, keepdims=True)
+    cuts = cut_aurocs(y, P, ["a", "b", "c", "d"])
+    assert [entry["cut"] for entry in cuts] == ["b", "c", "d"]
+    for k, entry in enumerate(cuts, start=1):
+        assert entry["positives"] == int((y >= k).sum())
+        assert entry["auroc"] == pytest.approx(sk.roc_auc_score(y >= k, P[:, k:].sum(axis=1)))
+    assert cuts[0]["auroc"] != pytest.approx(sk.roc_auc_score(y >= 1, P[:, 1]))  # the summed score, not P(b)
+    intervals = cut_auroc_ci(y, P, np.arange(150) // 3, n_boot=200)
+    assert all(low < entry["auroc"] < high for entry, (low, high) in zip(cuts, intervals, strict=True))
+    assert cut_aurocs(np.minimum(y, 2), P, ["a", "b", "c", "d"])[2]["auroc"] is None
 
 
 @pytest.mark.parametrize(

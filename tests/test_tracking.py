@@ -17,6 +17,9 @@ def test_flatten_and_metric_names():
     values = metric_values({"results": [], "subgroups": [subgroup], "selected": "m"})
     assert values == {"subgroup.view.frontal_lateral.kappa": 0.5, "subgroup.view.frontal_lateral.brier": 0.1,
                       "subgroup.view.frontal_lateral.ece": 0.2}  # fmt: skip
+    cuts = [{"cut": "1", "positives": 9, "auroc": 0.7}, {"cut": "2", "positives": 4, "auroc": None}]
+    row = {"model": "m", "level": "image", "split": "test", "accuracy": 0.5, "cut_auroc": cuts}
+    assert metric_values({"results": [row]}) == {"test.image.m.accuracy": 0.5, "test.image.m.auroc_ge_1": 0.7}
 
 
 def test_a_tracked_run_is_read_back_with_its_params_metrics_and_artifacts(tmp_path, monkeypatch, capsys):

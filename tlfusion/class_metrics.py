@@ -1,5 +1,6 @@
 """K-class metrics (K >= 3): accuracy, balanced accuracy, macro-F1, Cohen's kappa (unweighted and quadratic), macro
-one-vs-rest AUROC, per-class sensitivity / specificity / F1 / AUROC and the K x K confusion matrix.
+one-vs-rest AUROC, per-class sensitivity / specificity / F1 / AUROC and the K x K confusion matrix; for ordered
+classes, the AUROC of each cut point (grade >= c scored by P(grade >= c), e.g. knee KL >= 2).
 
 Like `tlfusion.metrics`, every metric is computed from weighted confusion counts, so the point estimate and the
 resamples of `metrics.bootstrap_statistics` (the one patient bootstrap) go through the same code. Predictions are
@@ -90,6 +91,30 @@ def paired_class_delta(
     }
 
 
+def cut_aurocs(y_true, prob, class_names: list[str]) -> list[dict]:
+    """Ordered classes: one entry per cut point c (every class but the first) with its `cut` (the class name),
+    `positives` (images of grade >= c) and `auroc` of grade >= c scored by P(grade >= c), the sum of the
+    probabilities of c and above."""
+    y, P = check_class_inputs(y_true, prob)
+    _check_names(class_names, P)
+    table = _cut_table(y, P, np.ones((1, len(y))))
+    return [
+        {"cut": class_names[k], "positives": int((y >= k).sum()), "auroc": _value(table[_key("auroc", k)])}
+        for k in range(1, P.shape[1])
+    ]
+
+
+def cut_auroc_ci(
+    y_true, prob, groups, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> list[list[float] | None]:
+    """Patient-bootstrap percentile interval (`metrics.bootstrap_statistics`) of each `cut_aurocs` value, in order."""
+    y, P = check_class_inputs(y_true, prob)
+    intervals = bootstrap_statistics(
+        len(y), groups, lambda weights: _cut_table(y, P, weights), n_boot=n_boot, seed=seed, level=level
+    )
+    return [intervals[_key("auroc", k)] for k in range(1, P.shape[1])]
+
+
 def class_score(y_true, prob, scoring: str) -> float | None:
     """One `CLASS_METRICS` value (the CV selection score)."""
     y, P = check_class_inputs(y_true, prob)
@@ -136,6 +161,15 @@ def _class_table(y: np.ndarray, P: np.ndarray, weights: np.ndarray) -> dict[str,
     for k in range(K):
         for metric, values in zip(PER_CLASS_METRICS, (sensitivity, specificity, f1, auroc), strict=True):
             table[_key(metric, k)] = values[:, k]
+    return {name: np.where(np.isfinite(values), values, np.nan) for name, values in table.items()}
+
+
+def _cut_table(y: np.ndarray, P: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """AUROC of grade >= k by P(grade >= k) for each row of `weights`, as "auroc|<k>" for k = 1..K-1."""
+    table = {
+        _key("auroc", k): weighted_auroc((y >= k).astype(np.int64), P[:, k:].sum(axis=1), weights)
+        for k in range(1, P.shape[1])
+    }
     return {name: np.where(np.isfinite(values), values, np.nan) for name, values in table.items()}
 
 

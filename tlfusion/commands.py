@@ -181,7 +181,9 @@ def _evaluate_class_bundle(bundle: Bundle, experiment: Experiment, table: pd.Dat
         "classes": list(bundle.class_names),
         "ordinal": bundle.ordinal,
         "selected": name,
-        "results": class_results(predictions, list(bundle.class_names), experiment.evaluate.bootstrap, experiment.seed),
+        "results": class_results(
+            predictions, list(bundle.class_names), experiment.evaluate.bootstrap, experiment.seed, bundle.ordinal
+        ),
     }
     write_metrics(Path(out) / "metrics.json", metrics)
     write_reports(Path(out), metrics, predictions)

@@ -130,21 +130,37 @@ def clinical_checks(
     return checks
 
 
-def class_results(predictions: pd.DataFrame, classes: list[str], n_boot: int, seed: int) -> list[dict]:
+def class_results(
+    predictions: pd.DataFrame, classes: list[str], n_boot: int, seed: int, ordinal: bool = False
+) -> list[dict]:
     """metrics.json result rows of a multiclass run: every model on CV (out-of-fold) and test, image level, with
-    patient-bootstrap intervals (headline and per class) on the test split."""
-    from tlfusion.class_metrics import class_bootstrap_ci, class_metrics
+    patient-bootstrap intervals (headline and per class) on the test split; ordered classes add `cut_auroc`
+    (`class_metrics.cut_aurocs`, with intervals on the test split)."""
+    return [
+        _class_row(model, split, rows, classes, n_boot if split == "test" else 0, seed, ordinal)
+        for (model, split), rows in predictions.groupby(["model", "split"], sort=False)
+    ]
 
-    results = []
-    for (model, split), rows in predictions.groupby(["model", "split"], sort=False):
-        y, P, groups = _class_arrays(rows, len(classes))
-        row = {"model": model, "level": "image", "split": split, **class_metrics(y, P, classes), "ci": {}}
-        if n_boot and split == "test":
-            row["ci"], per_class = class_bootstrap_ci(y, P, groups, n_boot=n_boot, seed=seed)
-            for entry, intervals in zip(row["per_class"], per_class, strict=True):
-                entry["ci"] = intervals
-        results.append(row)
-    return results
+
+def _class_row(
+    model: str, split: str, rows: pd.DataFrame, classes: list[str], n_boot: int, seed: int, ordinal: bool
+) -> dict:
+    """One model's result row on one split, with intervals when `n_boot`."""
+    from tlfusion.class_metrics import class_bootstrap_ci, class_metrics, cut_auroc_ci, cut_aurocs
+
+    y, P, groups = _class_arrays(rows, len(classes))
+    row = {"model": model, "level": "image", "split": split, **class_metrics(y, P, classes), "ci": {}}
+    if ordinal:
+        row["cut_auroc"] = cut_aurocs(y, P, classes)
+    if not n_boot:
+        return row
+    row["ci"], per_class = class_bootstrap_ci(y, P, groups, n_boot=n_boot, seed=seed)
+    for entry, intervals in zip(row["per_class"], per_class, strict=True):
+        entry["ci"] = intervals
+    if ordinal:
+        for entry, interval in zip(row["cut_auroc"], cut_auroc_ci(y, P, groups, n_boot=n_boot, seed=seed), strict=True):
+            entry["ci"] = interval
+    return row
 
 
 def class_fusion_vs_single(predictions: pd.DataFrame, n_classes: int, n_boot: int = 1000, seed: int = 0) -> list[dict]:

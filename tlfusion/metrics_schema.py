@@ -169,6 +169,15 @@ class PerClassResult(_Schema):
     ci: dict[str, Interval] = Field(default_factory=dict)
 
 
+class CutAuroc(_Schema):
+    """Ordered classes: grade >= `cut` against the rest, scored by P(grade >= cut); (evaluated split) its interval."""
+
+    cut: str
+    positives: int
+    auroc: float | None
+    ci: Interval = None
+
+
 class ClassResult(_Schema):
     """One K-class model on one split (image level): metrics of its most probable class, the confusion matrix
     (rows true, columns predicted, in `classes` order), per-class rows and (test split) bootstrap intervals."""
@@ -186,6 +195,8 @@ class ClassResult(_Schema):
     confusion: list[list[int]]
     per_class: list[PerClassResult]
     ci: dict[str, Interval]
+    cut_auroc: list[CutAuroc] = Field(default_factory=list)
+    """Ordered classes only: one entry per cut point (every class but the first)."""
 
 
 class ClassFusionVsSingle(_Schema):

@@ -6,7 +6,8 @@ MLflow is optional (`pip install "tlfusion[tracking]"`). The store is `MLFLOW_TR
 `MLFLOW_ALLOW_FILE_STORE` is true: tlfusion sets it for a folder store unless it is set already).
 
 A run logs: params, the resolved experiment config flattened to dotted keys (lists as JSON); metrics, every numeric
-value of metrics.json's result, calibration and subgroup rows (keys like `test.image.fusion/lr.kappa`),
+value of metrics.json's result, calibration and subgroup rows (keys like `test.image.fusion/lr.kappa`; an ordered
+K-class row's cut points as `auroc_ge_<class>`),
 `selected.<metric>` for the selected model's headline row, and `timing.<stage>` seconds; artifacts, the report
 (report.html, report.md, plots/) under `report`, the review gallery under `gallery` and the bundle under `bundle`,
 with metrics.json and timings.json.
@@ -81,6 +82,8 @@ def metric_values(metrics: Mapping) -> dict[str, float]:
         where = (row["split"], row.get("level") or row.get("finding"), row["model"])
         names = dict.fromkeys((*METRICS, *CLASS_METRICS))  # binary, multi-label and K-class rows' metrics
         values |= {_key(*where, metric): row[metric] for metric in names if _is_number(row.get(metric))}
+        cuts = row.get("cut_auroc", [])  # ordered K-class rows
+        values |= {_key(*where, f"auroc_ge_{cut['cut']}"): cut["auroc"] for cut in cuts if _is_number(cut["auroc"])}
     for row in (metrics.get("calibration") or {}).get("rows", []):
         where = ("calibration", row["split"], row["stage"], row["model"])
         values |= {_key(*where, name): row[name] for name in ("brier", "ece")}

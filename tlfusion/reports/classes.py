@@ -53,7 +53,8 @@ def class_summary_lines(metrics: Mapping) -> list[str]:
     lines.append(f"{split}, {len(metrics['classes'])} classes, n={row['n']}:")
     for pair in (CLASS_METRICS[:3], CLASS_METRICS[3:]):
         lines.append("  " + "   ".join(f"{LABELS[m]} {format_metric(row.get(m), row['ci'].get(m))}" for m in pair))
-    return lines
+    cuts = [f">= {e['cut']} {format_metric(e['auroc'], e.get('ci'))}" for e in row.get("cut_auroc", [])]
+    return [*lines, "  AUROC per cut point: " + "   ".join(cuts)] if cuts else lines
 
 
 def class_sections(
@@ -98,7 +99,24 @@ def _selected_blocks(metrics: Mapping, split: str) -> list[_Block]:
         return [why, f"No {split} results recorded for {selected}."]
     facts = [f"{split} split, n={row['n']}; predicted class: the most probable one"]
     facts += [f"{LABELS[m]} {format_metric(row.get(m), row['ci'].get(m))}" for m in CLASS_METRICS]
-    return [why, facts, "Per class (one vs the rest):", _per_class_table(row), "Confusion matrix:", _confusion(row)]
+    blocks = [why, facts, "Per class (one vs the rest):", _per_class_table(row), "Confusion matrix:", _confusion(row)]
+    if row.get("cut_auroc"):
+        blocks += ["Per cut point (grade >= c vs the rest, scored by P(grade >= c)):", _cut_table(row)]
+    return blocks
+
+
+def _cut_table(row: Mapping) -> _Table:
+    return _Table(
+        ["grade >= c", "positives", "AUROC"],
+        [
+            [
+                _Cell(f">= {entry['cut']}", entry["cut"]),
+                _value_cell(entry["positives"], str(entry["positives"])),
+                _value_cell(entry["auroc"], format_metric(entry["auroc"], entry.get("ci"))),
+            ]
+            for entry in row["cut_auroc"]
+        ],
+    )
 
 
 def _per_class_table(row: Mapping) -> _Table:

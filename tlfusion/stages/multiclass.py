@@ -46,8 +46,8 @@ def run_class_fit(run: RunContext) -> None:
 
 
 def run_class_evaluate(run: RunContext) -> None:
-    """metrics.json: every model's CV and test metrics (test CIs by patient bootstrap, per class too), fusion vs
-    single backbone (paired)."""
+    """metrics.json: every model's CV and test metrics (test CIs by patient bootstrap, per class and, ordered
+    classes, per cut point too), fusion vs single backbone (paired)."""
     from tlfusion.data.sources import summarise
     from tlfusion.reports import summary_lines
 
@@ -62,7 +62,7 @@ def run_class_evaluate(run: RunContext) -> None:
         "ordinal": experiment.ordinal,
         "selected": selection["selected"],
         "selection": {key: selection[key] for key in ("scoring", "cv", "cv_scores")},
-        "results": class_results(predictions, classes, n_boot, seed),
+        "results": class_results(predictions, classes, n_boot, seed, experiment.ordinal),
         "fusion_vs_single": class_fusion_vs_single(predictions, len(classes), n_boot, seed),
         "data": summarise(table),
         "test_images_seen_in_pretraining": seen,
