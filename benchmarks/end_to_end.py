@@ -83,7 +83,7 @@ def stage_timings(log_text: str) -> dict[str, float | str]:
 
 
 def run_summary(run_dir: Path) -> dict:
-    """The selected model and its image-level test scores from ``run_dir/metrics.json``."""
+    """The selected model and its image-level test scores (binary or K-class keys) from ``run_dir/metrics.json``."""
     path = RunPaths(run_dir).metrics
     if not path.is_file():
         return {}
@@ -94,7 +94,8 @@ def run_summary(run_dir: Path) -> dict:
         for row in metrics.get("results", [])
         if row["model"] == selected and row["split"] == "test" and row["level"] == "image"
     ]
-    scores = {key: test[0][key] for key in ("n", "kappa", "auroc", "f1", "accuracy")} if test else {}
+    keys = ("n", "kappa", "auroc", "f1", "accuracy", "quadratic_kappa", "macro_auroc")
+    scores = {key: test[0][key] for key in keys if test and key in test[0]}
     return {"selected": selected, "test": scores}
 
 
