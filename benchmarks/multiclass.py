@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         machine = machine_info(*PACKAGES)
         experiments[name] = {**run_experiment(name, args.root), "machine": machine}
         print(name, json.dumps({k: experiments[name][k] for k in ("selected", "test", "targets")}), flush=True)
-        payload = {"benchmark": "multiclass", "experiments": experiments}
+        payload = {"benchmark": "multiclass", "machine": machine, "experiments": experiments}
         print(f"wrote {write_result('multiclass', payload)}")
     return payload
 

@@ -596,6 +596,63 @@ def summarise_refactor_equivalence(payload: dict) -> list[Table]:
     return [("base vs head, every number each run wrote", header, rows)]
 
 
+def summarise_multiclass(payload: dict) -> list[Table]:
+    """Per K-class experiment: the CV-selected model's test metrics with CIs, its per-class rows, the cut-point
+    AUROCs of ordinal tasks, fusion minus each single backbone and each target; each row measured at its own run's
+    commit (every table's rows start with the experiment's name)."""
+    experiments = payload["experiments"]
+    header = ["experiment", "wall s", "peak RSS MiB", "selected", "CV score", "test n"]
+    header += ["quadratic kappa", "accuracy", "balanced accuracy", "macro-F1", "kappa", "macro AUROC"]
+    rows, per_class, cuts, fusion, targets = [], [], [], [], []
+    for name, e in experiments.items():
+        cv = e["selection"]["cv_scores"].get(e["selected"])
+        rows.append(
+            [name, e["run"]["wall_s"], e["run"]["peak_tree_rss_mib"], e["selected"], cv, e["test_n"]]
+            + [with_ci(e["test"][key]["value"], e["test"][key]["ci"]) for key in MULTICLASS_HEADLINE]
+        )
+        per_class += [
+            [name, c["class"], c["n"], *(with_ci(c[key], c["ci"].get(key)) for key in PER_CLASS)]
+            for c in e["test_per_class"]
+        ]
+        cuts += [
+            [name, f">= {c['cut']}", c["positives"], with_ci(c["auroc"], c["ci"])] for c in e["test_cut_auroc"] or []
+        ]
+        fusion += [
+            [name, f["fusion"], f["single"], *(with_ci(f[key]["delta"], f[key]["ci"]) for key in FUSION_DELTAS)]
+            for f in e["fusion_vs_single"]
+        ]
+        targets += [
+            [name, key, bound_cell(t["target"]), t["value"], status(t["met"])] for key, t in e["targets"].items()
+        ]
+    tables = [
+        ("the CV-selected model on the test split (patient-bootstrap 95% CIs)", header, rows),
+        ("per class, selected model (test)", ["experiment", "class", "n", *PER_CLASS], per_class),
+        (
+            "ordinal cut points: grade >= c scored by P(grade >= c) (test)",
+            ["experiment", "cut", "positives", "AUROC"],
+            cuts,
+        ),
+        (
+            "fusion minus single backbone, selected classifier (test; paired 95% CI)",
+            ["experiment", "fusion", "single"] + [f"Δ {key}" for key in FUSION_DELTAS],
+            fusion,
+        ),
+        ("targets", ["experiment", "target", "bound", "measured", "status"], targets),
+    ]
+    cells = {name: commit_cell(entry["machine"].get("git")) for name, entry in experiments.items()}
+    return [with_measured_at(table, [cells[row[0]] for row in table[2]]) for table in tables if table[2]]
+
+
+def bound_cell(target: dict) -> str:
+    """``{"min": 0.82}`` as ``≥ 0.82``, ``{"max": 5400}`` as ``≤ 5,400``."""
+    return ", ".join(f"{'≥' if side == 'min' else '≤'} {fmt(limit)}" for side, limit in target.items())
+
+
+MULTICLASS_HEADLINE = ("quadratic_kappa", "accuracy", "balanced_accuracy", "macro_f1", "kappa", "macro_auroc")
+PER_CLASS = ("sensitivity", "specificity", "f1", "auroc")
+FUSION_DELTAS = ("quadratic_kappa", "macro_auroc")
+
+
 SUMMARISERS: dict[str, Callable[[dict], list[Table]]] = {
     "refactor_equivalence": summarise_refactor_equivalence,
     "init_screen": summarise_init_screen,
@@ -611,6 +668,7 @@ SUMMARISERS: dict[str, Callable[[dict], list[Table]]] = {
     "end_to_end": summarise_end_to_end,
     "scale_out": summarise_scale_out,
     "accuracy": summarise_accuracy,
+    "multiclass": summarise_multiclass,
 }
 
 

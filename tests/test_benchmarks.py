@@ -152,6 +152,36 @@ def test_pretrain_screen_summary_table(results: Path):
     assert "absent_family" not in text.split("**frozen features")[1]
 
 
+def multiclass_entry(commit: str) -> dict:
+    """One experiment of benchmarks/results/multiclass.json, with made-up numbers."""
+    value = {"value": 0.7, "ci": [0.6, 0.8]}
+    cls = {"class": "0", "n": 5, "sensitivity": 0.5, "specificity": 0.9, "f1": 0.6, "auroc": 0.8, "ci": {}}
+    delta = {"delta": 0.01, "ci": [-0.02, 0.04]}
+    return {
+        "run": {"wall_s": 60.0, "peak_tree_rss_mib": 900.0},
+        "selected": "fusion/lr",
+        "selection": {"cv_scores": {"fusion/lr": 0.75}},
+        "test_n": 10,
+        "test": dict.fromkeys(results_md.MULTICLASS_HEADLINE, value),
+        "test_per_class": [cls],
+        "test_cut_auroc": [{"cut": "2", "positives": 4, "auroc": 0.9, "ci": [0.8, 1.0]}],
+        "fusion_vs_single": [{"fusion": "fusion/lr", "single": "a/lr", "quadratic_kappa": delta, "macro_auroc": delta}],
+        "targets": {"test_accuracy": {"value": 0.7, "target": {"min": 0.67}, "met": True}},
+        "machine": {"git": {"commit": commit, "dirty": False, "dirty_paths": []}},
+    }
+
+
+def test_multiclass_summary_rows_carry_their_own_commit(monkeypatch):
+    monkeypatch.setattr(results_md, "head_commit", lambda: "a" * 40)
+    monkeypatch.setattr(results_md, "same_code_as_head", lambda commit: False)
+    payload = {"experiments": {"knee": multiclass_entry("a" * 40), "chest": multiclass_entry("b" * 40)}}
+    tables = results_md.summarise_multiclass(payload)
+    text = "\n".join(results_md.markdown_table(header, rows) for _, header, rows in tables)
+    assert "| knee | 60 | 900 | fusion/lr | 0.75 | 10 | 0.7 [0.6, 0.8] |" in text
+    assert "| knee | >= 2 | 4 | 0.9 [0.8, 1] | aaaaaaa (HEAD) |" in text
+    assert "| chest | test_accuracy | ≥ 0.67 | 0.7 | met | bbbbbbb (not HEAD) |" in text
+
+
 def test_empty_results_folder(tmp_path: Path):
     assert "No result files yet" in results_md.render(results_md.load_results(tmp_path))
 
