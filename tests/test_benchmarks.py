@@ -518,3 +518,14 @@ def test_nih_chest_start_screen_scores_each_finding_on_validation_only():
     informative = np.hstack([Y[:, :2] + 0.1 * rng.normal(size=(120, 2)), rng.normal(size=(120, 3))])
     assert val_mean_auroc(informative, Y, train, ["a", "b", "c"]) == 1.0
     assert val_mean_auroc(rng.normal(size=(120, 5)), Y, train, ["a", "b", "c"]) < 0.8
+
+
+def test_knee_head_screen_turns_cumulative_logits_into_class_probabilities():
+    from benchmarks.knee_head_screen import ordinal_probabilities, softmax_probabilities
+
+    logits = np.array([[3.0, 0.0, -3.0], [-1.0, 1.0, 0.0]])  # the second row is not monotone: P(>1) > P(>0)
+    prob = ordinal_probabilities(logits)
+    assert prob.shape == (2, 4) and np.allclose(prob.sum(axis=1), 1) and (prob >= 0).all()
+    assert np.isclose(prob[0, 0], 1 - 1 / (1 + np.exp(-3.0)))  # P(grade 0) = 1 - P(grade > 0)
+    assert prob[1, 1] == 0  # P(grade > 1) capped at P(grade > 0): nothing left for grade 1
+    assert np.allclose(softmax_probabilities(np.zeros((1, 5))), 0.2)
