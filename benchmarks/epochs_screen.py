@@ -47,12 +47,18 @@ def training_summary(folder: Path, backbone: str) -> dict:
 
 def screen(epochs: int, seed: int) -> dict:
     """Fine-tune and extract with `epochs`, then the train -> val scores of each backbone and of the fusion."""
+    overrides = [f"finetune.epochs={epochs}", f"seed={seed}", "explain.enabled=false"]
+    return screen_recipe(finetuned_folder(epochs, seed), overrides)
+
+
+def screen_recipe(folder: Path, overrides: list[str]) -> dict:
+    """The hand experiment with `overrides` run up to extraction into `folder`, then the train -> val scores of each
+    backbone and of the fusion and what each fine-tuning kept."""
     from tlfusion.config import load_experiment
     from tlfusion.pipeline import Pipeline
     from tlfusion.run_paths import RunPaths
 
-    folder = finetuned_folder(epochs, seed)
-    experiment = load_experiment(EXPERIMENT, [f"finetune.epochs={epochs}", f"seed={seed}", "explain.enabled=false"])
+    experiment = load_experiment(EXPERIMENT, overrides)
     Pipeline(experiment, folder).run(until="extract")
     table = pd.read_csv(RunPaths(folder).table)
     seen = table["split"].isin(["train", "val"]).to_numpy()
