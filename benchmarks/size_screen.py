@@ -8,7 +8,7 @@ flip, everything else as shipped but `image.size`) runs cold up to feature extra
 per run: the fine-tuned backbones' best-epoch val AUROC (the rule that chose the hand experiment's start) and a
 standardised logistic regression fitted on the train part scoring the val part, per backbone and fused. The
 shared FracAtlas images are stored at up to 320 px, so 320 is the largest size that adds detail. The test part is
-never scored. Writes benchmarks/results/size_screen.json with the means over seeds.
+never scored. Writes benchmarks/results/size_screen.json with the means over the seeds run so far, after every run.
 """
 
 from __future__ import annotations
@@ -63,11 +63,13 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "sizes": {},
     }
-    for size in args.sizes:
-        runs = {str(seed): run_size(size, seed) for seed in args.seeds}
-        payload["sizes"][str(size)] = {"runs": runs, "mean_over_seeds": size_means(runs)}
-        print(size, payload["sizes"][str(size)]["mean_over_seeds"], flush=True)
-        print("results:", write_result("size_screen", payload))
+    for seed in args.seeds:  # seed by seed, every size, so a cut-short screen still holds paired seeds
+        for size in args.sizes:
+            block = payload["sizes"].setdefault(str(size), {"runs": {}})
+            block["runs"][str(seed)] = run_size(size, seed)
+            block["mean_over_seeds"] = size_means(block["runs"])
+            print(size, seed, block["mean_over_seeds"], flush=True)
+            print("results:", write_result("size_screen", payload))
     return payload
 
 
