@@ -56,13 +56,13 @@ def pngs(tmp_path):
 def sent_to_model(monkeypatch):
     """How many images each extraction actually ran through the model."""
     counts: list[int] = []
-    compute = features._compute
+    compute = features.compute_in_process
 
     def counting(job, progress):
         counts.append(len(job.paths))
         return compute(job, progress)
 
-    monkeypatch.setattr(features, "_compute", counting)
+    monkeypatch.setattr(features, "compute_in_process", counting)
     return counts
 
 

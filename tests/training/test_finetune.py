@@ -148,7 +148,7 @@ def test_resume_continues_from_the_checkpoint(pretrained, table, tmp_path, monke
     steps_per_epoch = int(checkpoint.optimizer.iterations.numpy())
     at_start = {}
     record_start = lambda self, logs=None: at_start.setdefault("w", self.model.get_weights())  # noqa: E731
-    monkeypatch.setattr(loop._EpochRecorder, "on_train_begin", record_start)
+    monkeypatch.setattr(loop.EpochRecorder, "on_train_begin", record_start)
 
     result = pretraining.pretrain(
         table, ARCH, tmp_path, PretrainSettings(epochs=2, **TINY), resume=True, options=ALPHA, verbose=0

@@ -65,7 +65,7 @@ def extract_features(
     paths = _checked_arguments(paths, engine, batch_size, scheduler, cache_dir)
     source = ModelSource(model, stages, flip)
     if cache_dir is None:
-        return _compute(ExtractionJob(source, paths, image_size, clahe, batch_size, engine, None), progress)
+        return compute_in_process(ExtractionJob(source, paths, image_size, clahe, batch_size, engine, None), progress)
 
     cache_dir = Path(cache_dir)
     hashes = [_image_sha256(path) for path in paths]
@@ -74,7 +74,7 @@ def extract_features(
     missing = {digest: path for digest, path in zip(hashes, paths, strict=True) if digest not in known}
     if missing:
         job = ExtractionJob(source, list(missing.values()), image_size, clahe, batch_size, engine, cache_dir)
-        new = _compute_on_cluster(scheduler, job) if scheduler else _compute(job, progress)
+        new = _compute_on_cluster(scheduler, job) if scheduler else compute_in_process(job, progress)
         cache.append(list(missing), new)
         known.update(zip(missing, new, strict=True))
     logger.info("features: %d images, %d extracted, the rest from %s", len(paths), len(missing), cache.folder)
@@ -109,7 +109,7 @@ EXTRACTOR = FeatureExtractor()
 """This process's extractor (`extract_features` without a scheduler)."""
 
 
-def _compute(job: ExtractionJob, progress: bool) -> np.ndarray:
+def compute_in_process(job: ExtractionJob, progress: bool) -> np.ndarray:
     """Run the model over `job.paths` in this process (every image here is sent to the model)."""
     build = partial(new_runner, job.source, job.engine, job.cache_dir)
     key = (job.source.features_key, job.engine)
@@ -117,7 +117,7 @@ def _compute(job: ExtractionJob, progress: bool) -> np.ndarray:
 
 
 def _compute_on_cluster(scheduler: str, job: ExtractionJob) -> np.ndarray:
-    """`_compute`'s counterpart that shards the images over the Dask cluster at `scheduler`."""
+    """`compute_in_process`'s counterpart that shards the images over the Dask cluster at `scheduler`."""
     from tlfusion.features.cluster import extract_on_cluster
 
     return extract_on_cluster(scheduler, job)

@@ -74,7 +74,7 @@ class FeatureExtractor:
 
 @dataclass(frozen=True)
 class ExtractionJob:
-    """The images one model runs over and how: what `_compute` (this process) and `cluster.extract_on_cluster`
+    """The images one model runs over and how: what `extraction.compute_in_process` and `cluster.extract_on_cluster`
     take. `cache_dir` (None without a cache) holds the ONNX graphs and the models cluster workers load."""
 
     source: ModelSource

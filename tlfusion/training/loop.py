@@ -116,7 +116,7 @@ def _fit_phases(
             initial_epoch=state["epoch"],
             epochs=phase.end_epoch,
             class_weight=class_weight,
-            callbacks=[_EpochRecorder(out_dir, state, phase, task, patience)],
+            callbacks=[EpochRecorder(out_dir, state, phase, task, patience)],
             shuffle=False,  # the dataset shuffles itself, seeded per epoch
             verbose=verbose,
         )
@@ -149,7 +149,7 @@ def _load_state(out_dir: Path, task: TrainingTask) -> dict | None:
     return state
 
 
-class _EpochRecorder(keras.callbacks.Callback):
+class EpochRecorder(keras.callbacks.Callback):
     """After every epoch: history, best weights, checkpoint and state on disk; early stopping on the monitor."""
 
     def __init__(self, out_dir: Path, state: dict, phase: Phase, task: TrainingTask, patience: int):
