@@ -1,7 +1,7 @@
 """The run report and the review gallery as a reader sees them: rendered by headless Chromium at 1280 x 900 px.
 
 Slow, and skipped where /usr/bin/chromium is missing (Debian/Ubuntu: `apt-get install -y chromium`). Run with
-`python -m pytest tests/test_browser.py -m slow`; the screenshots are left in pytest's tmp folder
+`python -m pytest tests/reports/test_browser.py -m slow`; the screenshots are left in pytest's tmp folder
 (`--basetemp=DIR` to keep them somewhere known) for a look.
 """
 

@@ -16,8 +16,8 @@ estimated from the per-episode scores by reweighting them by patient membership,
    ci95 = mean ± 1.96 * sqrt(var), clipped to [0, 1].
 
 Simulated with 40 independent pools each (Gaussian patients; 8, 21 and 60 patients per class; 2+2, 5+5 and 5+15
-shots+queries; 200-1000 episodes; the first is tests/test_fewshot_intervals.py), this SE was 1.1-1.6 times the true
-spread of the mean over pools, the episode-only SE 0.1-0.3 times it. When some patient is in every episode (e.g.
+shots+queries; 200-1000 episodes; the first is tests/fewshot/test_fewshot_intervals.py), this SE was 1.1-1.6 times the
+true spread of the mean over pools, the episode-only SE 0.1-0.3 times it. When some patient is in every episode (e.g.
 2 patients per class with 1 shot + 1 query) nothing is left out: the patient interval is not estimable and ``ci95``
 is None.
 """
