@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tlfusion.console import configure_process
 from tlfusion.fileio import write_json
-from tlfusion.provenance import environment
+from tlfusion.training.provenance import environment
 
 configure_process()  # the tlfusion command's environment defaults, for the benchmarks that run tlfusion in-process
 
@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def machine_info(*packages: str) -> dict:
-    """`tlfusion.provenance.environment(*packages)` (platform, CPUs, Python, package versions by distribution name,
-    GPUs once TensorFlow is imported), the 1-minute load average (shared machines skew timings) and the git commit
+    """`tlfusion.training.provenance.environment(*packages)` (platform, CPUs, Python, package versions by distribution
+    name, GPUs once TensorFlow is imported), the 1-minute load average (shared machines skew timings) and the git commit
     the benchmark runs at (``git_state``)."""
     return {
         **environment(*packages),

@@ -36,7 +36,7 @@ import yaml
 
 from benchmarks._common import RESULTS_DIR, git_state, load_average, machine_info, measure_command, write_result
 from tlfusion.fileio import write_json
-from tlfusion.run_paths import RunPaths
+from tlfusion.run.paths import RunPaths
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "benchmarks" / "accuracy"
@@ -114,7 +114,7 @@ def overrides(name: str, init: str, seed: int = 0, reuse: str | None = None) -> 
 def reused_backbones(name: str, seed: int, folder: Path) -> list[Path]:
     """The fine-tuned `model.keras` of each backbone in a finished run `folder` of experiment `name` at `seed`,
     after checking that its `train.json` recipe is the experiment's (fine-tuning settings, start, size, seed)."""
-    from tlfusion.config import load_experiment
+    from tlfusion.config.experiment import load_experiment
 
     experiment = load_experiment(experiment_file(name), [f"seed={seed}"])
     spec = experiment.finetune.model_dump(exclude={"enabled", "distribute"})  # where it ran, not what it learnt
@@ -195,7 +195,7 @@ def test_images_seen(name: str, init: str, seed: int, reuse: str | None = None) 
     """Backbone -> how many of the run's test images its initial weights were pretrained on."""
     import pandas as pd
 
-    from tlfusion.config import load_experiment
+    from tlfusion.config.experiment import load_experiment
     from tlfusion.stages.leakage import seen_in_training
 
     experiment = load_experiment(experiment_file(name), overrides(name, init, seed, reuse)[1::2])
@@ -210,7 +210,7 @@ def paired_intervals(metrics: dict, folder: Path) -> dict[str, dict]:
     if rows is None:
         import pandas as pd
 
-        from tlfusion.evaluation import fusion_vs_single
+        from tlfusion.evaluation.results import fusion_vs_single
 
         paths = RunPaths(folder)
         predictions = pd.read_csv(paths.predictions, dtype={"patient": str, "study": str})
@@ -223,7 +223,7 @@ def selected_paired(results: list[dict], first: str, second: str) -> list[dict]:
     """Per experiment and seed with both runs on disk: init `first`'s CV-selected model minus `second`'s on the same
     test images, kappa and AUROC with paired patient-bootstrap 95% CIs."""
 
-    from tlfusion.metrics import paired_bootstrap_delta
+    from tlfusion.evaluation.metrics import paired_bootstrap_delta
 
     found = {(r["experiment"], r["seed"], r["init"]): r for r in results}
     rows = []

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks._common import load_average, machine_info, measure_command, write_result
-from tlfusion.run_paths import RunPaths
+from tlfusion.run.paths import RunPaths
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = {

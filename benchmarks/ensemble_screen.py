@@ -26,7 +26,7 @@ METRICS = ("auroc", "kappa")
 
 def start_features(start: str, seed: int, paths: list[str]) -> np.ndarray:
     """One start's fine-tuned backbones' flip-averaged features of `paths`, concatenated."""
-    from tlfusion.features import extract_features
+    from tlfusion.features.extraction import extract_features
 
     folder = run_dir("fracatlas_hand", start, seed) / "backbones"
     blocks = [

@@ -33,7 +33,7 @@ def finetuned_folder(epochs: int, seed: int) -> Path:
 
 def training_summary(folder: Path, backbone: str) -> dict:
     """The epoch fine-tuning kept and the val AUC of every epoch, from the backbone's `train.json` and history."""
-    from tlfusion.run_paths import RunPaths
+    from tlfusion.run.paths import RunPaths
 
     model_dir = RunPaths(folder).model(backbone).parent
     trained = json.loads((model_dir / "train.json").read_text())
@@ -54,9 +54,9 @@ def screen(epochs: int, seed: int) -> dict:
 def screen_recipe(folder: Path, overrides: list[str]) -> dict:
     """The hand experiment with `overrides` run up to extraction into `folder`, then the train -> val scores of each
     backbone and of the fusion and what each fine-tuning kept."""
-    from tlfusion.config import load_experiment
+    from tlfusion.config.experiment import load_experiment
     from tlfusion.pipeline import Pipeline
-    from tlfusion.run_paths import RunPaths
+    from tlfusion.run.paths import RunPaths
 
     experiment = load_experiment(EXPERIMENT, overrides)
     Pipeline(experiment, folder).run(until="extract")

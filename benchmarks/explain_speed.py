@@ -25,14 +25,14 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 from benchmarks._common import machine_info, write_result
-from tlfusion.backbones import build_backbone
-from tlfusion.bundle import Bundle
-from tlfusion.classifiers import fusion_pipeline
+from tlfusion.backbones.registry import build_backbone
+from tlfusion.bundle.model import Bundle
 from tlfusion.explain.gradcam import GradCAM
 from tlfusion.explain.lime import explain_lime
-from tlfusion.feature_runners import keras_runner
-from tlfusion.features import FeatureFusion, fuse
-from tlfusion.onnx_graphs import onnx_graph
+from tlfusion.features.fusion import FeatureFusion, fuse
+from tlfusion.features.onnx_graphs import onnx_graph
+from tlfusion.features.runners import keras_runner
+from tlfusion.models.classifiers import fusion_pipeline
 
 IMAGE_SIZE = 224
 BACKBONES = ["densenet121", "efficientnetb0"]

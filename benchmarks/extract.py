@@ -39,13 +39,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import tlfusion.features as features_module
+import tlfusion.features.extraction as features_module
 from benchmarks._common import machine_info, write_result
-from tlfusion.backbones import build_backbone, feature_model
+from tlfusion.backbones.registry import build_backbone, feature_model
 from tlfusion.data.images import decoded_batches, load_batch
-from tlfusion.feature_runners import FeatureExtractor
-from tlfusion.features import extract_features
-from tlfusion.onnx_graphs import onnx_graph, onnx_runner
+from tlfusion.features.extraction import extract_features
+from tlfusion.features.onnx_graphs import onnx_graph, onnx_runner
+from tlfusion.features.runners import FeatureExtractor
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fracatlas" / "images"
 BACKBONES = ("densenet121", "efficientnetb0")

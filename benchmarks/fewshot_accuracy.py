@@ -16,7 +16,7 @@ Data sets (none of their evaluated images was seen by the in-domain backbones; c
 - ``fracatlas_hand``: FracAtlas hand, fractured vs not (held out of pretraining); no patient ids, so each image
   is its own group, except that identical files under two ids (21 sets in hand) form one group.
 
-Extractors (pooled penultimate features via ``tlfusion.features.extract_features`` with a cache under
+Extractors (pooled penultimate features via ``tlfusion.features.extraction.extract_features`` with a cache under
 ``.cache/fewshot_accuracy``): at 224 px, MobileNetV1 and MobileNetV2 with the offline ImageNet weights
 (``imagenet/``, photographs only: they never saw a radiograph) and their fusion; the same two after ImageNet ->
 musculoskeletal multi-task pretraining (``imagenet_msk/``: saved_models/*_imagenet_msk, pretrained at 160 px on knee,
@@ -36,7 +36,7 @@ benchmarks/results/fewshot_screen.json, which this benchmark records under ``set
 hand-typed screen ran on ``kermany_test`` and ``fracatlas_hand``, which are reported here, and is gone.) The
 ImageNet vs in-domain choice cannot be screened there: the in-domain backbones saw both sets in pretraining.
 COVID is reported for every registered classifier, none selected on it. Intervals: ``ci95`` is over patients
-(``tlfusion.fewshot_intervals``), ``episode_ci95`` over episodes only; ``counts`` gives the patients per class.
+(``tlfusion.fewshot.intervals``), ``episode_ci95`` over episodes only; ``counts`` gives the patients per class.
 Writes benchmarks/results/fewshot_accuracy.json.
 """
 
@@ -59,10 +59,10 @@ from benchmarks._common import RESULTS_DIR, machine_info, write_result
 from tlfusion.data.images import file_sha256
 from tlfusion.data.sources import read_csv
 from tlfusion.data.splits import assign_splits, content_groups
-from tlfusion.episodes import sample_episodes
-from tlfusion.fewshot import FEWSHOT_CLASSIFIERS, SUMMARY_KEYS, evaluate_episodes, make_fewshot_classifier
-from tlfusion.fewshot_intervals import METHOD, episode_membership, interval_note
-from tlfusion.provenance import SEEN_IMAGES, read_seen_images
+from tlfusion.fewshot.episodes import sample_episodes
+from tlfusion.fewshot.evaluation import FEWSHOT_CLASSIFIERS, SUMMARY_KEYS, evaluate_episodes, make_fewshot_classifier
+from tlfusion.fewshot.intervals import METHOD, episode_membership, interval_note
+from tlfusion.training.provenance import SEEN_IMAGES, read_seen_images
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
@@ -184,7 +184,7 @@ def saved_model(name: str, arch: str, size: int, weights: str | Path | None) -> 
     if not path.is_file():
         import keras
 
-        from tlfusion.backbones import build_backbone
+        from tlfusion.backbones.registry import build_backbone
 
         keras.utils.set_random_seed(SEED)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +193,7 @@ def saved_model(name: str, arch: str, size: int, weights: str | Path | None) -> 
 
 
 def features(model: Path, paths: list[str], stages: int, size: int = IMAGE_SIZE) -> np.ndarray:
-    from tlfusion.features import extract_features
+    from tlfusion.features.extraction import extract_features
 
     return extract_features(model, paths, size, cache_dir=CACHE, progress=False, stages=stages)
 

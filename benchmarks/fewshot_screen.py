@@ -44,9 +44,9 @@ from benchmarks._common import machine_info, write_result
 from tlfusion.data.images import file_sha256
 from tlfusion.data.sources import read_csv
 from tlfusion.data.splits import assign_splits, content_groups
-from tlfusion.episodes import sample_episodes
-from tlfusion.fewshot import FEWSHOT_CLASSIFIERS, evaluate_episodes
-from tlfusion.fewshot_intervals import episode_membership, patient_se
+from tlfusion.fewshot.episodes import sample_episodes
+from tlfusion.fewshot.evaluation import FEWSHOT_CLASSIFIERS, evaluate_episodes
+from tlfusion.fewshot.intervals import episode_membership, patient_se
 
 WAYS, SHOTS, QUERIES, SEED = 2, 5, 15, 1
 STAGES = (1, 2, 3, 4)
@@ -173,7 +173,7 @@ def episode_aurocs(X: np.ndarray, pool: Pool, sampled: list, classifier) -> np.n
 def screen_transforms(pools, features: FeatureFn, extractors, stages: int, episodes: int, base: FeatureFn | None):
     """Per transform: mean AUROC over sets x extractors (``base`` centring only when base features are given) and,
     against the plain L2 prototype on the same episodes, the gain with its 95% CI over patients (per set: the
-    per-episode differences averaged over extractors, `tlfusion.fewshot_intervals.patient_se`; sets independent)."""
+    per-episode differences averaged over extractors, `tlfusion.fewshot.intervals.patient_se`; sets independent)."""
     sampled = episodes_of(pools, episodes)
     scores: dict[str, dict[str, np.ndarray]] = {}
     for label, (power, centring, steps) in TRANSFORMS.items():

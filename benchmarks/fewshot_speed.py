@@ -18,8 +18,8 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from benchmarks._common import machine_info, write_result
-from tlfusion.episodes import sample_episodes
-from tlfusion.fewshot import FEWSHOT_CLASSIFIERS, evaluate_episodes
+from tlfusion.fewshot.episodes import sample_episodes
+from tlfusion.fewshot.evaluation import FEWSHOT_CLASSIFIERS, evaluate_episodes
 
 N_ROWS, N_FEATURES, N_CLASSES, IMAGES_PER_PATIENT = 800, 1024, 4, 2
 WAYS, SHOTS, QUERIES, REPEATS = 2, 5, 15, 3

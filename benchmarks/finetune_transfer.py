@@ -29,14 +29,15 @@ import numpy as np
 import pandas as pd
 
 from benchmarks._common import RESULTS_DIR, machine_info, write_result
-from tlfusion.backbones import load_model_file
+from tlfusion.backbones.registry import load_model_file
 from tlfusion.data.images import file_sha256, load_batch
 from tlfusion.data.sources import read_csv
 from tlfusion.data.splits import content_groups, grouped_folds, join_identical_images
 from tlfusion.errors import InputError
-from tlfusion.metrics import binary_metrics, bootstrap_ci, choose_threshold, paired_bootstrap_delta
-from tlfusion.provenance import SEEN_IMAGES, read_seen_images
-from tlfusion.training import finetune
+from tlfusion.evaluation.metrics import binary_metrics, bootstrap_ci, choose_threshold, paired_bootstrap_delta
+from tlfusion.training.finetune import finetune
+from tlfusion.training.provenance import SEEN_IMAGES, read_seen_images
+from tlfusion.training.task import TrainSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_CSV = ROOT.parent / "shared" / "data" / "fracatlas" / "dataset.csv"
@@ -131,13 +132,9 @@ def run_one(init: str, recipe: str, arguments: dict, table: pd.DataFrame, settin
         table,
         ARCHITECTURE,
         seed_dir(seed) / init / recipe,
+        TrainSettings(weights=INITS[init], learning_rate=1e-3, seed=seed, **arguments, **settings),
         positive_class=POSITIVE,
-        weights=INITS[init],
-        learning_rate=1e-3,
-        seed=seed,
         verbose=0,
-        **arguments,
-        **settings,
     )
     return {
         "status": "ok",

@@ -33,7 +33,7 @@ def train_val(table: pd.DataFrame) -> pd.DataFrame:
 
 def with_and_without_flip(models: dict, paths: list[str], size: int) -> dict[str, np.ndarray]:
     """Features of each backbone and of their fusion, plain and flip-averaged."""
-    from tlfusion.features import extract_features
+    from tlfusion.features.extraction import extract_features
 
     sets: dict[str, np.ndarray] = {}
     for flip in (False, True):
@@ -46,7 +46,7 @@ def with_and_without_flip(models: dict, paths: list[str], size: int) -> dict[str
 
 def screen_finetuned_hand(folder: Path) -> dict:
     """Screen (1): the fine-tuned backbones of a finished FracAtlas hand run."""
-    from tlfusion.run_paths import RunPaths
+    from tlfusion.run.paths import RunPaths
 
     paths = RunPaths(folder)
     table = train_val(pd.read_csv(paths.table))
@@ -56,10 +56,10 @@ def screen_finetuned_hand(folder: Path) -> dict:
 
 def screen_frozen_leg() -> dict:
     """Screen (2): the shipped ImageNet backbones, frozen, on FracAtlas leg's seed-0 split."""
-    from tlfusion.config import load_experiment
+    from tlfusion.backbones.registry import plain_backbone
+    from tlfusion.config.experiment import load_experiment
     from tlfusion.pipeline import Pipeline
-    from tlfusion.run_paths import RunPaths
-    from tlfusion.stages.prepare import plain_backbone
+    from tlfusion.run.paths import RunPaths
 
     experiment = load_experiment(LEG, ["finetune.enabled=false", "explain.enabled=false"])
     Pipeline(experiment, LEG_SPLIT).run(until="data")

@@ -21,7 +21,7 @@ import pandas as pd
 
 from benchmarks._common import machine_info, write_result
 from benchmarks.accuracy import run_dir
-from tlfusion.run_paths import RunPaths
+from tlfusion.run.paths import RunPaths
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "init_screen"
@@ -60,7 +60,7 @@ def feature_sets(folder: Path) -> dict[str, np.ndarray]:
 
 
 def in_domain_features(paths: list[str]) -> np.ndarray:
-    from tlfusion.features import extract_features
+    from tlfusion.features.extraction import extract_features
 
     return extract_features(IN_DOMAIN, paths, 224, cache_dir=CACHE, progress=False)
 

@@ -22,10 +22,10 @@ import pandas as pd
 
 from benchmarks._common import REPO, machine_info, write_result
 from benchmarks.end_to_end import run_once
-from tlfusion.backbones import load_model_file
-from tlfusion.class_metrics import class_metrics, cut_aurocs, paired_class_delta
+from tlfusion.backbones.registry import load_model_file
 from tlfusion.data.images import load_batch
-from tlfusion.run_paths import RunPaths
+from tlfusion.evaluation.class_metrics import class_metrics, cut_aurocs, paired_class_delta
+from tlfusion.run.paths import RunPaths
 
 HEADS = ("softmax", "ordinal")
 CLASSES = ["0", "1", "2", "3", "4"]

@@ -53,9 +53,9 @@ def explain_both_ways(bundle, image: np.ndarray) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from tlfusion.bundle import load_bundle
+    from tlfusion.bundle.folder import load_bundle
     from tlfusion.data.images import load_batch
-    from tlfusion.run_paths import RunPaths
+    from tlfusion.run.paths import RunPaths
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=REPO / "runs/benchmarks/accuracy/fracatlas_hand__imagenet")

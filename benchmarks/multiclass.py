@@ -20,8 +20,8 @@ from pathlib import Path
 
 from benchmarks._common import REPO, RESULTS_DIR, machine_info, write_result
 from benchmarks.end_to_end import run_once
-from tlfusion.metrics_schema import read_metrics
-from tlfusion.run_paths import RunPaths
+from tlfusion.evaluation.schema import read_metrics
+from tlfusion.run.paths import RunPaths
 
 EXPERIMENTS = ("kermany_subtype", "knee_kl")
 HEADLINE = ("quadratic_kappa", "accuracy", "balanced_accuracy", "macro_f1", "kappa", "macro_auroc")

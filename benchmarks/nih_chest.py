@@ -28,9 +28,9 @@ import pandas as pd
 from benchmarks._common import REPO, machine_info, measure_command, write_result
 from benchmarks.end_to_end import stage_timings
 from benchmarks.pretrain_screen import _probe, candidate_models, feature_sets
-from tlfusion.metrics_schema import read_metrics
-from tlfusion.run_paths import RunPaths
-from tlfusion.runfiles import read_json_object
+from tlfusion.evaluation.schema import read_metrics
+from tlfusion.run.paths import RunPaths
+from tlfusion.run.readers import read_json_object
 
 EXPERIMENT = "experiments/nih_chest.yaml"
 PUBLISHED = {
@@ -78,7 +78,7 @@ def summary(metrics: dict) -> dict:
 def val_mean_auroc(features: np.ndarray, Y: np.ndarray, train: np.ndarray, findings: list[str]) -> float | None:
     """Mean val AUROC of one standardised logistic regression per finding, fitted on the `train` rows (findings with
     one class in train left out)."""
-    from tlfusion.metrics import multilabel_auroc
+    from tlfusion.evaluation.multilabel_metrics import multilabel_auroc
 
     defined = [j for j in range(len(findings)) if len(np.unique(Y[train, j])) == 2]
     scores = np.stack(
@@ -90,7 +90,7 @@ def val_mean_auroc(features: np.ndarray, Y: np.ndarray, train: np.ndarray, findi
 
 def screen_starts(paths: RunPaths, findings: list[str]) -> dict:
     """Start -> feature set (each backbone, fusion) -> val mean AUROC, on the train and val rows of the run's table."""
-    from tlfusion.data.sources import label_matrix
+    from tlfusion.data.findings import label_matrix
 
     table = pd.read_csv(paths.table)
     rows = table[table["split"].isin(["train", "val"])].reset_index(drop=True)

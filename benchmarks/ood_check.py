@@ -1,4 +1,5 @@
-"""The out-of-distribution check (`tlfusion.ood`) on real images: does a chest model's calibration flag other images?
+"""The out-of-distribution check (`tlfusion.bundle.ood`) on real images: does a chest model's calibration flag other
+images?
 
     python -m benchmarks.ood_check [--per-set 80] [--size 128]
 
@@ -45,10 +46,10 @@ def main() -> None:
     parser.add_argument("--per-set", type=int, default=80)
     parser.add_argument("--size", type=int, default=128)
     args = parser.parse_args()
-    from tlfusion.backbones import build_backbone, feature_model
+    from tlfusion.backbones.registry import build_backbone, feature_model
+    from tlfusion.bundle.ood import fit_feature_distance
     from tlfusion.data.images import decoded_batches
-    from tlfusion.features import fuse
-    from tlfusion.ood import fit_feature_distance
+    from tlfusion.features.fusion import fuse
 
     models = [
         feature_model(build_backbone(name, args.size, weights="imagenet")) for name in ("mobilenet", "mobilenetv2")

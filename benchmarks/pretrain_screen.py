@@ -40,7 +40,7 @@ NOTES = [
 
 def experiment_table(name: str, seed: int) -> pd.DataFrame:
     """An experiment's data table split as `tlfusion run` splits it (identical files in one part)."""
-    from tlfusion.config import load_experiment
+    from tlfusion.config.experiment import load_experiment
     from tlfusion.data.images import file_sha256
     from tlfusion.data.sources import read_sources
     from tlfusion.data.table import split_table, with_binary_target
@@ -53,8 +53,8 @@ def experiment_table(name: str, seed: int) -> pd.DataFrame:
 
 def knee_validation_table() -> pd.DataFrame:
     """The knee rows `experiments/pretrain_msk.yaml` validates on (never trained on, never the knee test split)."""
+    from tlfusion.config.pretraining import load_pretraining_config
     from tlfusion.data.pretraining import pretraining_table
-    from tlfusion.pretraining_config import load_pretraining_config
 
     config = load_pretraining_config(REPO / "experiments" / "pretrain_msk.yaml")
     knee = [source for source in config.sources if source.name == "knee"]
@@ -66,7 +66,7 @@ def knee_validation_table() -> pd.DataFrame:
 def candidate_models(family: str) -> dict[str, object]:
     """Architecture -> a model at 224 px, from ImageNet or a shipped `model.keras` of the family (pretrained at any
     size, its weights moved into a 224-px model as fine-tuning does); missing files left out."""
-    from tlfusion.backbones import build_backbone
+    from tlfusion.backbones.registry import build_backbone
 
     if family == "imagenet":
         return {arch: build_backbone(arch, SIZE, "imagenet") for arch in ARCHITECTURES}
@@ -76,7 +76,7 @@ def candidate_models(family: str) -> dict[str, object]:
 
 def feature_sets(models: dict[str, object], paths: list[str]) -> dict[str, np.ndarray]:
     """Each backbone's frozen features of `paths`, and their concatenation ("fusion") when there are two."""
-    from tlfusion.features import extract_features
+    from tlfusion.features.extraction import extract_features
 
     blocks = {
         arch: extract_features(model, paths, SIZE, cache_dir=CACHE, progress=False) for arch, model in models.items()

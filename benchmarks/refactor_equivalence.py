@@ -17,6 +17,8 @@ the features (features/*.npy), the selection (fit/selection.json: model, CV scor
 and test probabilities (fit/predictions.csv), metrics.json, and the few-shot results (fewshot.json,
 fewshot_curve.json). JSON files are flattened to leaves (rows of a list keyed by their text fields); a leaf counts
 as differing when it is missing on one side, its text differs, or its number differs by more than `TOLERANCE`.
+Text is compared after `RENAMED` maps the base side's module paths that the package layout (issue 28) moved to their
+new names: a note such as fewshot.json's interval description names the module that computed it.
 Writes benchmarks/results/refactor_equivalence.json.
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +45,53 @@ BASE = "8d2528c"
 """The last commit before the issue-17 redesign began (9e08d90 moved the feature runner cache)."""
 TOLERANCE = 1e-9
 JSON_FILES = ("fit/selection.json", "metrics.json", "fewshot.json", "fewshot_curve.json")
+RENAMED = {
+    "tlfusion.multilabel_training": "tlfusion.training.multilabel",
+    "tlfusion.pretraining_config": "tlfusion.config.pretraining",
+    "tlfusion.pretraining_losses": "tlfusion.training.pretraining_losses",
+    "tlfusion.pretraining_heads": "tlfusion.training.pretraining_heads",
+    "tlfusion.fewshot_intervals": "tlfusion.fewshot.intervals",
+    "tlfusion.training_records": "tlfusion.training.records",
+    "tlfusion.label_embeddings": "tlfusion.semantic.label_embeddings",
+    "tlfusion.feature_runners": "tlfusion.features.runners",
+    "tlfusion.estimator_files": "tlfusion.bundle.estimator_files",
+    "tlfusion.cluster_predict": "tlfusion.bundle.cluster_predict",
+    "tlfusion.tflite_weights": "tlfusion.backbones.tflite",
+    "tlfusion.metrics_schema": "tlfusion.evaluation.schema",
+    "tlfusion.feature_cache": "tlfusion.features.cache",
+    "tlfusion.class_metrics": "tlfusion.evaluation.class_metrics",
+    "tlfusion.semantic_eval": "tlfusion.semantic.evaluation",
+    "tlfusion.pretraining": "tlfusion.training.pretraining",
+    "tlfusion.model_cards": "tlfusion.training.model_cards",
+    "tlfusion.onnx_graphs": "tlfusion.features.onnx_graphs",
+    "tlfusion.classifiers": "tlfusion.models.classifiers",
+    "tlfusion.calibration": "tlfusion.evaluation.calibration",
+    "tlfusion.stage_code": "tlfusion.run.code_keys",
+    "tlfusion.provenance": "tlfusion.training.provenance",
+    "tlfusion.model_name": "tlfusion.models.names",
+    "tlfusion.evaluation": "tlfusion.evaluation.results",
+    "tlfusion.run_paths": "tlfusion.run.paths",
+    "tlfusion.backbones": "tlfusion.backbones.registry",
+    "tlfusion.subgroups": "tlfusion.evaluation.subgroups",
+    "tlfusion.runfiles": "tlfusion.run.readers",
+    "tlfusion.tracking": "tlfusion.reports.tracking",
+    "tlfusion.imagenet": "tlfusion.backbones.imagenet",
+    "tlfusion.training": "tlfusion.training.finetune",
+    "tlfusion.strategy": "tlfusion.training.distribution",
+    "tlfusion.features": "tlfusion.features.extraction",
+    "tlfusion.episodes": "tlfusion.fewshot.episodes",
+    "tlfusion.semantic": "tlfusion.semantic.metric_learning",
+    "tlfusion.cluster": "tlfusion.features.cluster",
+    "tlfusion.signing": "tlfusion.bundle.signing",
+    "tlfusion.metrics": "tlfusion.evaluation.metrics",
+    "tlfusion.fewshot": "tlfusion.fewshot.evaluation",
+    "tlfusion.config": "tlfusion.config.experiment",
+    "tlfusion.bundle": "tlfusion.bundle.folder",
+    "tlfusion.names": "tlfusion.config.names",
+    "tlfusion.ood": "tlfusion.bundle.ood",
+}
+"""Module paths before the package layout (issue 28) -> after, longest first; applied to the base side's text."""
+RENAMED_PATTERN = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, RENAMED)) + r")(?![\w])")
 SHOWN = 12
 """Differing leaves listed per file (all are counted)."""
 
@@ -96,11 +146,17 @@ def leaves(value, prefix: str = "") -> dict[str, object]:
     return {prefix: value}
 
 
+def renamed(value: object) -> object:
+    """`value` with the module paths in it (text only) under their names after the package layout."""
+    return RENAMED_PATTERN.sub(lambda match: RENAMED[match.group(1)], value) if isinstance(value, str) else value
+
+
 def differing(a: dict[str, object], b: dict[str, object]) -> list[str]:
-    """The leaves of `a` and `b` that differ: missing on one side, other text, or numbers beyond `TOLERANCE`."""
+    """The leaves of base `a` and head `b` that differ: missing on one side, other text (the base's module paths
+    `renamed`), or numbers beyond `TOLERANCE`."""
     found = []
     for key in sorted(a.keys() | b.keys()):
-        x, y = a.get(key, "<missing>"), b.get(key, "<missing>")
+        x, y = renamed(a.get(key, "<missing>")), b.get(key, "<missing>")
         numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (x, y))
         if (abs(x - y) > TOLERANCE) if numbers else (x != y):
             found.append(f"{key}: {x} vs {y}")
@@ -170,7 +226,12 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {
         "benchmark": "refactor_equivalence",
         "machine": machine,
-        "settings": {"commits": commits, "tolerance": TOLERANCE, "overrides": ["explain.enabled=false"]},
+        "settings": {
+            "commits": commits,
+            "tolerance": TOLERANCE,
+            "overrides": ["explain.enabled=false"],
+            "renamed_modules": len(RENAMED),
+        },
         "experiments": {},
     }
     for name in args.experiments:

@@ -14,7 +14,8 @@ The projection (`projection` in the JSON) divides work by measured rates: extrac
 (benchmarks/results/extract.json and scaling.json, 224 px) times the workers, scaled by this run's cluster
 efficiency (1-worker images/s over local images/s, at most 1); pretraining from the shipped models' train.json
 (train images x epochs run / wall seconds, validation and checkpoints included), assuming linear scaling over
-replicas at a fixed per-replica batch (tlfusion.strategy). No GPU was measured here: GPU rows need a GPU's rate.
+replicas at a fixed per-replica batch (tlfusion.training.distribution). No GPU was measured here: GPU rows need a GPU's
+rate.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def pick_images(count: int) -> list[str]:
 
 def timed_extraction(model_file: Path, images: list[str], onnx_dir: Path, scheduler: str | None) -> float:
     """Seconds for one extraction into a fresh cache folder seeded with the converted graph."""
-    from tlfusion.features import extract_features
+    from tlfusion.features.extraction import extract_features
 
     with tempfile.TemporaryDirectory() as cache:
         shutil.copytree(onnx_dir, Path(cache) / "onnx")
@@ -67,15 +68,15 @@ def on_cluster(workers: int, model_file: Path, images: list[str], onnx_dir: Path
 
     options = {"threads_per_worker": 1, "dashboard_address": None, "silence_logs": logging.ERROR}
     with LocalCluster(n_workers=workers, **options) as cluster, Client(cluster, set_as_default=False) as client:
-        client.run(__import__, "tlfusion.cluster")  # TensorFlow and tlfusion loaded on every worker, untimed
+        client.run(__import__, "tlfusion.features.cluster")  # TensorFlow and tlfusion loaded on every worker, untimed
         return timed_extraction(model_file, images, onnx_dir, cluster.scheduler_address)
 
 
 def measure(count: int, folder: Path) -> dict:
     """Local, 1-worker and 2-worker seconds and images/s over the same `count` images."""
-    from tlfusion.backbones import build_backbone
-    from tlfusion.feature_runners import ModelSource
-    from tlfusion.onnx_graphs import cached_onnx_graph
+    from tlfusion.backbones.registry import build_backbone
+    from tlfusion.features.onnx_graphs import cached_onnx_graph
+    from tlfusion.features.source import ModelSource
 
     images = pick_images(count)
     model_file = folder / "mobilenetv2.keras"

@@ -50,8 +50,8 @@ def max_rss_mib() -> float:
 def child(count: int, report: Path) -> None:
     """In a fresh process: build the backbone, time one cold extraction, write the numbers to ``report``."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from tlfusion.backbones import build_backbone
-    from tlfusion.features import extract_features
+    from tlfusion.backbones.registry import build_backbone
+    from tlfusion.features.extraction import extract_features
 
     paths = image_paths(count)
     model = build_backbone(BACKBONE, IMAGE_SIZE, weights=None)

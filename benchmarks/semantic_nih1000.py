@@ -31,11 +31,12 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from benchmarks._common import machine_info, write_result
+from tlfusion.data.findings import CHESTXRAY14_FINDINGS, label_matrix, read_chestxray14
 from tlfusion.data.images import load_batch
-from tlfusion.data.sources import CHESTXRAY14_FINDINGS, label_matrix, read_chestxray14
-from tlfusion.label_embeddings import load_label_vectors
-from tlfusion.metrics import group_index, multilabel_auroc
-from tlfusion.semantic import (
+from tlfusion.evaluation.metrics import group_index
+from tlfusion.evaluation.multilabel_metrics import multilabel_auroc
+from tlfusion.semantic.label_embeddings import load_label_vectors
+from tlfusion.semantic.metric_learning import (
     LOSSES,
     PROTOTYPE_PROJECTIONS,
     SemanticMetricClassifier,

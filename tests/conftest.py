@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import yaml
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -90,3 +93,73 @@ def write_dicom(
         dataset.compress(syntax)
     dataset.save_as(path, enforce_file_format=True)
     return path
+
+
+# --- the real `tlfusion` entry point on bad input (the *_hardening tests) ---------------------------------
+
+SIZE = 32
+
+
+@contextmanager
+def deadline(seconds: int):
+    """Fail instead of hanging: a blocked open() or read() is interrupted by SIGALRM."""
+
+    def expire(*_):
+        raise TimeoutError(f"still running after {seconds} s (blocked on a FIFO?)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    """`tlfusion ARGV` in-process: (exit code, stderr)."""
+    from tlfusion.cli import main
+
+    capsys.readouterr()
+    with deadline(120):
+        code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err.strip()
+
+
+def assert_one_line_error(code: int, error: str, *names: str) -> None:
+    lines = error.splitlines()
+    assert code == 2, error
+    assert len(lines) == 1 and lines[0].startswith("tlfusion: error: "), error
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+
+
+def experiment_file(folder: Path, data: dict, text: str | None = None) -> Path:
+    raw = {
+        "name": "hard",
+        "positive_class": "abnormal",
+        "data": data,
+        "split": {"test_fraction": 0.25, "val_fraction": 0.25},
+        "image": {"size": SIZE},
+        "backbones": [{"name": "mobilenetv2", "options": {"alpha": 0.35}}],
+        "finetune": {"enabled": False},
+        "features": {"engine": "keras"},
+    }
+    path = folder / "hard.yaml"
+    path.write_text(text if text is not None else yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture
+def experiment(tmp_path, folder_dataset) -> Path:
+    return experiment_file(tmp_path, {"format": "folder", "root": str(folder_dataset)})
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))

@@ -14,10 +14,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import write_png, xray_like
 
 import tlfusion
-from tlfusion import names
+from tests.conftest import write_png, xray_like
+from tlfusion.config import names
 from tlfusion.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,10 +41,10 @@ def python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_registry_names_equal_the_registries():
-    from tlfusion.backbones import REGISTRY
-    from tlfusion.classifiers import CLASSIFIERS
-    from tlfusion.fewshot import FEWSHOT_CLASSIFIERS
-    from tlfusion.semantic import LOSSES
+    from tlfusion.backbones.registry import REGISTRY
+    from tlfusion.fewshot.evaluation import FEWSHOT_CLASSIFIERS
+    from tlfusion.models.classifiers import CLASSIFIERS
+    from tlfusion.semantic.metric_learning import LOSSES
 
     assert tuple(REGISTRY) == names.BACKBONES and tuple(CLASSIFIERS) == names.CLASSIFIERS
     assert tuple(FEWSHOT_CLASSIFIERS) == names.FEWSHOT_CLASSIFIERS and LOSSES == names.LOSSES
@@ -54,7 +54,7 @@ def test_import_and_config_validation_load_no_tensorflow():
     done = python(
         """
         import sys, tlfusion
-        from tlfusion.config import load_experiment
+        from tlfusion.config.experiment import load_experiment
         load_experiment("experiments/demo.yaml", ["features.engine=keras"])
         heavy = sorted({m.split(".")[0] for m in sys.modules} & {"tensorflow", "keras", "sklearn", "xgboost"})
         print(heavy, sorted(tlfusion.__all__))
@@ -157,7 +157,7 @@ def test_bad_images_are_named(model, images, message):
 
 
 def test_feature_fusion_is_public_and_unknown_names_are_attribute_errors():
-    from tlfusion.features import FeatureFusion
+    from tlfusion.features.fusion import FeatureFusion
 
     assert tlfusion.FeatureFusion is FeatureFusion
     with pytest.raises(AttributeError, match="no attribute 'nope'"):

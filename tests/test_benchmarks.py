@@ -347,7 +347,7 @@ def test_accuracy_rows_carried_over_from_an_earlier_invocation_are_marked(result
 
 def finetuned_run(folder: Path, **changes) -> Path:
     """A run folder whose two backbones' train.json hold fracatlas_hand's shipped recipe at seed 1 (with `changes`)."""
-    from tlfusion.config import load_experiment
+    from tlfusion.config.experiment import load_experiment
 
     experiment = load_experiment(Path("experiments/fracatlas_hand.yaml"), ["seed=1"])
     for entry in experiment.backbones:
@@ -367,7 +367,7 @@ def test_reused_finetuning_points_the_backbones_at_the_run_and_skips_finetuning(
 
 
 def test_reused_finetuning_refuses_a_run_with_another_recipe(tmp_path: Path):
-    from tlfusion.config import load_experiment
+    from tlfusion.config.experiment import load_experiment
 
     shipped = load_experiment(Path("experiments/fracatlas_hand.yaml")).finetune.epochs
     finetuned_run(tmp_path / "s1", epochs=shipped + 1)
@@ -389,6 +389,9 @@ def test_refactor_equivalence_compares_every_leaf_and_keys_rows_by_their_text(tm
         "/results[model=fusion/lr|split=test]/kappa: 0.5 vs 0.500001"
     ]
     assert differing({"/a": 1.0}, {"/a": 1.0 + 1e-12, "/b": "x"}) == ["/b: <missing> vs x"]
+    note = "clipped to [0, 1] (tlfusion.fewshot_intervals)"  # the base side's module path, renamed by the layout
+    assert differing({"/n": note}, {"/n": note.replace("fewshot_intervals", "fewshot.intervals")}) == []
+    assert differing({"/n": note}, {"/n": note.replace("fewshot_intervals", "fewshot.other")}) != []
     for side, kappa in (("base", 0.5), ("head", 0.6)):
         (tmp_path / side / "features").mkdir(parents=True)
         (tmp_path / side / "metrics.json").write_text(json.dumps({"results": [{"model": "m", "kappa": kappa}]}))

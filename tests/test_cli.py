@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from tlfusion.backbones import build_backbone
+from tlfusion.backbones.registry import build_backbone
 from tlfusion.cli import build_parser, main
-from tlfusion.config import load_experiment
-from tlfusion.fewshot import run_fewshot
-from tlfusion.metrics_schema import validate_metrics
+from tlfusion.config.experiment import load_experiment
+from tlfusion.evaluation.schema import validate_metrics
+from tlfusion.fewshot.evaluation import run_fewshot
 
 TINY_BACKBONE = {"name": "mobilenetv2", "options": {"alpha": 0.35}}
 
@@ -169,7 +169,7 @@ def test_shipped_mura_experiment_splits_the_official_layout_given_data_root(tmp_
 
 def pretrained_on(folder: Path, images: list[Path]) -> Path:
     """A tiny MobileNetV2 weights file with a `seen_images.txt` listing ``images``, as `tlfusion pretrain` writes."""
-    from tlfusion.backbones import build_backbone
+    from tlfusion.backbones.registry import build_backbone
     from tlfusion.data.images import file_sha256
 
     folder.mkdir(parents=True)

@@ -7,9 +7,9 @@ import logging
 import numpy as np
 import yaml
 
-from tlfusion.classifiers import select_model
-from tlfusion.config import load_experiment
+from tlfusion.config.experiment import load_experiment
 from tlfusion.console import progress, setup_logging
+from tlfusion.models.classifiers import select_model
 from tlfusion.pipeline import Pipeline
 
 
@@ -20,7 +20,7 @@ def test_library_loggers_reach_run_log_only(tmp_path, capfd):
     logging.getLogger("tf2onnx.graph").debug("tf2onnx graph dump")
     logging.getLogger("absl").warning("absl noise")
     logging.getLogger("tlfusion").info("our line")
-    logging.getLogger("tlfusion.features").debug("our detail")
+    logging.getLogger("tlfusion.features.extraction").debug("our detail")
     for handler in logging.getLogger("tlfusion").handlers:
         handler.flush()
     console = "\n".join(capfd.readouterr())

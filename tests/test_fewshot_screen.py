@@ -7,12 +7,12 @@ import json
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
 
 from benchmarks import fewshot_accuracy, fewshot_screen
 from benchmarks.fewshot_screen import BASELINE, TRANSFORMS, Pool, TransformPrototype, decide, run_screen
 from benchmarks.results_md import summarise_fewshot_screen
-from tlfusion.fewshot import PrototypeClassifier
+from tests.conftest import SHARED_DATA
+from tlfusion.fewshot.evaluation import PrototypeClassifier
 
 SEPARATION = {1: 0.1, 2: 1.2, 3: 0.6, 4: 0.3}  # stages=2 carries the most class signal
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_folder_dataset
 
-from tlfusion.bundle import load_bundle
+from tests.conftest import write_folder_dataset
+from tlfusion.bundle.folder import load_bundle
 from tlfusion.fileio import locked
-from tlfusion.stages import TASKS
+from tlfusion.stages.registry import TASKS
 
 DRIVER = """
 import fnmatch, os, signal, sys

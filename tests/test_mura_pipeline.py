@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tlfusion import metrics as metrics_module
 from tlfusion.cli import main
-from tlfusion.metrics import binary_metrics
-from tlfusion.metrics_schema import validate_metrics
+from tlfusion.evaluation import metrics as metrics_module
+from tlfusion.evaluation.metrics import binary_metrics
+from tlfusion.evaluation.schema import validate_metrics
 
 EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "mura_humerus.yaml"
 SMALL = [

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tlfusion.backbones import FEATURES_LAYER, architecture_of, load_model_file
+from tlfusion.backbones.imagenet import IMAGENET_DIR, OFFLINE_FILES
+from tlfusion.backbones.registry import FEATURES_LAYER, architecture_of, load_model_file
 from tlfusion.data.images import file_sha256
-from tlfusion.imagenet import IMAGENET_DIR, OFFLINE_FILES
 
 SAVED_MODELS = Path(__file__).resolve().parents[1] / "saved_models"
 MANIFEST = json.loads((SAVED_MODELS / "manifest.json").read_text())["files"]

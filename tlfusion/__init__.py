@@ -15,7 +15,7 @@ _LAZY = {
     "load_bundle": "tlfusion.api",
     "run_experiment": "tlfusion.api",
     "BundleModel": "tlfusion.api",
-    "FeatureFusion": "tlfusion.features",
+    "FeatureFusion": "tlfusion.features.fusion",
     "InputError": "tlfusion.errors",
 }
 __all__ = ["__version__", *_LAZY]

@@ -11,7 +11,7 @@ import numpy as np
 from tlfusion.errors import InputError
 
 if TYPE_CHECKING:
-    from tlfusion.bundle import Bundle
+    from tlfusion.bundle.model import Bundle
 
 Image = str | Path | np.ndarray
 BATCH = 32
@@ -46,7 +46,7 @@ class BundleModel:
 
     def ood_score(self, images: Image | Sequence[Image]) -> np.ndarray:
         """Each image's out-of-distribution score: above 1, its features lie further from the training images' than
-        99 % of those do (`tlfusion.ood`), so its prediction is unreliable. InputError for a bundle saved without
+        99 % of those do (`tlfusion.bundle.ood`), so its prediction is unreliable. InputError for a bundle saved without
         the calibration."""
         if self.bundle.ood is None:
             raise InputError(
@@ -93,7 +93,7 @@ def _gray_array(item: object, index: int) -> np.ndarray:
 
 def load_bundle(path: str | Path) -> BundleModel:
     """Load a bundle folder (every file checked against its manifest) as a `BundleModel`."""
-    from tlfusion.bundle import load_bundle as load
+    from tlfusion.bundle.folder import load_bundle as load
 
     return BundleModel(load(path))
 
@@ -109,7 +109,7 @@ def run_experiment(
 
     `overrides` are `key=value` strings as for `--set`; `data_root` is `--data-root`.
     """
-    from tlfusion.config import load_experiment
+    from tlfusion.config.experiment import load_experiment
     from tlfusion.pipeline import Pipeline
 
     experiment = load_experiment(path, list(overrides), data_root)

@@ -12,6 +12,7 @@ from pathlib import Path
 from tlfusion import __version__
 from tlfusion.console import configure_process, import_tensorflow_quietly, log_internal_error, setup_logging
 from tlfusion.errors import InputError
+from tlfusion.run.paths import RunPaths
 
 DEMO_EXPERIMENT = Path(__file__).resolve().parent / "demo" / "demo.yaml"
 """`tlfusion demo`'s experiment and its data (`demo/sample/`): package data, there in a checkout and in a wheel."""
@@ -40,7 +41,7 @@ def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace):
     """The validated experiment (no TensorFlow needed), then TensorFlow imported quietly unless for `data`."""
-    from tlfusion.config import load_experiment
+    from tlfusion.config.experiment import load_experiment
 
     scheduler = [f"features.scheduler={args.scheduler}"] if getattr(args, "scheduler", None) else []
     experiment = load_experiment(args.experiment, [*args.overrides, *scheduler], args.data_root)
@@ -56,7 +57,7 @@ def _run_folder(args: argparse.Namespace, name: str) -> Path:
 def cmd_run(args: argparse.Namespace, until: str | None = None) -> int:
     track = getattr(args, "track", None)
     if track:
-        from tlfusion.tracking import require_mlflow
+        from tlfusion.reports.tracking import require_mlflow
 
         require_mlflow()  # before hours of training, not after
     experiment = _load(args)
@@ -66,7 +67,7 @@ def cmd_run(args: argparse.Namespace, until: str | None = None) -> int:
     args.run_log = setup_logging(run_dir)
     Pipeline(experiment, run_dir, skip_bad=args.skip_bad, force=args.force).run(until=until)
     if track:
-        from tlfusion.tracking import track_run, tracking_uri
+        from tlfusion.reports.tracking import track_run, tracking_uri
 
         run_id = track_run(run_dir, experiment.model_dump(), experiment.name)
         logging.getLogger("tlfusion").info("tracked as MLflow run %s in %s", run_id, tracking_uri())
@@ -74,7 +75,7 @@ def cmd_run(args: argparse.Namespace, until: str | None = None) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from tlfusion.tracking import folder_runs, mlflow_runs, runs_table
+    from tlfusion.reports.tracking import folder_runs, mlflow_runs, runs_table
 
     rows = mlflow_runs(args.experiment) if args.mlflow else folder_runs(args.folders or ["runs"])
     if args.experiment and not args.mlflow:
@@ -117,11 +118,11 @@ def cmd_stage(stage: str) -> Callable[[argparse.Namespace], int]:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from tlfusion.pretraining_config import load_pretraining_config
+    from tlfusion.config.pretraining import load_pretraining_config
 
     load_pretraining_config(args.config, args.overrides)  # a bad file or --set exits 2 before TensorFlow is imported
     import_tensorflow_quietly()
-    from tlfusion.pretraining import pretrain_and_ship
+    from tlfusion.training.pretraining import pretrain_and_ship
 
     pretrain_and_ship(args.config, args.arch, args.out, args.run_dir, args.data_root, args.resume, args.overrides)
     return 0
@@ -129,7 +130,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def _load_bundle(path: str):
     """The bundle at `path`, its trust level ("signed ..." or "integrity only ...") printed on stderr."""
-    from tlfusion.bundle import load_bundle
+    from tlfusion.bundle.folder import load_bundle
 
     bundle = load_bundle(path)
     print(f"tlfusion: bundle {path}: {bundle.trust}", file=sys.stderr)
@@ -159,7 +160,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _check_data(args: argparse.Namespace) -> None:
     """Validate `--data`'s experiment before TensorFlow is imported (a config error then takes well under 1 s)."""
-    from tlfusion.config import load_experiment
+    from tlfusion.config.experiment import load_experiment
 
     load_experiment(args.data, data_root=args.data_root)
     import_tensorflow_quietly()
@@ -168,7 +169,7 @@ def _check_data(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     _check_data(args)
     from tlfusion.commands import evaluate_bundle
-    from tlfusion.reports import summary_lines
+    from tlfusion.reports.report import summary_lines
 
     bundle = _load_bundle(args.bundle)
     metrics = evaluate_bundle(bundle, args.data, args.out, data_root=args.data_root, split=args.split)
@@ -199,7 +200,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_fewshot(args: argparse.Namespace) -> int:
     import_tensorflow_quietly()
     from tlfusion.commands import experiment_features, load_feature_table
-    from tlfusion.fewshot import run_fewshot
+    from tlfusion.fewshot.evaluation import run_fewshot
     from tlfusion.fileio import write_json
 
     if args.features:
@@ -208,13 +209,13 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
         X, y, groups = experiment_features(args.data, args.out, args.data_root, args.backbone, args.stages)
     episodes = (args.ways, args.shots, args.queries, args.episodes, args.classifier)
     result = run_fewshot(X, y, groups, *episodes, seed=args.seed)
-    write_json(Path(args.out) / "fewshot.json", result)
+    write_json(RunPaths(args.out).fewshot, result)
     print(json.dumps({k: result[k] for k in ("ways", "shots", "episodes", "classifier", "auroc", "accuracy")}))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tlfusion.config import ExplainSpec, FewshotSpec
+    from tlfusion.config.experiment import ExplainSpec, FewshotSpec
 
     shown, episodes = ExplainSpec(), FewshotSpec()  # one set of defaults: an experiment's `explain` and `fewshot`
     parser = argparse.ArgumentParser(

@@ -11,15 +11,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from tlfusion.config import Experiment, load_experiment
+from tlfusion.config.experiment import Experiment, load_experiment
 from tlfusion.data.table import class_names, split_table, with_binary_target, with_class_codes
 from tlfusion.errors import InputError
-from tlfusion.evaluation import class_results, clinical_checks, evaluate_predictions, pick_cases
-from tlfusion.metrics_schema import write_metrics
-from tlfusion.runfiles import class_prediction_rows, prediction_rows
+from tlfusion.evaluation.results import class_results, clinical_checks, evaluate_predictions, pick_cases
+from tlfusion.evaluation.schema import write_metrics
+from tlfusion.run.paths import RunPaths
+from tlfusion.run.readers import class_prediction_rows, prediction_rows
 
 if TYPE_CHECKING:
-    from tlfusion.bundle import Bundle
+    from tlfusion.bundle.model import Bundle
 
 EXPLAIN_METHODS = ("gradcam", "lime")
 
@@ -40,8 +41,8 @@ def experiment_rows(data: str, data_root: str | None, split: str) -> tuple[Exper
 
 def readable_images(inputs: list[str], skip_bad: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
     """The image files named or found in the folders named, and (path, reason) of those skipped as unreadable."""
+    from tlfusion.data.files import image_files
     from tlfusion.data.images import IMAGE_KINDS, scan_images
-    from tlfusion.data.sources import image_files
 
     paths: list[str] = []
     for item in map(Path, inputs):
@@ -63,12 +64,12 @@ def predict_images(
 ) -> pd.DataFrame:
     """One row per readable image file: path, probability of the positive class, the decision threshold used and
     the predicted class (a K-class bundle: `prob_<class>` for every class and the most probable class as
-    `predicted`), then, when the bundle has an out-of-distribution calibration (`tlfusion.ood`), the image's
+    `predicted`), then, when the bundle has an out-of-distribution calibration (`tlfusion.bundle.ood`), the image's
     `ood_score` and `out_of_distribution` (score above 1). With `scheduler`, the probabilities are computed by that
-    Dask cluster's workers from the bundle at `folder` (`tlfusion.cluster_predict`), without the out-of-distribution
-    check."""
+    Dask cluster's workers from the bundle at `folder` (`tlfusion.bundle.cluster_predict`), without the
+    out-of-distribution check."""
     if scheduler:
-        from tlfusion.cluster_predict import predict_on_cluster
+        from tlfusion.bundle.cluster_predict import predict_on_cluster
 
         prob, scores = predict_on_cluster(scheduler, folder, paths), None
     else:
@@ -131,8 +132,8 @@ def prediction_summary(bundle: Bundle, frame: pd.DataFrame, out: str | None, sch
 def evaluate_bundle(bundle: Bundle, data: str, out: str | Path, data_root: str | None = None, split: str = "test"):
     """Metrics (with CIs) and a report for a saved bundle on an experiment's images, written to `out`; returns
     the metrics."""
-    from tlfusion.bundle import check_class_names
-    from tlfusion.reports import write_reports
+    from tlfusion.bundle.model import check_class_names
+    from tlfusion.reports.report import write_reports
 
     experiment, table = experiment_rows(data, data_root, split)
     if bundle.task == "multiclass":
@@ -155,7 +156,7 @@ def evaluate_bundle(bundle: Bundle, data: str, out: str | Path, data_root: str |
     stage = "before" if bundle.calibration is None else "after"  # the bundle's probabilities, as it gives them
     spec = spec.model_copy(update={"calibration": None})  # no out-of-fold rows here to recalibrate on
     metrics |= clinical_checks(predictions, table, spec, name, bundle.threshold, experiment.seed, split, stage)
-    write_metrics(Path(out) / "metrics.json", metrics)
+    write_metrics(RunPaths(out).metrics, metrics)
     write_reports(Path(out), metrics, predictions)
     return metrics
 
@@ -170,7 +171,7 @@ def _class_rows(bundle: Bundle, table: pd.DataFrame) -> pd.DataFrame:
 
 def _evaluate_class_bundle(bundle: Bundle, experiment: Experiment, table: pd.DataFrame, out: str | Path, split: str):
     """`evaluate_bundle` for a K-class bundle: its result row (CIs on the test split) and report."""
-    from tlfusion.reports import write_reports
+    from tlfusion.reports.report import write_reports
 
     name = bundle.meta.get("model", "bundle")
     prob = bundle.predict_paths(table["path"].tolist())
@@ -185,7 +186,7 @@ def _evaluate_class_bundle(bundle: Bundle, experiment: Experiment, table: pd.Dat
             predictions, list(bundle.class_names), experiment.evaluate.bootstrap, experiment.seed, bundle.ordinal
         ),
     }
-    write_metrics(Path(out) / "metrics.json", metrics)
+    write_metrics(RunPaths(out).metrics, metrics)
     write_reports(Path(out), metrics, predictions)
     return metrics
 
@@ -204,7 +205,7 @@ def explain_bundle(
     """Explanation images + review page in `out` for a bundle's predictions on an experiment's images; `cases` and
     `lime_samples` None take the experiment's `explain.cases` and `explain.lime_samples`. Without `ids`, the split's
     images are the reference rows of a non-linear classifier's surrogate (`tlfusion.explain.decision`)."""
-    from tlfusion.explain import explain_cases
+    from tlfusion.explain.cases import explain_cases
 
     unknown = sorted(set(methods) - set(EXPLAIN_METHODS))
     if unknown or not methods:
@@ -248,7 +249,7 @@ def _explain_class_bundle(
     lime_samples: int | None,
 ) -> None:
     """`explain_bundle` for a K-class bundle: cases spread over the confusion cells (`pick_class_cases`)."""
-    from tlfusion.evaluation import pick_class_cases
+    from tlfusion.evaluation.results import pick_class_cases
     from tlfusion.explain.classes import explain_class_cases
 
     reference = None

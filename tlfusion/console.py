@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
+from tlfusion.run.paths import RunPaths
+
 LIBRARY_LOGGERS = ("tensorflow", "tf2onnx", "absl", "keras", "onnxruntime", "py.warnings")
 """Loggers kept out of the console during a run: run.log gets their INFO and above (tf2onnx's DEBUG is thousands
 of lines per graph)."""
@@ -55,7 +57,7 @@ def setup_logging(run_dir: Path) -> Path:
     import_tensorflow_quietly()
     sys.modules["tensorflow"].get_logger()  # TensorFlow adds its own stderr handler on first use: do that now
     run_dir.mkdir(parents=True, exist_ok=True)
-    file = logging.FileHandler(run_dir / "run.log")
+    file = logging.FileHandler(RunPaths(run_dir).log)
     file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))  # benchmarks.end_to_end reads it
     console = RichHandler(show_path=False, show_time=False, markup=False)
     console.setLevel(logging.INFO)
@@ -64,7 +66,7 @@ def setup_logging(run_dir: Path) -> Path:
         _route(logging.getLogger(name), [file], logging.INFO)
         logging.getLogger(name).propagate = False
     logging.captureWarnings(True)
-    return run_dir / "run.log"
+    return RunPaths(run_dir).log
 
 
 def log_internal_error(run_log: Path | None) -> None:

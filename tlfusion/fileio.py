@@ -68,8 +68,8 @@ def _json_default(value: Any) -> Any:
 
 def remove_leftovers(folder: str | Path) -> None:
     """Remove what killed writers left under `folder`: `write_atomic` temp files (`.<stem>.*.tmp*`) and
-    `bundle.save_bundle` staging / replaced folders (`.<name>.*.partial`, `.<name>.*.old`). Only for a caller that
-    holds `folder`'s lock, so that no writer is still using them."""
+    `bundle.folder.save_bundle` staging / replaced folders (`.<name>.*.partial`, `.<name>.*.old`). Only for a caller
+    that holds `folder`'s lock, so that no writer is still using them."""
     for leftover in Path(folder).rglob(".*.tmp*"):
         if leftover.is_file() and not leftover.is_symlink():
             leftover.unlink()

@@ -1,4 +1,4 @@
-"""The stage runner: runs an experiment's stages (`tlfusion.stages.REGISTRY`) in order, each skipped when its
+"""The stage runner: runs an experiment's stages (`tlfusion.stages.registry.REGISTRY`) in order, each skipped when its
 config, data, code and upstream are unchanged and its outputs read back."""
 
 from __future__ import annotations
@@ -8,16 +8,16 @@ import logging
 import time
 from pathlib import Path
 
-from tlfusion.config import Experiment
+from tlfusion.bundle.signing import key_id
+from tlfusion.config.experiment import Experiment
 from tlfusion.console import setup_logging
 from tlfusion.errors import InputError
-from tlfusion.feature_cache import remove_uncommitted
+from tlfusion.features.cache import remove_uncommitted
 from tlfusion.fileio import locked, remove_leftovers, write_json
-from tlfusion.run_paths import RunPaths
-from tlfusion.signing import key_id
-from tlfusion.stage_code import code_key
-from tlfusion.stages import REGISTRY, TASKS
+from tlfusion.run.code_keys import code_key
+from tlfusion.run.paths import RunPaths
 from tlfusion.stages.context import RunContext, digest
+from tlfusion.stages.registry import REGISTRY, TASKS
 
 log = logging.getLogger("tlfusion")
 
@@ -100,7 +100,7 @@ class Pipeline(RunContext):
         spec = REGISTRY[stage]
         sections = {name: _section(config, name) for name in spec.sections}
         fingerprint = self.data_fingerprint() if stage == "data" and self.has_table else ""
-        parts = (stage, upstream, sections, fingerprint, code_key(spec.modules))
+        parts = (stage, upstream, sections, fingerprint, code_key(spec.module))
         signing = key_id() if stage == "fit" else ""  # a new key re-runs fit, which signs the bundle with it
         return digest(*parts, signing) if signing else digest(*parts)
 

@@ -1,0 +1,1 @@
+"""Data: dataset readers, image decoding, the data table and patient-grouped splits."""

@@ -146,6 +146,14 @@ def load_image(path: str | Path, size: int, clahe: bool = False) -> np.ndarray:
     return prepare_image(read_gray(path), size, clahe)
 
 
+def load_for_review(paths: Sequence[str | Path], size: int, clahe: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Each image decoded once: the model inputs [n, size, size, 1] (`load_batch`'s) and the radiographs as shown
+    beside their explanations (2-D, at their own size, equalised when `clahe`)."""
+    shown = [apply_clahe(gray) if clahe else gray for gray in map(read_gray, paths)]
+    inputs = [resize_pad(gray, size)[:, :, None] for gray in shown]
+    return (np.stack(inputs) if inputs else np.zeros((0, size, size, 1), np.float32)), shown
+
+
 def load_batch(paths: Sequence[str | Path], size: int, clahe: bool = False) -> np.ndarray:
     """Stack `load_image` over paths into [n, size, size, 1]."""
     return (

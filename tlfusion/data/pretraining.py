@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from tlfusion.config.pretraining import PretrainSource, PretrainSplit
 from tlfusion.data.images import file_sha256
 from tlfusion.data.sources import read_csv
 from tlfusion.data.splits import assign_splits
-from tlfusion.pretraining_config import PretrainSource, PretrainSplit
 
 TARGET_PREFIX = "target:"
 """Columns `target:<source>/<column>` hold each source's head values (empty for rows of other sources)."""

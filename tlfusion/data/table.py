@@ -13,10 +13,10 @@ from tlfusion.data.images import scan_images
 from tlfusion.data.splits import assign_splits
 from tlfusion.errors import InputError
 from tlfusion.fileio import write_json
-from tlfusion.runfiles import read_json_object
+from tlfusion.run.readers import read_json_object
 
 if TYPE_CHECKING:
-    from tlfusion.config import SplitSpec
+    from tlfusion.config.experiment import SplitSpec
 
 log = logging.getLogger("tlfusion")
 
@@ -44,10 +44,10 @@ def class_order(labels: pd.Series, classes: list[str] | None = None) -> list[str
         return list(classes)
     if len(found) < 3:
         raise InputError(f"data: a multiclass experiment needs at least 3 labels, found {found} (use task: binary)")
-    return sorted(found, key=float) if all(_is_number(name) for name in found) else found
+    return sorted(found, key=float) if all(is_number(name) for name in found) else found
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
     try:
         float(text)
     except ValueError:

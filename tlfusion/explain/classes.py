@@ -16,12 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tlfusion.data.images import apply_clahe, load_batch, read_gray
+from tlfusion.data.images import load_for_review
 from tlfusion.errors import InputError
-from tlfusion.explain.decision import DecisionHead, decision_head, selected_model_maps
+from tlfusion.explain.decision import DecisionHead, decision_head, exact_head_note, selected_model_maps
 from tlfusion.explain.lime import explain_lime
 from tlfusion.explain.overlay import save_heatmap_overlay, save_image, save_lime_overlay
 from tlfusion.fileio import write_atomic, write_text
+from tlfusion.run.paths import GALLERY, REVIEW
 
 METHODS = ("gradcam", "lime")
 REVIEW_COLUMNS = ("case_id", "path", "true_label", "predicted", "probability", "correct", "explained", "images")
@@ -58,7 +59,7 @@ def explain_class_cases(
         raise InputError(f"explain: labels must be one class code 0..{K - 1} per image")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = load_batch(paths, bundle.image_size, bundle.clahe)
+    images, shown = load_for_review(paths, bundle.image_size, bundle.clahe)
     prob = np.asarray(bundle.predict_proba(images), np.float64)
     predicted = prob.argmax(axis=1)
     truths = predicted if labels is None else np.asarray(labels, int)
@@ -67,13 +68,12 @@ def explain_class_cases(
     notes += [_head_note(head, bundle.meta.get("model", "bundle"), reference_label) for head in heads.values()][:1]
     cases = []
     for index, path in enumerate(paths):
-        files = _case_files(bundle, index, path, images[index], targets[index], heads, out_dir, methods, lime_samples)
+        pictures = (shown[index], images[index])
+        files = _case_files(bundle, index, pictures, targets[index], heads, out_dir, methods, lime_samples)
         truth = None if labels is None else int(labels[index])
         cases.append((index, str(path), truth, int(predicted[index]), float(prob[index].max()), targets[index], files))
-    write_atomic(out_dir / "review.csv", lambda temp: _write_review(temp, cases, bundle.class_names))
-    return write_text(
-        out_dir / "index.html", _page(cases, bundle.class_names, bundle.meta.get("model", "bundle"), notes)
-    )
+    write_atomic(out_dir / REVIEW, lambda temp: _write_review(temp, cases, bundle.class_names))
+    return write_text(out_dir / GALLERY, _page(cases, bundle.class_names, bundle.meta.get("model", "bundle"), notes))
 
 
 def _class_heads(
@@ -89,36 +89,32 @@ def _class_heads(
 
 
 def _head_note(head: DecisionHead, model: str, reference_label: str) -> str:
+    """The review page's note on how the selected model's per-class Grad-CAM was made (exact or a surrogate)."""
     if head.exact:
-        return (
-            f"Grad-CAM of the selected model {model} is exact: its classifier is linear in the fused features, so "
-            "the gradient of the explained class's logit flows through the classifier and the fusion into each "
-            "backbone's last convolution; the backbones' maps are summed."
-        )
-    fidelity = head.fidelity
+        return exact_head_note(model, "the explained class's logit")
+    rows, agreement, correlation = head.fidelity.rows, head.fidelity.agreement, head.fidelity.correlation
     return (
         f"The selected model {model} is not linear, so its Grad-CAM follows a disclosed surrogate per class: a ridge "
-        f"regression of that class's log-odds on the fused features, fitted on {fidelity.rows} {reference_label}. "
+        f"regression of that class's log-odds on the fused features, fitted on {rows} {reference_label}. "
         f"Fidelity (out of fold, first explained class): the surrogate and {model} agree on P(class) >= 0.5 for "
-        f"{fidelity.agreement:.0%} of them; correlation of log-odds {fidelity.correlation:.2f}."
+        f"{agreement:.0%} of them; correlation of log-odds {correlation:.2f}."
     )
 
 
 def _case_files(
     bundle,
     index: int,
-    path: str | Path,
-    image: np.ndarray,
+    pictures: tuple[np.ndarray, np.ndarray],
     targets: list[int],
     heads: dict[int, DecisionHead],
     out_dir: Path,
     methods: Sequence[str],
     lime_samples: int,
 ) -> dict[str, str]:
-    """One case's PNGs: the radiograph, then per explained class its Grad-CAM and LIME overlays."""
+    """One case's PNGs from `pictures` (the radiograph as shown, the model input): the radiograph, then per explained
+    class its Grad-CAM and LIME overlays."""
     case_id = f"{index:03d}"
-    original = read_gray(path)
-    original = apply_clahe(original) if bundle.clahe else original
+    original, image = pictures
     files = {"radiograph": save_image(original, out_dir / f"{case_id}.png").name}
     for role, c in zip(("predicted", "true"), targets, strict=False):
         name = bundle.class_names[c]

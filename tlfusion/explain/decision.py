@@ -37,7 +37,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from tlfusion.backbones import gradcam_layer_name
+from tlfusion.backbones.registry import gradcam_layer_name
 from tlfusion.errors import InputError
 
 MIN_REFERENCE_ROWS = 20
@@ -161,26 +161,8 @@ def _log_odds(probability: np.ndarray) -> np.ndarray:
 
 
 def feature_gradient(fusion, head: LinearHead, X: np.ndarray) -> np.ndarray:
-    """d(score)/dX [n, d] at feature rows X, through a fitted `FeatureFusion` (standardise, block L2, PCA)."""
-    X = np.asarray(X, np.float64)
-    grad = np.broadcast_to(head.coef, (len(X), len(head.coef))).copy()
-    if fusion.pca_ is not None:
-        grad = grad / np.sqrt(fusion.pca_.explained_variance_) if fusion.pca_.whiten else grad
-        grad = grad @ fusion.pca_.components_
-    scaled = fusion.scaler_.transform(X) if fusion.scaler_ is not None else X
-    if fusion.l2:
-        edges = np.cumsum(fusion.block_sizes_)[:-1]
-        blocks = zip(np.split(scaled, edges, axis=1), np.split(grad, edges, axis=1), strict=True)
-        grad = np.hstack([_through_unit_norm(v, g) for v, g in blocks])
-    return grad / fusion.scaler_.scale_ if fusion.scaler_ is not None else grad
-
-
-def _through_unit_norm(v: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """Gradient w.r.t. v of a score whose gradient w.r.t. u = v / |v| is g: (g - (g . u) u) / |v| per row."""
-    norm = np.linalg.norm(v, axis=1, keepdims=True)
-    norm = np.where(norm > 0, norm, 1.0)
-    u = v / norm
-    return (g - np.sum(g * u, axis=1, keepdims=True) * u) / norm
+    """d(score)/dX [n, d] at feature rows X, back through a fitted `FeatureFusion` (`FeatureFusion.backward`)."""
+    return fusion.backward(X, head.coef)
 
 
 def contribution_maps(bundle, images: np.ndarray, gradient: np.ndarray) -> dict[str, np.ndarray]:
@@ -188,8 +170,7 @@ def contribution_maps(bundle, images: np.ndarray, gradient: np.ndarray) -> dict[
     and the feature gradient [n, d] (`feature_gradient`); with `bundle.flip`, a second entry "<name>|flipped"
     holds the maps of the mirrored images (not mirrored back), each half-weighted as the features are."""
     views = [images, np.ascontiguousarray(images[:, :, ::-1])] if bundle.flip else [images]
-    edges = np.cumsum(bundle.fusion.block_sizes_)[:-1]
-    grads = dict(zip(bundle.models, np.split(gradient, edges, axis=1), strict=True))
+    grads = dict(zip(bundle.models, bundle.fusion.blocks(gradient), strict=True))
     maps = {}
     for name, model in bundle.models.items():
         activations_of = keras.Model(model.input, model.get_layer(gradcam_layer_name(model)).output)
@@ -216,3 +197,12 @@ def selected_model_maps(bundle, images: np.ndarray, head: DecisionHead) -> np.nd
     total = np.maximum(total, 0)
     peaks = total.max(axis=(1, 2), keepdims=True)
     return np.divide(total, peaks, out=np.zeros_like(total), where=peaks > 0).astype(np.float32)
+
+
+def exact_head_note(model: str, gradient_of: str) -> str:
+    """The review page's note on an exact Grad-CAM of the selected model (a classifier linear in the features)."""
+    return (
+        f"Grad-CAM of the selected model {model} is exact: its classifier is linear in the fused features, so "
+        f"the gradient of {gradient_of} flows through the classifier and the fusion into each backbone's "
+        "last convolution; the backbones' maps are summed."
+    )

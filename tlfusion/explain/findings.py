@@ -15,12 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tlfusion.data.images import apply_clahe, load_batch, read_gray
+from tlfusion.data.images import load_for_review
 from tlfusion.errors import InputError
-from tlfusion.explain.gallery import _STYLE
+from tlfusion.explain.gallery import STYLE
 from tlfusion.explain.gradcam import GradCAM
 from tlfusion.explain.overlay import save_heatmap_overlay, save_image
 from tlfusion.fileio import write_text
+from tlfusion.run.paths import GALLERY
 
 TOP_FINDINGS = 3
 
@@ -72,13 +73,13 @@ def explain_findings(
             raise InputError(f"explain: backbone {name} has {backbone.output.shape[-1]} outputs, not one per finding")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = load_batch(list(paths), image_size, clahe)
+    images, shown = load_for_review(list(paths), image_size, clahe)
     tops = top_findings(probabilities, count)
     maps = finding_maps(models, images, sorted(set(tops.ravel().tolist())))
     cases = []
     for i, path in enumerate(paths):
         case_id = f"{i:03d}_{Path(path).stem[:40]}"
-        original = apply_clahe(read_gray(path)) if clahe else read_gray(path)
+        original = shown[i]
         files = [("radiograph", save_image(original, out_dir / f"{case_id}.png").name)]
         for rank, j in enumerate(tops[i]):
             state = "present" if truth[i, j] else "absent"
@@ -88,7 +89,7 @@ def explain_findings(
         true = tuple(name for name, present in zip(findings, truth[i], strict=True) if present)
         top = tuple((findings[j], float(probabilities[i, j])) for j in tops[i])
         cases.append(FindingCase(case_id, str(path), true, top, tuple(files)))
-    return write_text(out_dir / "index.html", _page(cases, model, list(models)))
+    return write_text(out_dir / GALLERY, _page(cases, model, list(models)))
 
 
 def _row(case: FindingCase) -> str:
@@ -112,7 +113,7 @@ def _page(cases: Sequence[FindingCase], model: str, backbones: Sequence[str]) ->
     rows = "\n".join(_row(case) for case in cases)
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>tlfusion explanations</title>'
-        f"<style>{_STYLE}</style></head><body>\n<h1>Grad-CAM per finding: {html.escape(model)}</h1>\n"
+        f"<style>{STYLE}</style></head><body>\n<h1>Grad-CAM per finding: {html.escape(model)}</h1>\n"
         f'<p>{len(cases)} test cases, the most confident first.</p>\n<p class="note">{html.escape(note)}</p>\n'
         f'<div class="scroll"><table><thead><tr>{"".join(f"<th>{h}</th>" for h in headers)}</tr></thead><tbody>\n'
         f"{rows}\n</tbody></table></div>\n</body></html>\n"

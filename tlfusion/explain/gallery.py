@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tlfusion.errors import InputError
 from tlfusion.fileio import write_atomic, write_text
+from tlfusion.run.paths import GALLERY, REVIEW
 
 REVIEW_COLUMNS = (
     "case_id",
@@ -26,7 +27,7 @@ REVIEW_COLUMNS = (
     "reviewer_notes",
 )
 
-_STYLE = """
+STYLE = """
 body { font-family: sans-serif; margin: 1em; }
 p.note { max-width: 75em; font-size: 14px; }
 .scroll { overflow-x: auto; }
@@ -130,7 +131,7 @@ def _page(ordered: list[Case], class_names: Sequence[str], threshold: float, mod
     rows = "\n".join(_row(case, rank, class_names, threshold) for rank, case in enumerate(ordered))
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>tlfusion explanations</title>'
-        f"<style>{_STYLE}</style></head><body>\n<h1>Explanations for review: {html.escape(model)}</h1>\n"
+        f"<style>{STYLE}</style></head><body>\n<h1>Explanations for review: {html.escape(model)}</h1>\n"
         f"<p>{len(ordered)} cases, {mistakes} misclassified by {html.escape(model)} at threshold {threshold:.3f}; "
         f"mistakes first, then by confidence. Outcome: T/F = correct or not, P/N = predicted "
         f"{html.escape(class_names[1])} / {html.escape(class_names[0])}. Click an underlined header to sort. "
@@ -183,7 +184,5 @@ def write_gallery(
     out_dir = Path(out_dir)
     _check_images(cases, out_dir)
     ordered = review_order(cases, threshold)
-    write_atomic(
-        out_dir / "review.csv", lambda temporary: _write_review_csv(temporary, ordered, class_names, threshold)
-    )
-    return write_text(out_dir / "index.html", _page(ordered, class_names, threshold, model, notes))
+    write_atomic(out_dir / REVIEW, lambda temporary: _write_review_csv(temporary, ordered, class_names, threshold))
+    return write_text(out_dir / GALLERY, _page(ordered, class_names, threshold, model, notes))

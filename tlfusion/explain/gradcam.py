@@ -29,7 +29,7 @@ def class_index(target: int | str, class_names: Sequence[str] | None = None) -> 
 
 
 def default_layer_name(model: keras.Model) -> str:
-    """The last layer with a 4-D output (for tlfusion models, `backbones.gradcam_layer_name`)."""
+    """The last layer with a 4-D output (for tlfusion models, `backbones.registry.gradcam_layer_name`)."""
     for layer in reversed(model.layers):
         if not isinstance(layer, keras.layers.InputLayer) and len(layer.output.shape) == 4:
             return layer.name

@@ -129,9 +129,12 @@ def explain_lime(
         batch_size=batch_size,
         segmentation_fn=lambda _: segments,
     )
-    explained = explanation.local_exp[label]
-    anatomy = [(segment, weight) for segment, weight in explained if segment not in background_ids]
-    segment_weights = sorted(anatomy, key=lambda pair: -abs(pair[1]))
+    anatomy = [(segment, weight) for segment, weight in explanation.local_exp[label] if segment not in background_ids]
+    return _lime_map(segments, background, sorted(anatomy, key=lambda pair: -abs(pair[1])), top_k, explanation.score)
+
+
+def _lime_map(segments: np.ndarray, background: np.ndarray, segment_weights: list, top_k: int, score) -> LimeMap:
+    """The map of the anatomy superpixels' weights (largest first in `segment_weights`) and their top-k masks."""
     per_segment = np.zeros(segments.max() + 1, np.float32)
     for segment, weight in segment_weights:
         per_segment[segment] = weight
@@ -141,5 +144,5 @@ def explain_lime(
         background=background,
         positive_mask=_top_mask(segments, segment_weights, +1, top_k),
         negative_mask=_top_mask(segments, segment_weights, -1, top_k),
-        score=float(explanation.score),
+        score=float(score),
     )

@@ -13,19 +13,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tlfusion.class_metrics import CLASS_METRICS, PER_CLASS_METRICS
+from tlfusion.evaluation.class_metrics import CLASS_METRICS, PER_CLASS_METRICS
 from tlfusion.reports.content import (
-    _data_blocks,
-    _metric_cell,
-    _model_cell,
-    _signed,
-    _timing_blocks,
-    _value_cell,
+    data_blocks,
+    metric_cell,
+    model_cell,
+    signed_text,
+    timing_blocks,
+    value_cell,
 )
-from tlfusion.reports.plots import _new_figure, _Plot
-from tlfusion.reports.reading import MISSING, _evaluation_split, _rows, _selection_note, format_metric
-from tlfusion.reports.render import _Block, _Cell, _Section, _Table
-from tlfusion.runfiles import class_columns
+from tlfusion.reports.plots import Plot, new_figure
+from tlfusion.reports.reading import MISSING, evaluation_split, format_metric, metric_rows, selection_note
+from tlfusion.reports.render import Block, Cell, Section, Table
+from tlfusion.run.readers import class_columns
 
 LABELS = {
     "accuracy": "accuracy",
@@ -44,10 +44,10 @@ def _headline_metric(metrics: Mapping) -> str:
 
 def class_summary_lines(metrics: Mapping) -> list[str]:
     """The terminal summary: selected model, how it was chosen, its evaluated-split metrics with CIs."""
-    selected, split = metrics.get("selected"), _evaluation_split(metrics)
-    note = _selection_note(metrics)
+    selected, split = metrics.get("selected"), evaluation_split(metrics)
+    note = selection_note(metrics)
     lines = [f"{metrics.get('experiment', 'run')}: selected {selected or MISSING}" + (f" ({note})" if note else "")]
-    row = _rows(metrics, split).get(selected)
+    row = metric_rows(metrics, split).get(selected)
     if not row:
         return [*lines, f"no {split} results recorded for the selected model"]
     lines.append(f"{split}, {len(metrics['classes'])} classes, n={row['n']}:")
@@ -58,22 +58,22 @@ def class_summary_lines(metrics: Mapping) -> list[str]:
 
 
 def class_sections(
-    metrics: Mapping, plots: Sequence[_Plot], timings: Mapping[str, Any], gallery: str | None
-) -> list[_Section]:
+    metrics: Mapping, plots: Sequence[Plot], timings: Mapping[str, Any], gallery: str | None
+) -> list[Section]:
     """The report's sections, in order."""
-    split = _evaluation_split(metrics)
-    sections: list[_Section] = [("Data", _data_blocks(metrics) + [_classes_line(metrics)])]
+    split = evaluation_split(metrics)
+    sections: list[Section] = [("Data", data_blocks(metrics) + [_classes_line(metrics)])]
     sections.append(("Selected model", _selected_blocks(metrics, split)))
     if gallery:
         sections.append(("Explanations", [_gallery_line(metrics, gallery)]))
     sections += [
-        (f"Metrics on the {split} split", [_metrics_table(metrics, _rows(metrics, split))]),
+        (f"Metrics on the {split} split", [_metrics_table(metrics, metric_rows(metrics, split))]),
         ("Single backbones vs fusion", _fusion_blocks(metrics)),
         ("Cross-validation on the training split", _cv_blocks(metrics)),
         ("Plots", list(plots) or ["No plots: no results to draw."]),
     ]
     if timings:
-        sections.append(("Timings", _timing_blocks(timings)))
+        sections.append(("Timings", timing_blocks(timings)))
     return sections
 
 
@@ -89,10 +89,10 @@ def _classes_line(metrics: Mapping) -> str:
     return f"Classes ({order}): " + ", ".join(f"`{name}`" for name in metrics["classes"]) + "."
 
 
-def _selected_blocks(metrics: Mapping, split: str) -> list[_Block]:
+def _selected_blocks(metrics: Mapping, split: str) -> list[Block]:
     selected = metrics.get("selected")
-    row = _rows(metrics, split).get(selected)
-    why = f"**{selected}** was chosen by its {_selection_note(metrics)}; the test split played no part in the choice."
+    row = metric_rows(metrics, split).get(selected)
+    why = f"**{selected}** was chosen by its {selection_note(metrics)}; the test split played no part in the choice."
     if not metrics.get("selection"):
         why = f"**{selected}** is the model evaluated here (no selection record in metrics.json)."
     if not row:
@@ -105,60 +105,57 @@ def _selected_blocks(metrics: Mapping, split: str) -> list[_Block]:
     return blocks
 
 
-def _cut_table(row: Mapping) -> _Table:
-    return _Table(
+def _cut_table(row: Mapping) -> Table:
+    return Table(
         ["grade >= c", "positives", "AUROC"],
         [
             [
-                _Cell(f">= {entry['cut']}", entry["cut"]),
-                _value_cell(entry["positives"], str(entry["positives"])),
-                _value_cell(entry["auroc"], format_metric(entry["auroc"], entry.get("ci"))),
+                Cell(f">= {entry['cut']}", entry["cut"]),
+                value_cell(entry["positives"], str(entry["positives"])),
+                value_cell(entry["auroc"], format_metric(entry["auroc"], entry.get("ci"))),
             ]
             for entry in row["cut_auroc"]
         ],
     )
 
 
-def _per_class_table(row: Mapping) -> _Table:
+def _per_class_table(row: Mapping) -> Table:
     header = ["class", "n", *PER_CLASS_METRICS]
     rows = [
-        [_Cell(entry["class"], entry["class"]), _value_cell(entry["n"], str(entry["n"]))]
-        + [
-            _value_cell(entry.get(m), format_metric(entry.get(m), entry.get("ci", {}).get(m)))
-            for m in PER_CLASS_METRICS
-        ]
+        [Cell(entry["class"], entry["class"]), value_cell(entry["n"], str(entry["n"]))]
+        + [value_cell(entry.get(m), format_metric(entry.get(m), entry.get("ci", {}).get(m))) for m in PER_CLASS_METRICS]
         for entry in row["per_class"]
     ]
-    return _Table(header, rows)
+    return Table(header, rows)
 
 
-def _confusion(row: Mapping) -> _Table:
+def _confusion(row: Mapping) -> Table:
     names = [entry["class"] for entry in row["per_class"]]
-    return _Table(
+    return Table(
         ["true \\ predicted", *names],
         [
-            [_Cell(f"true {name}", name)] + [_Cell(str(n), n) for n in counts]
+            [Cell(f"true {name}", name)] + [Cell(str(n), n) for n in counts]
             for name, counts in zip(names, row["confusion"], strict=True)
         ],
     )
 
 
-def _metrics_table(metrics: Mapping, rows: Mapping[str, Mapping]) -> _Table:
+def _metrics_table(metrics: Mapping, rows: Mapping[str, Mapping]) -> Table:
     """One row per model, best headline metric first; the selected model in bold."""
     headline = _headline_metric(metrics)
     order = sorted(rows, key=lambda name: -(rows[name].get(headline) or -np.inf))
     selected = metrics.get("selected")
-    return _Table(
+    return Table(
         ["model", "n", *(LABELS[m] for m in CLASS_METRICS)],
         [
-            [_model_cell(name, selected), _value_cell(rows[name]["n"], str(rows[name]["n"]))]
-            + [_metric_cell(rows[name], m, bold=name == selected) for m in CLASS_METRICS]
+            [model_cell(name, selected), value_cell(rows[name]["n"], str(rows[name]["n"]))]
+            + [metric_cell(rows[name], m, bold=name == selected) for m in CLASS_METRICS]
             for name in order
         ],
     )
 
 
-def _fusion_blocks(metrics: Mapping) -> list[_Block]:
+def _fusion_blocks(metrics: Mapping) -> list[Block]:
     comparisons = metrics.get("fusion_vs_single") or []
     if not comparisons:
         return ["No fusion vs single-backbone comparison (one backbone, or no bootstrap)."]
@@ -166,18 +163,18 @@ def _fusion_blocks(metrics: Mapping) -> list[_Block]:
     return [
         "Fusion minus each single backbone with the same classifier on the test split (paired patient bootstrap; "
         "an interval excluding 0 is a difference at the 95% level).",
-        _Table(
+        Table(
             ["fusion", "single", *(f"Δ {LABELS[m]}" for m in shown)],
             [
-                [_Cell(row["fusion"], row["fusion"]), _Cell(row["single"], row["single"])]
-                + [_value_cell(row[m]["delta"], _signed(row[m]["delta"], row[m]["ci"])) for m in shown]
+                [Cell(row["fusion"], row["fusion"]), Cell(row["single"], row["single"])]
+                + [value_cell(row[m]["delta"], signed_text(row[m]["delta"], row[m]["ci"])) for m in shown]
                 for row in comparisons
             ],
         ),
     ]
 
 
-def _cv_blocks(metrics: Mapping) -> list[_Block]:
+def _cv_blocks(metrics: Mapping) -> list[Block]:
     selection = metrics.get("selection") or {}
     cv_scores = selection.get("cv_scores") or {}
     if not cv_scores:
@@ -186,22 +183,22 @@ def _cv_blocks(metrics: Mapping) -> list[_Block]:
     order = sorted(cv_scores, key=lambda name: -(cv_scores[name] if cv_scores[name] is not None else -np.inf))
     return [
         f"Scores the selection compared (mean over grouped CV folds of {LABELS.get(scoring, scoring)}).",
-        _Table(
+        Table(
             ["model", f"CV {scoring}"],
-            [[_model_cell(name, metrics.get("selected")), _value_cell(cv_scores[name])] for name in order],
+            [[model_cell(name, metrics.get("selected")), value_cell(cv_scores[name])] for name in order],
         ),
         "Out-of-fold predictions on the training split:",
-        _metrics_table(metrics, _rows(metrics, "cv")),
+        _metrics_table(metrics, metric_rows(metrics, "cv")),
     ]
 
 
 def class_plots(metrics: Mapping, predictions: pd.DataFrame | None, save: Callable[[Any, str, str], None]) -> None:
     """The confusion-matrix heatmap and the per-class ROC curves of the selected model (`save(figure, name,
     caption)` writes each)."""
-    selected, split = metrics.get("selected"), _evaluation_split(metrics)
-    row = _rows(metrics, split).get(selected)
+    selected, split = metrics.get("selected"), evaluation_split(metrics)
+    row = metric_rows(metrics, split).get(selected)
     if row:
-        save(_confusion_figure(row, selected), "confusion", f"Confusion matrix of {selected} on the {split} split.")
+        save(confusion_figure(row, selected), "confusion", f"Confusion matrix of {selected} on the {split} split.")
     if predictions is not None and row:
         rows = predictions[(predictions["model"] == selected) & (predictions["split"] == split)]
         if len(rows):
@@ -209,13 +206,13 @@ def class_plots(metrics: Mapping, predictions: pd.DataFrame | None, save: Callab
             save(_class_roc_figure(rows, row, metrics["classes"], selected), "roc_per_class", caption)
 
 
-def _confusion_figure(row: Mapping, model: str):
+def confusion_figure(row: Mapping, model: str):
     counts = np.asarray(row["confusion"], float)
     names = [entry["class"] for entry in row["per_class"]]
     totals = counts.sum(axis=1, keepdims=True)
     normalised = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
     size = 3.0 + 0.7 * len(names)
-    figure, axes = _new_figure(size + 1.0, size)
+    figure, axes = new_figure(size + 1.0, size)
     image = axes.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
     for (i, j), value in np.ndenumerate(counts):
         colour = "white" if normalised[i, j] > 0.5 else "black"
@@ -233,7 +230,7 @@ def _class_roc_figure(rows: pd.DataFrame, result: Mapping, classes: Sequence[str
     from sklearn.metrics import roc_curve
 
     y, P = rows["y_true"].to_numpy(), rows[class_columns(len(classes))].to_numpy()
-    figure, axes = _new_figure(5.2, 5)
+    figure, axes = new_figure(5.2, 5)
     axes.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=1)
     for k, name in enumerate(classes):
         truth = (y == k).astype(int)

@@ -9,19 +9,20 @@ from typing import Any
 
 import numpy as np
 
-from tlfusion.reports.plots import _Plot
-from tlfusion.reports.reading import METRIC_LABELS, PLOT_DPI, _ci, _is_number, format_metric
-from tlfusion.reports.render import _Block, _Cell, _Section, _Table
+from tlfusion.reports.plots import Plot
+from tlfusion.reports.reading import METRIC_LABELS, PLOT_DPI, format_metric, interval_of, is_number
+from tlfusion.reports.render import Block, Cell, Section, Table
+from tlfusion.run.paths import PLOTS
 
-RELIABILITY = "plots/reliability.png"
+RELIABILITY = f"{PLOTS}/reliability.png"
 _SUBGROUP_METRICS = (*METRIC_LABELS, "brier", "ece")
 _LABELS = {**METRIC_LABELS, "brier": "Brier", "ece": "ECE"}
 
 
-def _number(row: Mapping, key: str, bold: bool = False) -> _Cell:
+def _number(row: Mapping, key: str, bold: bool = False) -> Cell:
     """A row's value with its interval, sorting by the value (undefined last)."""
     value = row.get(key)
-    return _Cell(format_metric(value, _ci(row, key)), value if _is_number(value) else None, bold)
+    return Cell(format_metric(value, interval_of(row, key)), value if is_number(value) else None, bold)
 
 
 def _by_model(rows: Sequence[Mapping]) -> dict[str, dict[str, Mapping]]:
@@ -32,9 +33,9 @@ def _by_model(rows: Sequence[Mapping]) -> dict[str, dict[str, Mapping]]:
     return models
 
 
-def clinical_sections(metrics: Mapping, plots: Sequence[_Plot]) -> list[_Section]:
+def clinical_sections(metrics: Mapping, plots: Sequence[Plot]) -> list[Section]:
     """The "Calibration" and "Subgroups" sections, where metrics.json has them."""
-    sections: list[_Section] = []
+    sections: list[Section] = []
     record = metrics.get("calibration")
     if record and record.get("rows"):
         figure = [plot for plot in plots if plot.file == RELIABILITY]
@@ -45,7 +46,7 @@ def clinical_sections(metrics: Mapping, plots: Sequence[_Plot]) -> list[_Section
     return sections
 
 
-def _calibration_blocks(metrics: Mapping) -> list[_Block]:
+def _calibration_blocks(metrics: Mapping) -> list[Block]:
     record, selected = metrics["calibration"], metrics.get("selected")
     method = record.get("method")
     models = _by_model(record["rows"])
@@ -65,21 +66,21 @@ def _calibration_blocks(metrics: Mapping) -> list[_Block]:
     table = []
     for model, stages in models.items():
         first = stages.get("before") or stages["after"]
-        cells = [_Cell(f"{model} (selected)" if model == selected else model, model, model == selected)]
-        cells += [_Cell(str(first["n"]), first["n"]), _number(first, "brier"), _number(first, "ece")]
+        cells = [Cell(f"{model} (selected)" if model == selected else model, model, model == selected)]
+        cells += [Cell(str(first["n"]), first["n"]), _number(first, "brier"), _number(first, "ece")]
         if after:
             later = stages.get("after", {}) if "before" in stages else {}
             cells += [_number(later, "brier"), _number(later, "ece"), _number(later, "threshold")]
         table.append(cells)
-    return [intro, _Table(header, table)]
+    return [intro, Table(header, table)]
 
 
-def _subgroup_blocks(metrics: Mapping) -> list[_Block]:
+def _subgroup_blocks(metrics: Mapping) -> list[Block]:
     rows = metrics["subgroups"]
     header = ["column", "value", "n", "positives", *(_LABELS[key] for key in _SUBGROUP_METRICS)]
     table = [
-        [_Cell(row["column"], row["column"]), _Cell(str(row["value"]), str(row["value"]))]
-        + [_Cell(str(row[key]), row[key]) for key in ("n", "positives")]
+        [Cell(row["column"], row["column"]), Cell(str(row["value"]), str(row["value"]))]
+        + [Cell(str(row[key]), row[key]) for key in ("n", "positives")]
         + [_number(row, key) for key in _SUBGROUP_METRICS]
         for row in rows
     ]
@@ -89,7 +90,7 @@ def _subgroup_blocks(metrics: Mapping) -> list[_Block]:
         f"{format_metric(first['threshold'])}, probabilities as fitted); brackets: patient-bootstrap intervals."
     )
     warnings = [f"WARNING: {row['column']} = {row['value']}: {row['warning']}" for row in rows if row.get("warning")]
-    return [intro, _Table(header, table), *([warnings] if warnings else [])]
+    return [intro, Table(header, table), *([warnings] if warnings else [])]
 
 
 def reliability_figure(metrics: Mapping) -> tuple[Any, str] | None:

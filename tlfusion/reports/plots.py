@@ -9,22 +9,22 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tlfusion.metrics import binary_metrics
-from tlfusion.model_name import FUSION, ModelName
-from tlfusion.reports.reading import PLOT_DPI, _ci, _cv_scores, _is_interval, _is_number, format_metric
+from tlfusion.evaluation.metrics import binary_metrics
+from tlfusion.models.names import FUSION, ModelName
+from tlfusion.reports.reading import PLOT_DPI, cv_scores_of, format_metric, interval_of, is_interval, is_number
 
 if TYPE_CHECKING:
     import pandas as pd
 
 
 @dataclass(frozen=True)
-class _Plot:
+class Plot:
     file: str
     """Path relative to the run folder, e.g. ``plots/confusion.png``."""
     caption: str
 
 
-def _new_figure(width: float, height: float, ncols: int = 1):
+def new_figure(width: float, height: float, ncols: int = 1):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -33,13 +33,13 @@ def _new_figure(width: float, height: float, ncols: int = 1):
     return figure, figure.subplots(1, ncols)
 
 
-def _png_bytes(figure) -> bytes:
+def png_bytes(figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=PLOT_DPI)
     return buffer.getvalue()
 
 
-def _roc_curves(predictions: pd.DataFrame, split: str) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+def roc_curves(predictions: pd.DataFrame, split: str) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
     """(false-positive rates, true-positive rates, AUROC) per model on ``split``; one-class models are left out."""
     from sklearn.metrics import roc_curve
 
@@ -53,12 +53,12 @@ def _roc_curves(predictions: pd.DataFrame, split: str) -> dict[str, tuple[np.nda
     return curves
 
 
-def _compared_models(metrics: Mapping, available: Mapping[str, Any]) -> dict[str, str]:
+def compared_models(metrics: Mapping, available: Mapping[str, Any]) -> dict[str, str]:
     """Model -> role: the selected model, the single-backbone model with the best CV score (never the best on
     test), the fused model with the selected classifier; those without a curve in ``available`` are left out."""
     selected = metrics.get("selected") or ""
-    cv_scores = _cv_scores(metrics)
-    singles = [m for m in available if not ModelName.parse(m).is_fusion and _is_number(cv_scores.get(m))]
+    cv_scores = cv_scores_of(metrics)
+    singles = [m for m in available if not ModelName.parse(m).is_fusion and is_number(cv_scores.get(m))]
     best_single = max(singles, key=cv_scores.__getitem__, default=None)
     fused = str(ModelName(FUSION, ModelName.parse(selected).classifier))
     roles: dict[str, str] = {}
@@ -72,8 +72,8 @@ def _compared_models(metrics: Mapping, available: Mapping[str, Any]) -> dict[str
     return roles
 
 
-def _roc_figure(curves: Mapping[str, tuple], title: str):
-    figure, axes = _new_figure(5.2, 5)
+def roc_figure(curves: Mapping[str, tuple], title: str):
+    figure, axes = new_figure(5.2, 5)
     axes.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=1)
     for name, (fpr, tpr, auroc) in curves.items():
         axes.plot(fpr, tpr, linewidth=1.5, label=f"{name} (AUROC {format_metric(auroc)})")
@@ -83,12 +83,12 @@ def _roc_figure(curves: Mapping[str, tuple], title: str):
     return figure
 
 
-def _confusion_figure(confusion: Sequence[Sequence[int]], model: str, positive_class: str | None):
+def confusion_figure(confusion: Sequence[Sequence[int]], model: str, positive_class: str | None):
     counts = np.asarray(confusion, dtype=float)
     totals = counts.sum(axis=1, keepdims=True)
     normalised = np.divide(counts, totals, out=np.full_like(counts, np.nan), where=totals > 0)
     labels = ["negative", f"positive ({positive_class})" if positive_class else "positive"]
-    figure, panels = _new_figure(8.5, 3.8, ncols=2)
+    figure, panels = new_figure(8.5, 3.8, ncols=2)
     for axes, values, digits, title in ((panels[0], counts, 0, "counts"), (panels[1], normalised, 2, "row-normalised")):
         shade = np.nan_to_num(values / max(np.nanmax(values, initial=0), 1e-12))
         axes.imshow(shade, cmap="Blues", vmin=0, vmax=1)
@@ -107,7 +107,7 @@ def _confusion_figure(confusion: Sequence[Sequence[int]], model: str, positive_c
     return figure
 
 
-def _grouped_bars(
+def grouped_bars(
     groups: Sequence[str],
     series: Mapping[str, Sequence[Mapping]],
     metric: str,
@@ -122,12 +122,14 @@ def _grouped_bars(
     width = 0.8 / max(len(series), 1)
     rotate = len(groups) > 6
     legend_width = 0.6 + 0.075 * max((len(name) for name in series), default=0)
-    figure, axes = _new_figure(min(16, max(4.5, 1 + 0.25 * len(groups) * len(series)) + legend_width), 4.5)
+    figure, axes = new_figure(min(16, max(4.5, 1 + 0.25 * len(groups) * len(series)) + legend_width), 4.5)
     positions = np.arange(len(groups))
     outlined = []
     for index, (name, rows) in enumerate(series.items()):
-        values = np.array([row.get(metric) if _is_number(row.get(metric)) else np.nan for row in rows], dtype=float)
-        bounds = np.array([_ci(row, metric) if _is_interval(_ci(row, metric)) else [np.nan] * 2 for row in rows])
+        values = np.array([row.get(metric) if is_number(row.get(metric)) else np.nan for row in rows], dtype=float)
+        bounds = np.array(
+            [interval_of(row, metric) if is_interval(interval_of(row, metric)) else [np.nan] * 2 for row in rows]
+        )
         errors = np.clip([values - bounds[:, 0], bounds[:, 1] - values], 0, None)
         offset = (index - (len(series) - 1) / 2) * width
         bars = axes.bar(positions + offset, np.nan_to_num(values), width, yerr=errors, label=name, capsize=2)
@@ -143,18 +145,18 @@ def _grouped_bars(
     return figure
 
 
-def _forest_figure(rows: Mapping[str, Mapping], title: str):
+def forest_figure(rows: Mapping[str, Mapping], title: str):
     """AUROC per finding (``rows``: finding -> result row, the mean last) as points with their CI bars, each
     labelled with its positives; a dotted line at chance."""
     names = list(rows)
-    figure, axes = _new_figure(6.5, 1.2 + 0.32 * len(names))
+    figure, axes = new_figure(6.5, 1.2 + 0.32 * len(names))
     positions = np.arange(len(names))[::-1]
     for position, name in zip(positions, names, strict=True):
         row = rows[name]
-        value, ci = row.get("auroc"), _ci(row, "auroc")
-        if _is_interval(ci):
+        value, ci = row.get("auroc"), interval_of(row, "auroc")
+        if is_interval(ci):
             axes.plot(ci, [position, position], color="tab:blue", linewidth=1.5)
-        if _is_number(value):
+        if is_number(value):
             marker = "D" if name == "mean" else "o"
             axes.plot([value], [position], marker, color="black" if name == "mean" else "tab:blue")
     labels = [f"{name} (n+={rows[name].get('positives', '?')})" for name in names]

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tlfusion.errors import InputError
-from tlfusion.model_name import FUSION, ModelName
+from tlfusion.models.names import FUSION, ModelName
 
 if TYPE_CHECKING:
     pass
@@ -32,15 +32,15 @@ GZSL_KEYS = {"seen": "seen", "unseen": "unseen", "h": "H (harmonic mean)"}
 
 def format_metric(value: Any, ci: Sequence | None = None, digits: int = 3) -> str:
     """``0.812 [0.751, 0.866]`` (the interval only when both bounds are numbers); ``—`` for an undefined value."""
-    if not _is_number(value):
+    if not is_number(value):
         return MISSING
     text = f"{value:.{digits}f}"
-    if _is_interval(ci):
+    if is_interval(ci):
         text += f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
     return text
 
 
-def _check_metrics(metrics: Mapping) -> None:
+def check_metrics(metrics: Mapping) -> None:
     if not isinstance(metrics, Mapping):
         raise InputError(f"metrics.json: expected an object, got {type(metrics).__name__}")
     if not isinstance(metrics.get("results"), list):
@@ -50,38 +50,38 @@ def _check_metrics(metrics: Mapping) -> None:
             raise InputError(f"metrics.json: results[{index}] needs a 'model' name and a 'split'")
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _is_interval(ci: Sequence | None) -> bool:
-    return ci is not None and len(ci) == 2 and all(_is_number(bound) for bound in ci)
+def is_interval(ci: Sequence | None) -> bool:
+    return ci is not None and len(ci) == 2 and all(is_number(bound) for bound in ci)
 
 
-def _is_multilabel(metrics: Mapping) -> bool:
+def is_multilabel(metrics: Mapping) -> bool:
     return metrics.get("task") == "multilabel"
 
 
-def _evaluation_split(metrics: Mapping) -> str:
+def evaluation_split(metrics: Mapping) -> str:
     """``"test"``, or for a bundle evaluated on another split the first split that is not cross-validation."""
     splits = [row["split"] for row in metrics["results"] if row["split"] != "cv"]
     return "test" if "test" in splits or not splits else splits[0]
 
 
-def _headline_level(metrics: Mapping, split: str) -> str:
+def headline_level(metrics: Mapping, split: str) -> str:
     """``"study"`` when the split has study-level rows (MURA's unit of evaluation), else ``"image"``."""
     levels = {row.get("level", "image") for row in metrics["results"] if row["split"] == split}
     return "study" if "study" in levels else "image"
 
 
-def _levels(metrics: Mapping, split: str) -> list[str]:
+def metric_levels(metrics: Mapping, split: str) -> list[str]:
     """The split's levels, headline level first."""
     recorded = dict.fromkeys(row.get("level", "image") for row in metrics["results"] if row["split"] == split)
-    headline = _headline_level(metrics, split)
+    headline = headline_level(metrics, split)
     return [headline, *(level for level in recorded if level != headline)]
 
 
-def _rows(metrics: Mapping, split: str, level: str | None = None, finding: str | None = None) -> dict[str, dict]:
+def metric_rows(metrics: Mapping, split: str, level: str | None = None, finding: str | None = None) -> dict[str, dict]:
     """Result rows of one split (and level, or multi-label finding), keyed by model, in recorded order."""
     return {
         row["model"]: row
@@ -92,29 +92,29 @@ def _rows(metrics: Mapping, split: str, level: str | None = None, finding: str |
     }
 
 
-def _ci(row: Mapping, metric: str) -> Sequence | None:
+def interval_of(row: Mapping, metric: str) -> Sequence | None:
     return (row.get("ci") or {}).get(metric)
 
 
-def _metric_text(row: Mapping, metric: str) -> str:
-    return format_metric(row.get(metric), _ci(row, metric))
+def metric_text(row: Mapping, metric: str) -> str:
+    return format_metric(row.get(metric), interval_of(row, metric))
 
 
-def _labelled(row: Mapping, metric: str) -> str:
-    return f"{METRIC_LABELS[metric]} {_metric_text(row, metric)}"
+def labelled_model(row: Mapping, metric: str) -> str:
+    return f"{METRIC_LABELS[metric]} {metric_text(row, metric)}"
 
 
-def _ranked(values: Mapping[str, Any]) -> list[str]:
+def ranked_by_cv(values: Mapping[str, Any]) -> list[str]:
     """Names, highest value first, undefined values last, ties by name."""
-    return sorted(values, key=lambda name: (0, -values[name], name) if _is_number(values[name]) else (1, 0, name))
+    return sorted(values, key=lambda name: (0, -values[name], name) if is_number(values[name]) else (1, 0, name))
 
 
-def _sorted_by(rows: Mapping[str, Mapping], metric: str) -> list[str]:
+def sorted_by(rows: Mapping[str, Mapping], metric: str) -> list[str]:
     """Model names, highest ``metric`` first, undefined last, ties by name."""
-    return _ranked({name: row.get(metric) for name, row in rows.items()})
+    return ranked_by_cv({name: row.get(metric) for name, row in rows.items()})
 
 
-def _feature_sets_and_classifiers(models: Sequence[str]) -> tuple[list[str], list[str]]:
+def feature_sets_and_classifiers(models: Sequence[str]) -> tuple[list[str], list[str]]:
     """Single backbones in recorded order then fusion, and classifiers in recorded order."""
     parts = [ModelName.parse(name) for name in models]
     singles = list(dict.fromkeys(fs for fs, _ in parts if fs != FUSION))
@@ -122,22 +122,22 @@ def _feature_sets_and_classifiers(models: Sequence[str]) -> tuple[list[str], lis
     return singles + fused, list(dict.fromkeys(classifier for _, classifier in parts))
 
 
-def _cv_scores(metrics: Mapping) -> dict[str, Any]:
+def cv_scores_of(metrics: Mapping) -> dict[str, Any]:
     return (metrics.get("selection") or {}).get("cv_scores") or {}
 
 
-def _selection_note(metrics: Mapping) -> str:
+def selection_note(metrics: Mapping) -> str:
     """``5-fold CV kappa 0.610 on the training split``; empty without a selection record."""
     selection = metrics.get("selection")
     if not selection:
         return ""
     folds = f"{selection['cv']}-fold " if selection.get("cv") else ""
-    score = format_metric(_cv_scores(metrics).get(metrics.get("selected")))
+    score = format_metric(cv_scores_of(metrics).get(metrics.get("selected")))
     return f"{folds}CV {selection.get('scoring', 'score')} {score} on the training split"
 
 
 @dataclass(frozen=True)
-class _Headline:
+class Headline:
     """The number models are compared by: kappa (binary) or mean AUROC over findings (multi-label)."""
 
     metric: str
@@ -145,23 +145,23 @@ class _Headline:
     rows: dict[str, dict]
 
 
-def _headline(metrics: Mapping) -> _Headline:
-    split = _evaluation_split(metrics)
-    if _is_multilabel(metrics):
-        return _Headline("auroc", f"{split} mean AUROC over findings", _rows(metrics, split, finding="mean"))
-    level = _headline_level(metrics, split)
-    return _Headline("kappa", f"{split} kappa ({level} level)", _rows(metrics, split, level))
+def headline_of(metrics: Mapping) -> Headline:
+    split = evaluation_split(metrics)
+    if is_multilabel(metrics):
+        return Headline("auroc", f"{split} mean AUROC over findings", metric_rows(metrics, split, finding="mean"))
+    level = headline_level(metrics, split)
+    return Headline("kappa", f"{split} kappa ({level} level)", metric_rows(metrics, split, level))
 
 
-def _rows_by_finding(metrics: Mapping) -> dict[str, dict[str, dict]]:
+def rows_by_finding(metrics: Mapping) -> dict[str, dict[str, dict]]:
     """Multi-label rows of the evaluated split: finding -> model -> row, findings in recorded order, mean last."""
-    split = _evaluation_split(metrics)
+    split = evaluation_split(metrics)
     findings = dict.fromkeys(row["finding"] for row in metrics["results"] if row["split"] == split and "finding" in row)
     ordered = [finding for finding in findings if finding != "mean"] + (["mean"] if "mean" in findings else [])
-    return {finding: _rows(metrics, split, finding=finding) for finding in ordered}
+    return {finding: metric_rows(metrics, split, finding=finding) for finding in ordered}
 
 
-def _finding_models(metrics: Mapping) -> list[str]:
+def finding_models(metrics: Mapping) -> list[str]:
     """Multi-label models, best mean AUROC first (recorded order when no mean was recorded)."""
-    ranked = _sorted_by(_headline(metrics).rows, "auroc")
-    return ranked or list(dict.fromkeys(model for rows in _rows_by_finding(metrics).values() for model in rows))
+    ranked = sorted_by(headline_of(metrics).rows, "auroc")
+    return ranked or list(dict.fromkeys(model for rows in rows_by_finding(metrics).values() for model in rows))

@@ -9,14 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tlfusion.reports.plots import _Plot
+from tlfusion.reports.plots import Plot
 
 if TYPE_CHECKING:
     pass
 
 
 @dataclass(frozen=True)
-class _Cell:
+class Cell:
     text: str
     sort: float | str | None = None
     """Value the HTML table sorts by (``None``: undefined, sorts last)."""
@@ -24,13 +24,13 @@ class _Cell:
 
 
 @dataclass(frozen=True)
-class _Table:
+class Table:
     header: list[str]
-    rows: list[list[_Cell]]
+    rows: list[list[Cell]]
 
 
-_Block = str | list | _Table | _Plot  # paragraph (may hold **bold** / `code`), bullet list, table, figure
-_Section = tuple[str, list[_Block]]
+Block = str | list | Table | Plot  # paragraph (may hold **bold** / `code`), bullet list, table, figure
+Section = tuple[str, list[Block]]
 
 
 # ----------------------------------------------------------------------------------------------- rendering
@@ -70,8 +70,8 @@ for (const th of document.querySelectorAll("table.sortable th")) {
 """
 
 
-def _render_markdown(title: str, sections: Sequence[_Section]) -> str:
-    def cell(item: _Cell) -> str:
+def render_markdown(title: str, sections: Sequence[Section]) -> str:
+    def cell(item: Cell) -> str:
         text = item.text.replace("|", "\\|")
         return f"**{text}**" if item.bold else text
 
@@ -79,11 +79,11 @@ def _render_markdown(title: str, sections: Sequence[_Section]) -> str:
     for heading, blocks in sections:
         lines += [f"## {heading}", ""]
         for block in blocks:
-            if isinstance(block, _Table):
+            if isinstance(block, Table):
                 lines.append("| " + " | ".join(name.replace("|", "\\|") for name in block.header) + " |")
                 lines.append("|" + "---|" * len(block.header))
                 lines += ["| " + " | ".join(map(cell, row)) + " |" for row in block.rows]
-            elif isinstance(block, _Plot):
+            elif isinstance(block, Plot):
                 lines += [f"![{Path(block.file).stem}]({block.file})", "", f"*{block.caption}*"]
             elif isinstance(block, list):
                 lines += [f"- {item}" for item in block]
@@ -100,20 +100,20 @@ def _inline_html(text: str) -> str:
     return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
 
 
-def _render_html(title: str, sections: Sequence[_Section]) -> str:
-    def cell(item: _Cell) -> str:
+def render_html(title: str, sections: Sequence[Section]) -> str:
+    def cell(item: Cell) -> str:
         sort = "" if item.sort is None else html.escape(str(item.sort))
         numeric = ' class="num"' if item.sort is not None and not isinstance(item.sort, str) else ""
         text = re.sub(r" (\[[^\]]*\])$", r' <span class="ci">\1</span>', html.escape(item.text))
         return f'<td data-sort="{sort}"{numeric}>{f"<b>{text}</b>" if item.bold else text}</td>'
 
-    def block_html(block: _Block) -> str:
-        if isinstance(block, _Table):
+    def block_html(block: Block) -> str:
+        if isinstance(block, Table):
             header = "".join(f"<th>{html.escape(name)}</th>" for name in block.header)
             body = "\n".join("<tr>" + "".join(map(cell, row)) + "</tr>" for row in block.rows)
             table = f'<table class="sortable"><thead><tr>{header}</tr></thead>\n<tbody>{body}</tbody></table>'
             return f'<div class="scroll">{table}</div>'
-        if isinstance(block, _Plot):
+        if isinstance(block, Plot):
             caption = html.escape(block.caption)
             file = html.escape(block.file)
             image = f'<a href="{file}"><img src="{file}" alt="{caption}"></a>'
@@ -125,7 +125,7 @@ def _render_html(title: str, sections: Sequence[_Section]) -> str:
     body = []
     for heading, blocks in sections:
         content = "\n".join(map(block_html, blocks))
-        if any(isinstance(block, _Plot) for block in blocks):
+        if any(isinstance(block, Plot) for block in blocks):
             content = f'<div class="plots">{content}</div>'
         body.append(f"<section><h2>{html.escape(heading)}</h2>\n{content}</section>")
     return (

@@ -9,10 +9,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tlfusion.config import Experiment
-from tlfusion.model_name import FUSION
-from tlfusion.run_paths import RunPaths
-from tlfusion.runfiles import (
+from tlfusion.config.experiment import Experiment
+from tlfusion.data.table import class_order
+from tlfusion.models.names import FUSION
+from tlfusion.run.paths import RunPaths
+from tlfusion.run.readers import (
     read_class_predictions,
     read_class_selection,
     read_features,
@@ -70,7 +71,7 @@ class RunContext:
     @property
     def findings(self) -> list[str]:
         """A multi-label experiment's findings: its first source's `findings`, else the 14 of ChestX-ray14."""
-        from tlfusion.data.sources import CHESTXRAY14_FINDINGS
+        from tlfusion.data.findings import CHESTXRAY14_FINDINGS
 
         return list(self.experiment.data[0].findings or CHESTXRAY14_FINDINGS)
 
@@ -92,7 +93,7 @@ class RunContext:
         return sets
 
     def fit_outputs(self) -> tuple[dict, pd.DataFrame]:
-        """The fit stage's selection record and predictions, checked (`tlfusion.runfiles`; a multiclass run's
+        """The fit stage's selection record and predictions, checked (`tlfusion.run.readers`; a multiclass run's
         predictions have one probability column per class)."""
         if self.experiment.task == "multiclass":
             selection = read_class_selection(self.paths)
@@ -100,3 +101,13 @@ class RunContext:
             return selection, read_class_predictions(self.paths, models, len(selection["classes"]))
         selection = read_selection(self.paths)
         return selection, read_predictions(self.paths, set(selection["thresholds"]))
+
+
+def run_classes(run: RunContext) -> list[str]:
+    """A multiclass run's classes in order (`data.table.class_order` of its table and `classes`)."""
+    return class_order(run.table["label"], run.experiment.classes)
+
+
+def fit_rows(table: pd.DataFrame) -> np.ndarray:
+    """The training split's rows (train + val): what models are cross-validated and fitted on."""
+    return table["split"].isin(["train", "val"]).to_numpy()

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from tlfusion.config import Experiment
+from tlfusion.config.experiment import Experiment
 from tlfusion.errors import InputError
-from tlfusion.provenance import SEEN_IMAGES, read_seen_images
 from tlfusion.stages.context import backbone_keys
+from tlfusion.training.provenance import SEEN_IMAGES, read_seen_images
 
 log = logging.getLogger("tlfusion")
 

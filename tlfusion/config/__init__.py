@@ -1,0 +1,1 @@
+"""Configuration: the experiment and pretraining schemas, and registry names that import nothing heavy."""

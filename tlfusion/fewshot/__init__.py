@@ -1,0 +1,1 @@
+"""Few-shot evaluation on cached features: episodes, distance classifiers and patient-level intervals."""

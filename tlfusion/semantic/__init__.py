@@ -1,0 +1,1 @@
+"""The multi-label task: semantic metric learning, label embeddings and the multi-label evaluation."""

@@ -1,0 +1,1 @@
+"""Training backbones: fine-tuning and its loop, records, pretraining, distribution, provenance, model cards."""
