@@ -151,19 +151,25 @@ def test_gradcam_mass_on_evidence_and_not_after_randomisation(task, method):
     print(f"{method}: blob share trained {trained:.2f}, randomised {random:.2f}")
 
 
+def trained_and_randomised_shares(task, share, seeds: int) -> tuple[float, float]:
+    """`share` of the trained bundle, and its mean over `seeds` randomised bundles (backbone re-initialised,
+    classifier fitted to shuffled labels)."""
+    images, labels = task["train"]
+    shuffled = np.random.default_rng(0).permutation(labels)
+    randomised_bundles = (
+        FakeBundle({"tiny": randomised(task["model"], seed)}, images, shuffled) for seed in range(seeds)
+    )
+    return share(task["bundle"]), float(np.mean([share(bundle) for bundle in randomised_bundles]))
+
+
 def test_selected_model_map_on_evidence_and_not_after_randomisation(task):
     """Grad-CAM of the selected model (backbone -> fusion -> logistic regression): on the disc for the trained
     bundle; not for bundles whose backbone is re-initialised and whose classifier learnt shuffled labels."""
-    images, labels = task["train"]
 
     def share(bundle) -> float:
         return blob_share(selected_model_maps(bundle, task["positives"], decision_head(bundle.estimator, None, 0.5)))
 
-    trained = share(task["bundle"])
-    shuffled = np.random.default_rng(0).permutation(labels)
-    random = np.mean(
-        [share(FakeBundle({"tiny": randomised(task["model"], seed)}, images, shuffled)) for seed in range(3)]
-    )
+    trained, random = trained_and_randomised_shares(task, share, seeds=3)
     assert trained > 0.6, trained
     assert random < 0.4, random
     print(f"selected model: blob share trained {trained:.2f}, randomised {random:.2f}")
@@ -179,16 +185,12 @@ def lime_disc_share(explanation) -> float:
 
 def test_lime_mass_on_evidence_and_not_after_randomisation(task):
     """Randomised bundle: backbone re-initialised, classifier fitted to shuffled labels."""
-    positives, (images, labels) = task["positives"][:3], task["train"]
+    positives = task["positives"][:3]
 
     def share(bundle) -> float:
         return np.mean([lime_disc_share(explain_lime(bundle, image, num_samples=300)) for image in positives])
 
-    trained = share(task["bundle"])
-    shuffled = np.random.default_rng(0).permutation(labels)
-    random = np.mean(
-        [share(FakeBundle({"tiny": randomised(task["model"], seed)}, images, shuffled)) for seed in range(4)]
-    )
+    trained, random = trained_and_randomised_shares(task, share, seeds=4)
     assert trained > 0.5, trained
     assert random < 0.3, random
     print(f"LIME: disc share trained {trained:.2f}, randomised {random:.2f}")
