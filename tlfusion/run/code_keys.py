@@ -9,6 +9,7 @@ version and the sha256 of each of those source files' bytes.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -33,8 +34,12 @@ def _with_packages(name: str) -> set[str]:
     return {".".join(parts[:i]) for i in range(2, len(parts) + 1)}
 
 
-def imports(path: Path) -> set[str]:
-    """tlfusion modules `path` imports anywhere (`from tlfusion.a import x` counts `tlfusion.a.x` if a module)."""
+@functools.cache
+def imports(path: Path) -> frozenset[str]:
+    """tlfusion modules `path` imports anywhere (`from tlfusion.a import x` counts `tlfusion.a.x` if a module).
+
+    Parsed once per file and process: every stage's key walks the same modules, and the code a process runs does
+    not change under it."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_bytes())):
         if isinstance(node, ast.Import):
@@ -43,7 +48,7 @@ def imports(path: Path) -> set[str]:
             submodules = {f"{node.module}.{alias.name}" for alias in node.names}
             names.update({node.module} | {name for name in submodules if module_file(name)})
     found = {name for name in names if name.split(".")[0] == PACKAGE and module_file(name)}
-    return set().union(*map(_with_packages, found)) if found else set()
+    return frozenset().union(*map(_with_packages, found))
 
 
 def module_files(module: str) -> list[Path]:
